@@ -1,0 +1,42 @@
+"""Device and precision choice for an encoder inside its actor."""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def pick_device(prefer_gpu: bool = True) -> torch.device:
+    """CUDA when this process was given a GPU, else CPU."""
+    if prefer_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not valid; valid values: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager[object]:
+    """fp16/bf16 autocast for the forward pass; fp32 runs as is."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def planned_precision(device_type: str, precision: str) -> str:
+    """The precision an actor on ``device_type`` will use, known before it starts. On CUDA,
+    ``auto`` is bf16 where the GPU supports it and fp16 otherwise, decided in the actor."""
+    if precision != "auto":
+        return precision
+    return "fp32" if device_type == "cpu" else "auto:bf16|fp16"

@@ -1,0 +1,76 @@
+"""The picklable description of one encoder output, and the family interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from encoders.weights import ResolvedWeights
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything an actor needs to load and run one encoder; no model inside.
+
+    ``columns`` maps a modality to its input column; ``options`` are the family's validated
+    options (pooling, normalize, max_length, ...).
+    """
+
+    output: str
+    family: str
+    columns: Mapping[str, str]
+    weights: ResolvedWeights
+    dim: int
+    weights_sha256: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def metadata(self, device: str, precision: str) -> dict[str, Any]:
+        """The per-encoder entry of the ``omniembed`` Parquet metadata (no local paths)."""
+        return {
+            "model": self.weights.reference,
+            "family": self.family,
+            "revision": self.weights.revision,
+            "weights_sha256": self.weights_sha256,
+            "dim": self.dim,
+            "dtype": self.options.get("dtype", "float32"),
+            "pooling": self.options.get("pooling"),
+            "normalize": self.options.get("normalize"),
+            "max_length": self.options.get("max_length"),
+            "device": device,
+            "precision": precision,
+            "columns": dict(self.columns),
+            "options": {k: v for k, v in self.options.items()
+                        if k not in ("pooling", "normalize", "max_length", "precision")},
+        }
+
+
+@dataclass
+class Prepared:
+    """What a CPU prepare step hands to the encoder: one compact Arrow value per row (null for
+    absent or bad rows) and one error value per row (null when fine or absent)."""
+
+    values: pa.Array
+    errors: list[str | None]
+
+
+class Encoder(Protocol):
+    dim: int
+    device: str
+    precision: str
+
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared values -> ((n, dim) float32 vectors, (n,) bool valid mask)."""
+
+
+class EncoderFamily(Protocol):
+    name: str
+    modalities: tuple[str, ...]
+
+    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
+                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec: ...
+
+    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared: ...
+
+    def load(self, spec: EncoderSpec, device: Any) -> Encoder: ...

@@ -1,0 +1,101 @@
+"""The one place where stage resources become Ray Data ``map_batches`` arguments.
+
+Stages are plain functions and classes that never import Ray; this adapter applies them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.config import ConfigError, StageResources
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the cluster offers now, plus whether GPU nodes can be autoscaled in."""
+
+    cpus: float
+    gpus: float
+    gpu_autoscale: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A stage's resources with every default chosen for this cluster."""
+
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    pool: tuple[int, int] | None = None  # actor pool (min, max); None for tasks
+    memory: int | None = None
+    threads: int = 1  # torch threads inside an encoder actor
+    max_tokens: int = 8192
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+def resolve_task_stage(res: StageResources, default_batch: int) -> ResolvedStage:
+    return ResolvedStage(num_cpus=res.cpus if res.cpus is not None else 1.0, num_gpus=0.0,
+                         batch_size=res.batch_rows or default_batch, memory=res.memory)
+
+
+def resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str) -> ResolvedStage:
+    """GPU actors when asked for or when ``auto`` finds GPUs; otherwise CPU actors that never
+    reserve every CPU (read and prepare tasks must still run), with torch using the cores the
+    reservation leaves idle."""
+    if res.gpus == "auto":
+        gpus = 1.0 if shape.gpus > 0 or shape.gpu_autoscale else 0.0
+    else:
+        gpus = float(res.gpus)
+    batch = res.batch_rows or default_batch
+    if gpus > 0:
+        cpus = res.cpus if res.cpus is not None else 1.0
+        slots = max(1, math.floor(max(shape.gpus, gpus) / gpus)) if shape.gpus else 1
+        pool = res.pool or (1, slots)
+        return ResolvedStage(cpus, gpus, batch, pool, res.memory, res.threads or 2, res.max_tokens)
+    spare = shape.cpus - 1.0  # at least one logical CPU stays free for tasks
+    if spare <= 0:
+        raise ConfigError(f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and prepare tasks)")
+    cpus = res.cpus if res.cpus is not None else min(1.0, spare)
+    if cpus > spare:
+        raise ConfigError(f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g}); use at most {spare:g}")
+    fit = max(1, math.floor(spare / cpus)) if cpus > 0 else 1
+    pool = res.pool or (1, fit)
+    if pool[0] * cpus > spare:
+        raise ConfigError(f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or cpus")
+    pool = (pool[0], min(pool[1], fit)) if cpus > 0 else pool
+    threads = res.threads or max(1, math.floor(shape.cpus / pool[1]))
+    return ResolvedStage(cpus, 0.0, batch, pool, res.memory, threads, res.max_tokens)
+
+
+def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
+    import ray.data
+
+    kwargs: dict[str, Any] = {"batch_size": stage.batch_size, "batch_format": "pyarrow",
+                              "num_cpus": stage.num_cpus}
+    if stage.num_gpus:
+        kwargs["num_gpus"] = stage.num_gpus
+    if stage.memory:
+        # Ray Data can't prevent OOMs for a stage whose memory it does not know.
+        kwargs["memory"] = stage.memory
+    if stage.pool is not None:
+        kwargs["compute"] = ray.data.ActorPoolStrategy(min_size=stage.pool[0], max_size=stage.pool[1])
+        # Actors come back after a worker loss (Ray Data's default, stated explicitly). Being
+        # explicit also keeps Ray Data from fusing the prepare tasks into the actor (it fuses
+        # only equal remote args), which would run tokenize/decode serially with the model.
+        kwargs["max_restarts"] = -1
+    return kwargs
+
+
+def apply_stage(dataset: Any, fn: Callable[..., Any] | type, stage: ResolvedStage, *,
+                fn_kwargs: dict[str, Any] | None = None,
+                fn_constructor_kwargs: dict[str, Any] | None = None) -> Any:
+    kwargs = map_batches_kwargs(stage)
+    if fn_kwargs:
+        kwargs["fn_kwargs"] = fn_kwargs
+    if fn_constructor_kwargs:
+        kwargs["fn_constructor_kwargs"] = fn_constructor_kwargs
+    return dataset.map_batches(fn, **kwargs)

@@ -1,0 +1,182 @@
+"""``omniembed run CONFIG.yaml`` and ``omniembed embed INPUT ...``: a thin shell over pipeline.run.
+
+Exit codes: 0 done; 2 usage or config error (one line, nothing written); 3 done, but the
+error rate went past max_error_rate.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE = 0, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omniembed",
+        description="Embed text (and, as they land, images and audio) with Ray Data into aligned Parquet vectors.",
+        epilog="Exit codes: 0 done; 2 usage or config error; 3 done, but the error rate went past --max-error-rate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,embed}")
+
+    run = sub.add_parser("run", help="run a YAML config", description="Run the pipeline described by a YAML config (see README).")
+    run.add_argument("config", help="path to the YAML config")
+    _common(run)
+
+    embed = sub.add_parser("embed", help="embed one input from flags",
+                           description="Embed one input (file, folder or URI) from flags; builds the same config as the YAML.")
+    embed.add_argument("input", help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files")
+    embed.add_argument("--output", required=True, help="output folder or object-store URI")
+    embed.add_argument("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
+    embed.add_argument("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
+    embed.add_argument("--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell")
+    embed.add_argument("--kind", choices=("table", "text"), default=None,
+                       help="'text' for a folder of .txt files (id = relative path); default: table")
+    embed.add_argument("--text-column", help="column with the text to embed ('text' for a folder of .txt files)")
+    embed.add_argument("--text-model", help="model reference: registry alias, hub id or local folder")
+    embed.add_argument("--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)")
+    embed.add_argument("--pooling", choices=("mean", "cls", "max", "last"), help="override the model folder's pooling")
+    embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalize vectors (default: as the model folder declares)")
+    embed.add_argument("--prefix", help="text prepended to every input, e.g. 'passage: ' for E5")
+    embed.add_argument("--long-text", choices=("truncate", "chunk"), help="text past max length: truncate (default) or pool overlapping chunks")
+    embed.add_argument("--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)")
+    embed.add_argument("--batch-rows", type=int, help="rows per encoder batch (default 256 for text)")
+    embed.add_argument("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
+    embed.add_argument("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
+    embed.add_argument("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
+    embed.add_argument("--vector-type", choices=("list", "fixed_size_list"), default="list", help="Arrow type of vectors (default list)")
+    embed.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="vector element type (default float32)")
+    embed.add_argument("--on-duplicate-id", choices=("error", "keep-first"), default="error", help="what duplicate ids do (default error)")
+    embed.add_argument("--max-error-rate", type=float, default=0.01, help="fraction of rows allowed to fail before exit code 3 (default 0.01)")
+    embed.add_argument("--rows-per-file", type=int, default=100_000, help="rows per output part file (default 100000)")
+    _common(embed)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's output instead of resuming it")
+    parser.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.config import ConfigError
+
+    if not args.text_column and args.kind != "text":
+        raise ConfigError("--text-column is required (the column holding the text)")
+    if not args.text_model:
+        raise ConfigError("--text-model is required (a registry alias, hub id or local folder)")
+    column = args.text_column or "text"
+    source: dict[str, Any] = {"path": args.input}
+    if args.kind and args.kind != "table":
+        source["kind"] = args.kind
+    for key in ("id_column", "format"):
+        if getattr(args, key):
+            source[key] = getattr(args, key)
+    if args.derive_ids:
+        source["derive_ids"] = True
+    encoder: dict[str, Any] = {"output": args.output_name or column, "column": column, "model": args.text_model}
+    for key in ("pooling", "normalize", "prefix", "long_text", "max_length"):
+        if getattr(args, key) is not None:
+            encoder[key] = getattr(args, key)
+    encode: dict[str, Any] = {}
+    for key in ("batch_rows", "max_tokens", "threads"):
+        if getattr(args, key) is not None:
+            encode[key] = getattr(args, key)
+    if args.gpus is not None:
+        encode["gpus"] = args.gpus if args.gpus == "auto" else _number(args.gpus, "--gpus")
+    return {
+        "sources": [source],
+        "encoders": [encoder],
+        "resources": {"encode": encode} if encode else {},
+        "output": {"path": args.output, "vector_type": args.vector_type, "dtype": args.dtype,
+                   "on_duplicate_id": args.on_duplicate_id, "max_error_rate": args.max_error_rate,
+                   "rows_per_file": args.rows_per_file},
+    }
+
+
+def _number(value: str, flag: str) -> float:
+    from pipeline.config import ConfigError
+
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number or 'auto', got {value!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return execute(args)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from pipeline.ray_env import prepare_environment
+
+    prepare_environment(args.address)  # before Ray is first imported
+    from pipeline.config import ConfigError, config_from_dict, load_config
+
+    started = time.time()
+    try:
+        config = load_config(args.config) if args.command == "run" else config_from_dict(config_from_flags(args))
+        from pipeline.ray_env import init_ray
+        from pipeline.run import run
+
+        init_ray(args.address)
+        manifest = run(config, overwrite=args.overwrite)
+    except ConfigError as exc:
+        print(f"omniembed: error: {user_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a ConfigError raised inside a Ray task arrives wrapped
+        cause = unwrap_config_error(exc)
+        if cause is None:
+            raise
+        print(f"omniembed: error: {cause}", file=sys.stderr)
+        return EXIT_USAGE
+    print_summary(manifest, config.output.path, time.time() - started)
+    return EXIT_ERROR_RATE if manifest["status"] == "failed_error_rate" else EXIT_OK
+
+
+def user_message(exc: BaseException) -> str:
+    cause = unwrap_config_error(exc)
+    return str(cause if cause is not None else exc).splitlines()[0]
+
+
+def unwrap_config_error(exc: BaseException | None) -> BaseException | None:
+    from pipeline.config import ConfigError
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if type(exc) is ConfigError:
+            return exc
+        inner = getattr(exc, "cause", None)
+        if isinstance(inner, ConfigError):
+            return inner
+        exc = exc.__cause__ or exc.__context__ or (inner if isinstance(inner, BaseException) else None)
+        seen += 1
+    return None
+
+
+def print_summary(manifest: dict[str, Any], path: str, wall: float) -> None:
+    timing = manifest.get("timing", {})
+    rows = [
+        ("status", manifest["status"]),
+        ("output", path),
+        ("rows", f"{manifest['rows']:,} ({timing.get('rows_this_run', 0):,} this run)"),
+        ("rows with errors", f"{manifest['rows_with_errors']:,} ({manifest['error_rate']:.2%})"),
+    ]
+    rows += [(f"  {code}", f"{count:,}") for code, count in manifest["errors"].items()]
+    rate = timing.get("rows_this_run", 0) / wall if wall else 0.0
+    rows += [("seconds", f"{wall:.1f}"), ("rows/s", f"{rate:,.1f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\nomniembed summary")
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

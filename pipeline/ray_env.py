@@ -1,0 +1,39 @@
+"""Starting or joining Ray, only from entry points (CLI, jobs), never at import time."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+log = logging.getLogger(__name__)
+
+
+def joins_cluster(address: str | None) -> bool:
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def prepare_environment(address: str | None) -> None:
+    """Call before Ray is first imported. A local embedded Ray listens on 127.0.0.1 only; a run
+    that joins an existing cluster must keep the cluster's own addresses."""
+    if not joins_cluster(address):
+        if "ray" in sys.modules and os.environ.get(LOOPBACK_VAR) != "0":
+            log.warning("ray was imported before omniembed could bind it to loopback")
+        os.environ.setdefault(LOOPBACK_VAR, "0")
+    # Tokenizers' own thread pool fights with torch and Ray workers; tasks are our parallelism.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def init_ray(address: str | None = None) -> None:
+    prepare_environment(address)
+    import ray
+
+    if ray.is_initialized():
+        return
+    working_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if joins_cluster(address):
+        ray.init(address=address or "auto", log_to_driver=True)
+    else:
+        # Workers import pipeline/ and encoders/ from the source tree even without an install.
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": working_dir, "TOKENIZERS_PARALLELISM": "false"}})

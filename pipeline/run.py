@@ -1,0 +1,146 @@
+"""The whole graph on one screen: sources -> per encoder (prepare -> encode) -> Parquet sink.
+
+``embed`` adds vector and error columns to any Ray Dataset; ``run`` reads the configured
+sources and writes the output folder, resuming where an earlier run of the same config stopped.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from encoders.spec import EncoderSpec
+from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_encode_stage, resolve_task_stage
+from pipeline.columns import embedding_column, error_column, vector_type
+from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from pipeline.plan import plan_encoders
+from pipeline.sink import ParquetSink, fingerprint, output_schema, write_part
+from pipeline.sources import SourcePlan, chunk_row, plan_chunks, prepass, read_chunk_rows
+from pipeline.stages import EncodeActor, prepare_batch
+
+log = logging.getLogger(__name__)
+DEFAULT_BATCH_ROWS = {"text": 256, "image": 64, "audio": 32}
+
+
+@dataclass(frozen=True)
+class EncoderPlan:
+    spec: EncoderSpec
+    prepare: ResolvedStage
+    encode: ResolvedStage
+
+
+def as_config(config: Config | Mapping[str, Any] | str | Path) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def cluster_shape() -> ClusterShape:
+    import ray
+
+    resources = ray.cluster_resources()
+    return ClusterShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)))
+
+
+def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
+    plans = []
+    for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
+        default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
+        encode = resolve_encode_stage(config.stage("encode", encoder), shape, default_batch, f"encoders[{i}].resources")
+        prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
+        plans.append(EncoderPlan(spec, prepare, encode))
+    return plans
+
+
+def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
+    for p in plans:
+        dataset = apply_stage(dataset, prepare_batch, p.prepare, fn_kwargs={"spec": p.spec})
+        dataset = apply_stage(dataset, EncodeActor, p.encode, fn_constructor_kwargs={
+            "spec": p.spec, "threads": p.encode.threads, "max_tokens": p.encode.max_tokens})
+    return dataset
+
+
+def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
+    """Add ``<output>_embedding`` and ``<output>_error`` columns to a Ray Dataset.
+
+    Only the config's encoders and resources are used; sources and output are ignored (give
+    ``output: {path: unused}`` or any path). Ray must already be initialized.
+    """
+    config = as_config(config)
+    return add_encoders(dataset, plan(config, cluster_shape()))
+
+
+def encoders_metadata(plans: list[EncoderPlan], config: Config) -> dict[str, Any]:
+    from encoders.device import planned_precision
+
+    return {p.spec.output: {**p.spec.metadata(p.encode.device, planned_precision(p.encode.device, p.spec.options.get("precision", "auto"))),
+                            "dtype": config.output.dtype}
+            for p in plans}
+
+
+def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Embed the configured sources into the output folder; return the final manifest."""
+    import ray
+
+    config = as_config(config)
+    plans = plan(config, cluster_shape())
+    meta = encoders_metadata(plans, config)
+    chunks = plan_chunks(config.sources)
+    sink = ParquetSink(config, meta, fingerprint(config, meta))
+    committed = sink.open(overwrite)
+    sources = prepass(chunks, committed, config.output.on_duplicate_id, _ray_map)
+    schema = _output_schema(config, plans, sources, meta)
+
+    items = [chunk_row(c, sources.drops.get(c.index, [])) for c in chunks]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    dataset = dataset.map_batches(read_chunk_rows, batch_size=1, batch_format="pyarrow",
+                                  fn_kwargs={"schema": sources.schema})
+    dataset = add_encoders(dataset, plans)
+    error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
+    write = resolve_task_stage(config.stage("write"), config.output.rows_per_file)
+    parts = apply_stage(dataset, write_part, write, fn_kwargs={
+        "output": config.output.path, "schema": schema, "error_columns": error_columns})
+    for part in parts.iter_rows():
+        sink.record(part)
+    return sink.close(sources.total_rows, config.output.max_error_rate)
+
+
+def _ray_map(fn: Any, chunks: list[Any]) -> list[Any]:
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(c) for c in chunks])
+
+
+def _output_schema(config: Config, plans: list[EncoderPlan], sources: SourcePlan, meta: Mapping[str, Any]) -> pa.Schema:
+    read_names = sources.schema.names
+    inputs = []
+    for i, p in enumerate(plans):
+        for modality, column in p.spec.columns.items():
+            if column not in read_names:
+                raise ConfigError(f"encoders[{i}].column: {column!r} is not a source column; columns: {', '.join(read_names)}")
+            inputs.append(column)
+    keep = [n for n in read_names if n != "id"]
+    for source in config.sources:
+        if source.passthrough is not None:
+            missing = [c for c in source.passthrough if c not in read_names]
+            if missing:
+                raise ConfigError(f"sources: passthrough column {missing[0]!r} is not a source column")
+    wanted = {c for s in config.sources if s.passthrough is not None for c in s.passthrough}
+    if any(s.passthrough is not None for s in config.sources):
+        keep = [n for n in keep if n in wanted]
+    if any(s.kind != "table" for s in config.sources):
+        keep = [n for n in keep if n not in inputs or n in wanted]  # file contents stay in the files
+    vectors = []
+    for p in plans:
+        vtype = vector_type(p.spec.dim, config.output.vector_type, config.output.dtype)
+        for modality in p.spec.columns:
+            vectors.append((embedding_column(p.spec, modality), vtype, error_column(p.spec, modality)))
+    from pipeline.sink import FORMAT_VERSION
+
+    return output_schema(sources.schema, keep, vectors, {"version": FORMAT_VERSION, "encoders": dict(meta)})

@@ -1,0 +1,49 @@
+"""The per-encoder stages: prepare (a CPU task) and encode (an actor). No Ray imports: the
+adapter applies them with ``map_batches``."""
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+
+from encoders import FAMILIES
+from encoders.spec import EncoderSpec
+from pipeline.columns import embedding_column, error_column, prepared_column, vectors_to_arrow
+
+log = logging.getLogger(__name__)
+
+
+def prepare_batch(batch: pa.Table, spec: EncoderSpec) -> pa.Table:
+    """CPU work (tokenize, decode, resample): input column -> compact prepared values + errors."""
+    family = FAMILIES.get(spec.family)
+    for modality, column in spec.columns.items():
+        prepared = family.prepare(spec, modality, batch.column(column).combine_chunks())
+        batch = batch.append_column(prepared_column(spec, modality), prepared.values)
+        batch = batch.append_column(error_column(spec, modality), pa.array(prepared.errors, pa.string()))
+    return batch
+
+
+class EncodeActor:
+    """One loaded model per actor: prepared values in, vectors out, in input order."""
+
+    def __init__(self, spec: EncoderSpec, threads: int, max_tokens: int) -> None:
+        import torch
+
+        from encoders.device import pick_device
+
+        device = pick_device()
+        if device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores.
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.max_tokens = max_tokens
+        self.model = FAMILIES.get(spec.family).load(spec, device)
+        log.info("encoder %s loaded on %s (%s, %d threads)", spec.output, device, self.model.precision, torch.get_num_threads())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for modality in self.spec.columns:
+            name = prepared_column(self.spec, modality)
+            vectors, valid = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
+            batch = batch.drop_columns([name]).append_column(embedding_column(self.spec, modality),
+                                                             vectors_to_arrow(vectors, valid))
+        return batch
