@@ -136,8 +136,11 @@ class HFTextFamily:
             opts["normalize"] = folder.normalize
         if opts["lowercase"] is None:
             opts["lowercase"] = folder.lowercase
+        limit = _model_max_length(folder.model_dir, tokenizer)
         if opts["max_length"] is None:
-            opts["max_length"] = folder.max_length or _model_max_length(folder.model_dir, tokenizer)
+            opts["max_length"] = min(folder.max_length or limit, limit)
+        if not 2 < opts["max_length"] <= limit:
+            raise ValueError(f"max_length {opts['max_length']} is out of range; the model takes 3 to {limit} tokens")
         opts["prefix"] = _resolve_prefix(opts.pop("prefix"), opts.pop("prompt_name"), folder)
         if opts["long_text"] not in LONG_TEXT_MODES:
             raise ValueError(f"long_text {opts['long_text']!r} is not valid; valid values: {', '.join(LONG_TEXT_MODES)}")
@@ -168,7 +171,8 @@ def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown option {unknown[0]!r} for hf-text; valid options: {', '.join(TEXT_OPTIONS)}")
     resolved: dict[str, Any] = {}
     for name, (kind, default) in TEXT_OPTIONS.items():
-        value = options.get(name, default)
+        value = options.get(name)
+        value = default if value is None else value
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise ValueError(f"option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
         resolved[name] = value
@@ -224,8 +228,7 @@ def tokenize_texts(tokenizer: Any, values: list[Any], options: Mapping[str, Any]
         if len(value) > options["max_chars"]:
             errors[i] = error_value("too_large", f"{len(value)} characters, limit max_chars={options['max_chars']}")
             continue
-        text = options["prefix"] + value
-        texts.append(text.lower() if options["lowercase"] else text)
+        texts.append(value.lower() if options["lowercase"] else value)
         rows.append(i)
     chunks: list[list[list[int]] | None] = [None] * len(values)
     if texts:
@@ -235,19 +238,40 @@ def tokenize_texts(tokenizer: Any, values: list[Any], options: Mapping[str, Any]
 
 
 def _token_chunks(tokenizer: Any, texts: list[str], options: Mapping[str, Any]) -> list[list[list[int]]]:
-    max_length = options["max_length"]
+    """Truncate: the prompt and text as sentence-transformers tokenizes them. Chunk: text that
+    fits is tokenized the same way; longer text becomes overlapping windows of its content
+    tokens, each wrapped as prompt + window in the tokenizer's own special tokens."""
+    max_length, prefix = options["max_length"], options["prefix"]
+    prompt = options["prefix"].lower() if options["lowercase"] else prefix
+    whole = tokenizer([prompt + t for t in texts], truncation="longest_first", max_length=max_length)["input_ids"]
     if options["long_text"] == "truncate":
-        ids = tokenizer(texts, truncation="longest_first", max_length=max_length)["input_ids"]
-        return [[row] for row in ids]
-    # chunk: overlapping windows of content tokens, each wrapped in the special tokens.
-    window = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+        return [[row] for row in whole]
+    head, tail = _special_tokens(tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    window = max_length - len(head) - len(tail) - len(prompt_ids)
+    if window <= options["chunk_overlap"]:
+        raise ValueError(f"max_length {max_length} leaves no room for chunks after the prompt and overlap")
     step = window - options["chunk_overlap"]
+    contents = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     out = []
-    for content in tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
-        starts = range(0, max(len(content) - options["chunk_overlap"], 1), step)
-        out.append([tokenizer.build_inputs_with_special_tokens(content[s:s + window])
-                    for s in list(starts)[: options["max_chunks"]]])
+    for truncated, content in zip(whole, contents):
+        if len(content) <= window:
+            out.append([truncated])
+            continue
+        starts = list(range(0, len(content) - options["chunk_overlap"], step))[: options["max_chunks"]]
+        out.append([head + prompt_ids + content[s:s + window] + tail for s in starts])
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a single sequence is wrapped in ([CLS] ... [SEP], <s> ... </s>, ...)."""
+    marker = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a")["input_ids"]
+    for start in range(len(wrapped) - len(marker) + 1):
+        if wrapped[start:start + len(marker)] == marker:
+            return wrapped[:start], wrapped[start + len(marker):]
+    raise ValueError("cannot tell where the tokenizer puts its special tokens; use long_text: truncate")
 
 
 class HFTextEncoder:
@@ -283,13 +307,15 @@ class HFTextEncoder:
         pooled = np.zeros((len(sequences), self.dim), dtype=np.float32)
         for batch in plan_micro_batches(lengths, max_tokens):
             pooled[batch] = self._forward([sequences[i] for i in batch]).numpy()
-        # Chunks of one row are averaged (mean of chunk vectors), then normalized.
+        # A row's chunks are averaged as the vectors each chunk alone would get (normalized
+        # when the model normalizes), and the mean is normalized again.
+        if self.options["normalize"]:
+            pooled = _l2_normalize(pooled)
         counts = np.bincount(owners, minlength=len(rows)).astype(np.float32)
         np.add.at(out, owners, pooled)
         out[valid] /= counts[valid, None]
         if self.options["normalize"]:
-            norms = np.linalg.norm(out[valid], axis=1, keepdims=True)
-            out[valid] /= np.maximum(norms, 1e-12)
+            out[valid] = _l2_normalize(out[valid])
         return out, valid
 
     def _forward(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -309,6 +335,10 @@ class HFTextEncoder:
             hidden = self.model(**inputs).last_hidden_state  # (n, t, d)
             pooled = pool_tokens(hidden, mask, lengths, self.options["pooling"])
         return pooled.float().cpu()
+
+
+def _l2_normalize(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
 FAMILIES.register(HFTextFamily.name, HFTextFamily())

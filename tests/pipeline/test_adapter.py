@@ -1,0 +1,79 @@
+"""The adapter is tested with a fake dataset that records its keyword arguments."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.adapter import ClusterShape, apply_stage, resolve_encode_stage, resolve_task_stage
+from pipeline.config import ConfigError, StageResources
+
+
+class RecordingDataset:
+    def __init__(self):
+        self.calls = []
+
+    def map_batches(self, fn, **kwargs):
+        self.calls.append((fn, kwargs))
+        return self
+
+
+def test_cpu_pool_never_reserves_every_cpu():
+    for cpus in (2, 3, 8, 64):
+        stage = resolve_encode_stage(StageResources(), ClusterShape(cpus=cpus, gpus=0), 256, "e")
+        assert stage.num_gpus == 0
+        assert stage.pool[1] * stage.num_cpus <= cpus - 1
+
+
+def test_threads_are_not_the_reservation():
+    # Two cores: one actor reserving one CPU, torch using both cores.
+    stage = resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 256, "e")
+    assert (stage.num_cpus, stage.pool, stage.threads) == (1.0, (1, 1), 2)
+    half = resolve_encode_stage(StageResources(cpus=0.5, threads=2), ClusterShape(cpus=2, gpus=0), 256, "e")
+    assert half.num_cpus == 0.5 and half.threads == 2
+
+
+def test_encoders_share_the_spare_cpus():
+    # Two CPU encoders on two cores: together they must still leave one CPU for tasks.
+    stages = [resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 256, "e", cpu_encoders=2) for _ in range(2)]
+    assert sum(s.pool[1] * s.num_cpus for s in stages) <= 1
+    assert all(s.threads == 1 for s in stages)
+    big = [resolve_encode_stage(StageResources(), ClusterShape(cpus=16, gpus=0), 256, "e", cpu_encoders=3) for _ in range(3)]
+    assert sum(s.pool[1] * s.num_cpus for s in big) <= 15
+
+
+def test_pool_that_takes_every_cpu_is_refused():
+    with pytest.raises(ConfigError, match="every CPU"):
+        resolve_encode_stage(StageResources(cpus=2), ClusterShape(cpus=2, gpus=0), 256, "encoders[0].resources")
+    with pytest.raises(ConfigError, match="pool"):
+        resolve_encode_stage(StageResources(pool=(2, 4)), ClusterShape(cpus=2, gpus=0), 256, "e")
+    with pytest.raises(ConfigError, match="at least 2"):
+        resolve_encode_stage(StageResources(), ClusterShape(cpus=1, gpus=0), 256, "e")
+
+
+def test_gpus_auto_follows_the_cluster():
+    gpu = resolve_encode_stage(StageResources(), ClusterShape(cpus=16, gpus=4), 256, "e")
+    assert gpu.num_gpus == 1.0 and gpu.pool == (1, 4) and gpu.device == "cuda"
+    shared = resolve_encode_stage(StageResources(gpus=0.25), ClusterShape(cpus=16, gpus=2), 256, "e")
+    assert shared.pool == (1, 8)
+    autoscaled = resolve_encode_stage(StageResources(), ClusterShape(cpus=4, gpus=0, gpu_autoscale=True), 256, "e")
+    assert autoscaled.num_gpus == 1.0
+    cpu = resolve_encode_stage(StageResources(gpus=0), ClusterShape(cpus=16, gpus=4), 256, "e")
+    assert cpu.num_gpus == 0 and cpu.device == "cpu"
+
+
+def test_map_batches_arguments_for_actor_and_task_stages():
+    import ray.data
+
+    ds = RecordingDataset()
+    encode = resolve_encode_stage(StageResources(gpus=0.5, memory=2 << 30, batch_rows=64), ClusterShape(cpus=8, gpus=1), 256, "e")
+    apply_stage(ds, object, encode, fn_constructor_kwargs={"spec": 1})
+    prepare = resolve_task_stage(StageResources(cpus=0.5), 64)
+    apply_stage(ds, len, prepare, fn_kwargs={"spec": 1})
+    (_, actor_kwargs), (_, task_kwargs) = ds.calls
+    compute = actor_kwargs.pop("compute")
+    assert isinstance(compute, ray.data.ActorPoolStrategy)
+    assert (compute.min_size, compute.max_size) == (1, 2)
+    assert actor_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 1.0, "num_gpus": 0.5,
+                            "memory": 2 << 30, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+                            "fn_constructor_kwargs": {"spec": 1}}
+    assert "concurrency" not in actor_kwargs  # deprecated in favour of compute=
+    assert task_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 0.5, "fn_kwargs": {"spec": 1}}

@@ -1,0 +1,128 @@
+"""Sources without Ray: the pre-pass runs its tasks in a loop, and reads go through the same
+``read_chunk_rows`` body that Ray Data maps over the chunks."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, SourceConfig
+from pipeline.sources import ROWS_PER_PARQUET_CHUNK, chunk_row, plan_chunks, prepass, read_chunk_rows
+
+
+def loop(fn, chunks):
+    return [fn(c) for c in chunks]
+
+
+def read_all(sources, committed=None, on_duplicate_id="error") -> tuple[pa.Table, object]:
+    chunks = plan_chunks(sources)
+    plan = prepass(chunks, committed, on_duplicate_id, loop)
+    batch = pa.table({"chunk": [chunk_row(c, plan.drops.get(c.index, []))["chunk"] for c in chunks]})
+    return read_chunk_rows(batch, plan.schema), plan
+
+
+@pytest.fixture
+def tables(tmp_path):
+    rows = [{"sku": 100 + i, "title": f"item {i}", "price": float(i)} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "items.parquet")
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "items.csv").write_text("sku,title,price\n" + "".join(f"{r['sku']},{r['title']},{r['price']}\n" for r in rows))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["items.parquet", "items.jsonl", "items.csv"])
+def test_each_format_gives_string_ids_first(tables, name):
+    table, plan = read_all([SourceConfig(path=str(tables / name), id_column="sku")])
+    assert table.column_names[0] == "id" and table.schema.field("id").type == pa.string()
+    assert table.column("id").to_pylist() == [str(100 + i) for i in range(6)]
+    assert table.column("title").to_pylist() == [f"item {i}" for i in range(6)]
+    assert "sku" not in table.column_names
+    assert plan.total_rows == 6
+
+
+def test_folder_of_files_and_uri(tables, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"id": [f"s{i}-{j}" for j in range(4)], "text": ["x"] * 4}), folder / f"part{i}.parquet")
+    (folder / "_SUCCESS").write_text("")
+    table, _ = read_all([SourceConfig(path=str(folder), id_column="id")])
+    assert table.num_rows == 12 and table.column("id").to_pylist()[:2] == ["s0-0", "s0-1"]
+    uri_table, _ = read_all([SourceConfig(path=f"file://{folder}", id_column="id")])
+    assert uri_table.equals(table)
+
+
+def test_fsspec_uri(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    with fs.open("/bucket/items.jsonl", "w") as handle:
+        handle.write('{"id": "a", "text": "hello"}\n{"id": "b", "text": "world"}\n')
+    table, _ = read_all([SourceConfig(path="memory://bucket/items.jsonl", id_column="id")])
+    assert table.column("text").to_pylist() == ["hello", "world"]
+
+
+def test_text_folder_ids_are_relative_paths(tmp_path):
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "sub" / "b.txt").write_bytes(b"\xff\xfebad utf-8")
+    (root / ".hidden.txt").write_text("skip me")
+    table, _ = read_all([SourceConfig(path=str(root), kind="text")])
+    assert table.column("id").to_pylist() == ["a.txt", "sub/b.txt"]
+    # Bytes: invalid UTF-8 reaches the text stage, which records decode_failed.
+    assert table.column("text").to_pylist() == [b"alpha", b"\xff\xfebad utf-8"]
+
+
+def test_derived_ids_are_deterministic_and_span_row_groups(tmp_path):
+    n = ROWS_PER_PARQUET_CHUNK + 10
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(n)]}), tmp_path / "big.parquet", row_group_size=ROWS_PER_PARQUET_CHUNK // 2)
+    sources = [SourceConfig(path=str(tmp_path / "big.parquet"), derive_ids=True)]
+    assert len(plan_chunks(sources)) == 2
+    first, _ = read_all(sources)
+    second, _ = read_all(sources)
+    assert first.column("id").equals(second.column("id"))
+    assert first.column("id")[n - 1].as_py() == f"big.parquet:{n - 1}"
+    assert pc.count_distinct(first.column("id")).as_py() == n
+
+
+def test_missing_id_column_and_null_ids_are_user_errors(tables, tmp_path):
+    with pytest.raises(ConfigError, match=r"sources\[0\]: id_column is required"):
+        plan_chunks([SourceConfig(path=str(tables / "items.parquet"))])
+    with pytest.raises(ConfigError, match="'nope' is not a column"):
+        read_all([SourceConfig(path=str(tables / "items.jsonl"), id_column="nope")])
+    pq.write_table(pa.table({"id": ["a", None], "t": ["x", "y"]}), tmp_path / "nulls.parquet")
+    with pytest.raises(ConfigError, match="null in 'nulls.parquet' row 1"):
+        read_all([SourceConfig(path=str(tmp_path / "nulls.parquet"), id_column="id")])
+    with pytest.raises(ConfigError, match="does not exist"):
+        plan_chunks([SourceConfig(path=str(tmp_path / "missing.parquet"), id_column="id")])
+
+
+def test_duplicates_error_or_keep_first(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "v": [1, 2, 3]}), tmp_path / "one.parquet")
+    pq.write_table(pa.table({"id": ["b", "c"], "v": [4, 5]}), tmp_path / "two.parquet")
+    sources = [SourceConfig(path=str(tmp_path / "one.parquet"), id_column="id"),
+               SourceConfig(path=str(tmp_path / "two.parquet"), id_column="id")]
+    with pytest.raises(ConfigError, match="2 ids occur more than once"):
+        read_all(sources)
+    table, plan = read_all(sources, on_duplicate_id="keep-first")
+    assert sorted(zip(table.column("id").to_pylist(), table.column("v").to_pylist())) == [("a", 1), ("b", 2), ("c", 5)]
+    assert plan.total_rows == 3 and plan.duplicates == 2
+
+
+def test_committed_ids_are_skipped(tables):
+    table, plan = read_all([SourceConfig(path=str(tables / "items.parquet"), id_column="sku")],
+                           committed=pa.array(["100", "103"]))
+    assert table.column("id").to_pylist() == ["101", "102", "104", "105"]
+    assert plan.total_rows == 6 and plan.skipped_rows == 2
+
+
+def test_sources_with_different_columns_are_unified(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "title": ["x"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["b"], "title": ["y"], "brand": ["z"]}), tmp_path / "b.parquet")
+    table, _ = read_all([SourceConfig(path=str(tmp_path / "a.parquet"), id_column="id"),
+                         SourceConfig(path=str(tmp_path / "b.parquet"), id_column="id")])
+    assert table.column_names == ["id", "title", "brand"]
+    assert table.column("brand").to_pylist() == [None, "z"]
