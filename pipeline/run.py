@@ -70,9 +70,11 @@ def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
 def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
     """Add ``<output>_embedding`` and ``<output>_error`` columns to a Ray Dataset.
 
-    Only the config's encoders and resources are used; sources and output are ignored (give
-    ``output: {path: unused}`` or any path). Ray must already be initialized.
+    Only the config's encoders and resources are used: a mapping may leave out sources and
+    output. Ray must already be initialized.
     """
+    if isinstance(config, Mapping):
+        config = {"sources": [{"path": "<dataset>"}], "output": {"path": "<dataset>"}, **config}
     config = as_config(config)
     return add_encoders(dataset, plan(config, cluster_shape()))
 

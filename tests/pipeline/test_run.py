@@ -150,7 +150,7 @@ def test_yaml_python_api_and_job_agree(ray_session, tiny_bert, tmp_path):
     from_job = vectors(read_output(tmp_path / "job-out"), "body_embedding")
 
     ds = ray.data.from_items([{"id": f"s{i}", "body": t} for i, t in enumerate(texts)])
-    rows = embed(ds, config).take_all()
+    rows = embed(ds, {"encoders": config["encoders"]}).take_all()
     assert {r["id"] for r in rows} == set(from_yaml)
     for r in rows:
         a, b, c = from_yaml[r["id"]], from_job[r["id"]], r["body_embedding"]
