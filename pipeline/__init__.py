@@ -12,14 +12,14 @@ __all__ = ["Config", "ConfigError", "config_from_dict", "embed", "load_config", 
 
 
 def embed(dataset: Any, config: Any) -> Any:
-    """Add ``<output>_embedding``/``<output>_error`` columns to a Ray Dataset (see pipeline.run.embed)."""
-    from pipeline.run import embed as _embed
+    """Add ``<output>_embedding``/``<output>_error`` columns to a Ray Dataset (see pipeline.graph.embed)."""
+    from pipeline.graph import embed as _embed
 
     return _embed(dataset, config)
 
 
 def run(config: Any, overwrite: bool = False) -> dict[str, Any]:
-    """Embed the configured sources into the output folder (see pipeline.run.run)."""
-    from pipeline.run import run as _run
+    """Embed the configured sources into the output folder (see pipeline.graph.run)."""
+    from pipeline.graph import run as _run
 
     return _run(config, overwrite=overwrite)

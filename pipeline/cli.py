@@ -1,4 +1,4 @@
-"""``omniembed run CONFIG.yaml`` and ``omniembed embed INPUT ...``: a thin shell over pipeline.run.
+"""``omniembed run CONFIG.yaml`` and ``omniembed embed INPUT ...``: a thin shell over pipeline.graph.
 
 Exit codes: 0 done; 2 usage or config error (one line, nothing written); 3 done, but the
 error rate went past max_error_rate.
@@ -124,7 +124,7 @@ def execute(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.command == "run" else config_from_dict(config_from_flags(args))
         from pipeline.ray_env import init_ray
-        from pipeline.run import run
+        from pipeline.graph import run
 
         init_ray(args.address)
         manifest = run(config, overwrite=args.overwrite)

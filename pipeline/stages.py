@@ -28,8 +28,11 @@ class EncodeActor:
 
     def __init__(self, spec: EncoderSpec, threads: int, max_tokens: int) -> None:
         import torch
+        from transformers.utils import logging as hf_logging
 
         from encoders.device import pick_device
+
+        hf_logging.disable_progress_bar()  # one bar per actor start only clutters the driver's log
 
         device = pick_device()
         if device.type == "cpu":

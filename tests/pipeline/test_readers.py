@@ -81,7 +81,7 @@ def input_parquet(titles, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(f))
 def output(request, ray_session, input_parquet, tmp_path_factory) -> Output:
-    from pipeline.run import run
+    from pipeline.graph import run
 
     vector_type, dtype = request.param
     path = tmp_path_factory.mktemp("readers-out") / f"out_{vector_type}_{dtype}"
