@@ -142,9 +142,15 @@ def read_chunk(chunk: ReadChunk, columns: list[str] | None = None) -> pa.Table:
         with fs.open_input_file(chunk.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=_present(handle, wanted))
     else:
-        with fs.open_input_stream(chunk.path, compression="detect") as stream:
-            table = pajson.read_json(stream) if chunk.format == "jsonl" else pacsv.read_csv(
-                stream, parse_options=pacsv.ParseOptions(delimiter="\t" if chunk.path.endswith(".tsv") else ","))
+        try:
+            with fs.open_input_stream(chunk.path, compression="detect") as stream:
+                table = pajson.read_json(stream) if chunk.format == "jsonl" else pacsv.read_csv(
+                    stream, parse_options=pacsv.ParseOptions(delimiter="\t" if chunk.path.endswith(".tsv") else ","))
+        except pa.ArrowInvalid as exc:
+            # e.g. a JSON field that is a string in one row and a number in another: Arrow
+            # columns have one type. Say where, rather than guess a type for the user.
+            raise ConfigError(f"sources[{chunk.source}]: cannot read {chunk.relpath!r} as {chunk.format}: "
+                              f"{str(exc).splitlines()[0]}") from None
         if wanted is not None:
             table = table.select([c for c in wanted if c in table.column_names])
     return _with_ids(table, chunk)

@@ -126,3 +126,9 @@ def test_sources_with_different_columns_are_unified(tmp_path):
                          SourceConfig(path=str(tmp_path / "b.parquet"), id_column="id")])
     assert table.column_names == ["id", "title", "brand"]
     assert table.column("brand").to_pylist() == [None, "z"]
+
+
+def test_unreadable_table_is_a_one_line_user_error(tmp_path):
+    (tmp_path / "mixed.jsonl").write_text('{"id": "a", "text": "hello"}\n{"id": "b", "text": 5}\n')
+    with pytest.raises(ConfigError, match=r"cannot read 'mixed.jsonl' as jsonl: .*changed from string to number"):
+        read_all([SourceConfig(path=str(tmp_path / "mixed.jsonl"), id_column="id")])
