@@ -245,7 +245,7 @@ def main() -> int:
     print(f"\nmachine: nproc={nproc}; torch threads: floor {torch.get_num_threads()}, "
           f"ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1); model {args.model}")
     print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
-          + ("  (machine was busy: numbers are pessimistic)" if load_start > 0.5 else ""))
+          + ("  (CPU was busy just before: numbers may be pessimistic)" if load_start > 0.5 else ""))
     print(f"{'name':<14}{'rows':>8}{'seconds':>10}{'rows/s':>10}")
     rate = {}
     for name, rows, secs in results:

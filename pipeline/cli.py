@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--prefix", help="text prepended to every input, e.g. 'passage: ' for E5")
     embed.add_argument("--long-text", choices=("truncate", "chunk"), help="text past max length: truncate (default) or pool overlapping chunks")
     embed.add_argument("--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)")
-    embed.add_argument("--batch-rows", type=int, help="rows per encoder batch (default 256 for text)")
+    embed.add_argument("--batch-rows", type=int, help="rows per encoder batch (default 1024 for text; sorted by length inside)")
     embed.add_argument("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
     embed.add_argument("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
     embed.add_argument("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
