@@ -66,6 +66,7 @@ _ST_POOLING_KEYS = {
 }
 
 
+@functools.lru_cache(maxsize=16)
 def read_folder_settings(path: str) -> FolderSettings:
     root = Path(path)
     modules = _read_json(root / "modules.json") or []

@@ -116,10 +116,14 @@ def _from_hub(hub_id: str, alias: ModelAlias | None) -> ResolvedWeights:
 
 
 def weight_files(path: str) -> list[Path]:
+    """The weights a loader reads: a file itself, or a folder's top-level safetensors files
+    (else its .bin/.pt files). Sub-folders (onnx/, openvino/) are other formats of the same."""
     p = Path(path)
     if p.is_file():
         return [p]
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    safetensors = [f for f in files if f.suffix == ".safetensors"]
+    return safetensors or files
 
 
 def weights_sha256(path: str) -> str:

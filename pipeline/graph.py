@@ -17,8 +17,8 @@ from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_e
 from pipeline.columns import embedding_column, error_column, vector_type
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.plan import plan_encoders
-from pipeline.sink import ParquetSink, fingerprint, output_schema, write_part
-from pipeline.sources import SourcePlan, chunk_row, plan_chunks, prepass, read_chunk_rows
+from pipeline.sink import FORMAT_VERSION, ParquetSink, fingerprint, output_schema, write_part
+from pipeline.sources import FOLDER_KINDS, SourcePlan, chunk_row, plan_chunks, prepass, read_chunk_rows
 from pipeline.stages import EncodeActor, prepare_batch
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,10 @@ def _ray_map(fn: Any, chunks: list[Any]) -> list[Any]:
 
 def _output_schema(config: Config, plans: list[EncoderPlan], sources: SourcePlan, meta: Mapping[str, Any]) -> pa.Schema:
     read_names = sources.schema.names
-    inputs = []
     for i, p in enumerate(plans):
-        for modality, column in p.spec.columns.items():
+        for column in p.spec.columns.values():
             if column not in read_names:
                 raise ConfigError(f"encoders[{i}].column: {column!r} is not a source column; columns: {', '.join(read_names)}")
-            inputs.append(column)
     keep = [n for n in read_names if n != "id"]
     for source in config.sources:
         if source.passthrough is not None:
@@ -140,13 +138,12 @@ def _output_schema(config: Config, plans: list[EncoderPlan], sources: SourcePlan
     wanted = {c for s in config.sources if s.passthrough is not None for c in s.passthrough}
     if any(s.passthrough is not None for s in config.sources):
         keep = [n for n in keep if n in wanted]
-    if any(s.kind != "table" for s in config.sources):
-        keep = [n for n in keep if n not in inputs or n in wanted]  # file contents stay in the files
+    # A folder source's file contents stay in the files; its id is the file's path.
+    contents = {FOLDER_KINDS[s.kind][1] for s in config.sources if s.kind in FOLDER_KINDS}
+    keep = [n for n in keep if n not in contents or n in wanted]
     vectors = []
     for p in plans:
         vtype = vector_type(p.spec.dim, config.output.vector_type, config.output.dtype)
         for modality in p.spec.columns:
             vectors.append((embedding_column(p.spec, modality), vtype, error_column(p.spec, modality)))
-    from pipeline.sink import FORMAT_VERSION
-
     return output_schema(sources.schema, keep, vectors, {"version": FORMAT_VERSION, "encoders": dict(meta)})

@@ -131,9 +131,14 @@ def test_weights_sha256_changes_when_a_weights_file_changes(bert_copy):
     assert weights_sha256(str(bert_copy)) == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
-def test_weights_sha256_changes_when_a_weights_file_is_added(bert_copy):
+def test_weights_sha256_covers_the_files_a_loader_reads(bert_copy):
     before = weights_sha256(str(bert_copy))
-    (bert_copy / "extra.bin").write_bytes(b"more weights")
+    # Beside safetensors, a .bin or an onnx/ export is not what transformers loads.
+    (bert_copy / "pytorch_model.bin").write_bytes(b"legacy weights")
+    (bert_copy / "onnx").mkdir()
+    (bert_copy / "onnx" / "model.bin").write_bytes(b"export")
+    assert weights_sha256(str(bert_copy)) == before
+    (bert_copy / "model-00002-of-00002.safetensors").write_bytes(b"another shard")
     assert weights_sha256(str(bert_copy)) != before
 
 
