@@ -74,6 +74,23 @@ def test_fidelity_with_sentence_transformers(minilm_run, minilm_path):
         assert float(v @ ref / (np.linalg.norm(v) * np.linalg.norm(ref))) >= 0.9999, row_id
 
 
+def test_vectors_do_not_depend_on_batching_or_row_order(minilm_run, messy_input, tmp_path):
+    """The same vectors (<= 1e-5) with other block sizes, token budgets and the rows reversed."""
+    _, out, _ = minilm_run
+    src, _ = messy_input
+    reversed_src = tmp_path / "reversed.parquet"
+    pq.write_table(pq.read_table(src).take(list(range(pq.read_metadata(src).num_rows))[::-1]), reversed_src)
+    other = tmp_path / "other"
+    assert cli_main(embed_args(reversed_src, other, MINILM_ID, "--max-error-rate", "0.5",
+                               "--batch-rows", "7", "--max-tokens", "300")) == 0
+    first, second = vectors(read_output(out), "text_embedding"), vectors(read_output(other), "text_embedding")
+    assert first.keys() == second.keys()
+    for row_id, v in first.items():
+        assert (v is None) == (second[row_id] is None), row_id
+        if v is not None:
+            assert np.abs(v - second[row_id]).max() <= 1e-5, row_id
+
+
 def test_bad_and_absent_rows_are_kept_with_errors(minilm_run):
     _, out, rows = minilm_run
     table = read_output(out)
