@@ -10,7 +10,8 @@ log = logging.getLogger(__name__)
 
 
 def joins_cluster(address: str | None) -> bool:
-    return bool(address or os.environ.get("RAY_ADDRESS"))
+    """An address (or RAY_ADDRESS, as inside a Ray job) other than "local" joins a cluster."""
+    return (address or os.environ.get("RAY_ADDRESS") or "local") != "local"
 
 
 def prepare_environment(address: str | None) -> None:
@@ -34,6 +35,7 @@ def init_ray(address: str | None = None) -> None:
     if joins_cluster(address):
         ray.init(address=address or "auto", log_to_driver=True)
     else:
-        # Workers import pipeline/ and encoders/ from the source tree even without an install.
-        ray.init(include_dashboard=False, log_to_driver=True,
+        # address="local": always a new embedded Ray, never a `ray start` cluster that happens
+        # to run on this machine. Workers import pipeline/ and encoders/ from the source tree.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": working_dir, "TOKENIZERS_PARALLELISM": "false"}})

@@ -265,7 +265,7 @@ def test_loopback_only_for_local_runs(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     prepare_environment(None)
     assert LOOPBACK_VAR not in os.environ
-    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's own word for a new embedded instance
     prepare_environment(None)
     assert os.environ[LOOPBACK_VAR] == "0"
 
