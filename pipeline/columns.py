@@ -20,6 +20,11 @@ def error_column(spec: EncoderSpec, modality: str) -> str:
     return f"{_base(spec, modality)}_error"
 
 
+def patches_column(spec: EncoderSpec, modality: str) -> str | None:
+    """``<output>_patches`` when the encoder pools to a patch grid (N*D values per row)."""
+    return f"{_base(spec, modality)}_patches" if spec.options.get("pooling") == "patches" else None
+
+
 def prepared_column(spec: EncoderSpec, modality: str) -> str:
     """Internal: what prepare hands to encode; dropped by the encode stage."""
     return f"__omniembed_{_base(spec, modality)}_prepared"

@@ -30,7 +30,10 @@ FORMAT_SUFFIXES = {
 # Folder sources: file suffixes and the column that holds each file's content or path.
 FOLDER_KINDS = {
     "text": ((".txt", ".md", ".text"), "text"),
+    # The path or URI, not the bytes: the id pre-pass stays cheap, and prepare reads each file.
+    "image": ((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"), "image"),
 }
+REFERENCE_KINDS = ("image",)  # folder kinds whose column holds a path/URI instead of the content
 ROWS_PER_PARQUET_CHUNK = 65_536
 FILES_PER_CHUNK = 256
 
@@ -198,6 +201,10 @@ def _read_folder_chunk(fs: pafs.FileSystem, chunk: ReadChunk, columns: list[str]
     ids = pa.array([rel for _, rel in chunk.files], pa.string())
     if columns is not None and column not in columns:
         return pa.table({"id": ids})
+    if chunk.kind in REFERENCE_KINDS:
+        remote = "://" in chunk.root
+        refs = [f"{chunk.root.rstrip('/')}/{rel}" if remote else path for path, rel in chunk.files]
+        return pa.table({"id": ids, column: pa.array(refs, pa.string())})
     contents = []
     for path, _ in chunk.files:
         with fs.open_input_stream(path) as stream:

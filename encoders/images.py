@@ -1,0 +1,299 @@
+"""Image decode and preprocessing for the CPU prepare stage: bytes or a path -> uint8 CHW.
+
+Decode rules (README "Images"):
+- JPEG, PNG and WebP whose header says 8-bit RGB, RGBA, L or LA decode with torchvision.io;
+  everything else (BMP, GIF, TIFF, CMYK, palette, 16-bit, animated) decodes with Pillow.
+- EXIF orientation is applied; animated images give their first frame.
+- Grayscale, CMYK and palette images become RGB. 16-bit samples are shifted down 8 bits (Pillow's
+  ``convert`` would saturate them). Alpha is composited on white.
+- The pixel count is checked from the header, before decoding: past ``max_pixels`` the row is a
+  ``too_large`` error (a decompression bomb never gets decoded). Pillow's own bomb limit
+  (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 MP) applies too and gives the same error.
+- Resize (shorter side to ``resize``) and center crop (``crop``) come from the model's declared
+  preprocessing, never from constants here. The result ships as ``crop*crop*3`` bytes, CHW.
+
+Normalization and the float conversion happen on the encoder's device (see ``to_model_input``).
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from encoders.errors import error_value
+from encoders.spec import Prepared
+
+IMAGE_TYPE = pa.binary()  # per row: uint8 CHW bytes, shape (3, crop, crop) from the spec
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+DEFAULT_MAX_PIXELS = 100_000_000
+_TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")
+_TORCHVISION_MODES = ("RGB", "RGBA", "L", "LA")
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """A model's input preprocessing, as declared data. ``mean`` and ``std`` are in 0..1 units
+    (as in Hugging Face processor configs): the encoder computes ``(x / 255 - mean) / std``."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    keep_aspect: bool = True  # False: resize to resize x resize (ViT's processor), then crop
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str = "preprocessing") -> "ImagePreprocess":
+        raw = options.get("preprocessing")
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where}: the model declares no image preprocessing (resize, crop, mean, std)")
+        missing = [k for k in ("resize", "crop", "mean", "std") if k not in raw]
+        if missing:
+            raise ValueError(f"{where}: missing {missing[0]!r}; give resize, crop, mean, std (and interpolation)")
+        unknown = sorted(set(raw) - {"resize", "crop", "mean", "std", "interpolation", "keep_aspect"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: resize, crop, mean, std, interpolation, keep_aspect")
+        prep = cls(int(raw["resize"]), int(raw["crop"]), _triple(raw["mean"], "mean", where),
+                   _triple(raw["std"], "std", where), str(raw.get("interpolation", "bilinear")),
+                   bool(raw.get("keep_aspect", True)))
+        if prep.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"{where}.interpolation: {prep.interpolation!r} is not valid; valid values: {', '.join(INTERPOLATIONS)}")
+        if not 0 < prep.crop <= prep.resize:
+            raise ValueError(f"{where}: crop must be between 1 and resize ({prep.resize}), got {prep.crop}")
+        if any(s <= 0 for s in prep.std):
+            raise ValueError(f"{where}.std: values must be > 0")
+        return prep
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "keep_aspect": self.keep_aspect}
+
+
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def preprocessing_from_processor(folder: str) -> dict[str, Any] | None:
+    """The ``preprocessing`` data of a Hugging Face ``preprocessor_config.json`` (ViT, BiT/DINOv2,
+    CLIP image processors), or None when the folder has none."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+    except FileNotFoundError:
+        return None
+    size = config.get("size") or {}
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    if "shortest_edge" in size:
+        resize, keep_aspect = int(size["shortest_edge"]), True
+    elif "height" in size and size.get("height") == size.get("width"):
+        resize, keep_aspect = int(size["height"]), False
+    else:
+        raise ValueError(f"preprocessor_config.json: size {size!r} is not supported (shortest_edge, or square height/width)")
+    crop = config.get("crop_size") or {}
+    crop = int(crop.get("height", resize) if isinstance(crop, dict) else crop) if config.get("do_center_crop") else resize
+    if config.get("do_rescale", True) is False or abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise ValueError("preprocessor_config.json: only rescale_factor 1/255 is supported")
+    normalize = config.get("do_normalize", True)
+    return {"resize": resize, "crop": crop, "keep_aspect": keep_aspect,
+            "interpolation": _PIL_RESAMPLE.get(int(config.get("resample", 2)), "bilinear"),
+            "mean": list(config.get("image_mean", [0.0] * 3)) if normalize else [0.0] * 3,
+            "std": list(config.get("image_std", [1.0] * 3)) if normalize else [1.0] * 3}
+
+
+def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        value = [value] * 3
+    if not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(f"{where}.{name}: expected 3 numbers (R, G, B), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+class ImageError(Exception):
+    """A bad row: carries the error code for ``error_value``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def prepare_images(values: pa.Array, prep: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Paths/URIs (str) or encoded bytes -> per row uint8 CHW bytes (null when absent or bad)
+    and error values."""
+    out: list[bytes | None] = [None] * len(values)
+    errors: list[str | None] = [None] * len(values)
+    for i, value in enumerate(values.to_pylist()):
+        if value is None:
+            continue
+        try:
+            data = _read(value)
+            chw = decode_rgb(data, max_pixels)
+            out[i] = resize_crop(chw, prep).numpy().tobytes()
+        except ImageError as exc:
+            errors[i] = error_value(exc.code, str(exc))
+    return Prepared(pa.array(out, type=IMAGE_TYPE), errors)
+
+
+def _read(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            raise ImageError("decode_failed", "zero bytes")
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ImageError("bad_type", f"expected a path, URI or bytes, got {type(value).__name__}")
+    if not value.strip():
+        raise ImageError("missing_file", "empty path")
+    if "://" not in value or value.startswith("file://"):
+        path = value[len("file://"):] if value.startswith("file://") else value
+        path = os.path.expanduser(path)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ImageError("missing_file", f"{value!r} does not exist") from None
+        except PermissionError:
+            raise ImageError("missing_file", f"{value!r} cannot be read (permission denied)") from None
+    else:
+        import pyarrow.fs as pafs
+
+        try:
+            try:
+                fs, inner = pafs.FileSystem.from_uri(value)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                import fsspec  # memory://, http(s)://, ... (ray[data] brings fsspec)
+
+                fsspec_fs, inner = fsspec.core.url_to_fs(value)
+                fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+            with fs.open_input_stream(inner) as stream:
+                data = stream.read()
+        except FileNotFoundError:
+            raise ImageError("missing_file", f"{value!r} does not exist") from None
+    if not data:
+        raise ImageError("decode_failed", f"{value!r} has zero bytes")
+    return data
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded image -> (3, h, w) uint8 RGB, by the decode rules in this module's docstring."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except UnidentifiedImageError:
+        raise ImageError("decode_failed", "not an image in a format Pillow or torchvision reads") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own limit (2 x MAX_IMAGE_PIXELS) also holds
+        raise ImageError("too_large", str(exc).splitlines()[0][:200]) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError("decode_failed", str(exc).splitlines()[0][:200] or type(exc).__name__) from None
+    width, height = header.size
+    if width * height > max_pixels:
+        raise ImageError("too_large", f"{width}x{height} pixels, limit max_pixels={max_pixels}")
+    animated = getattr(header, "n_frames", 1) > 1
+    if header.format in _TORCHVISION_FORMATS and header.mode in _TORCHVISION_MODES and not animated:
+        try:
+            return _decode_torchvision(data)
+        except RuntimeError:
+            pass  # a truncated or odd file: Pillow decides, and gives the error message
+    return _decode_pillow(header)
+
+
+def _decode_torchvision(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    image = decode_image(encoded, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)  # (c, h, w)
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return _to_rgb(image)
+
+
+def _to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """(1|2|3|4, h, w) uint8 gray, gray+alpha, RGB, RGBA -> (3, h, w) uint8 RGB on white."""
+    channels = image.shape[0]
+    if channels in (2, 4):
+        color, alpha = image[:-1].float(), image[-1:].float() / 255.0
+        image = (color * alpha + 255.0 * (1.0 - alpha)).round().to(torch.uint8)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.contiguous()
+
+
+def _decode_pillow(image: Any) -> torch.Tensor:
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            array = _pillow_to_array(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError("decode_failed", str(exc).splitlines()[0][:200] or type(exc).__name__) from None
+    return _to_rgb(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))))
+
+
+def _pillow_to_array(image: Any) -> np.ndarray:
+    """A loaded Pillow image -> (h, w, 1|2|3|4) uint8."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        wide = np.asarray(image)
+        if mode == "I" and wide.max(initial=0) <= 255:  # 8-bit data stored as int32
+            return wide.astype(np.uint8)[..., None]
+        # 16-bit samples: keep the high byte, as convert("L") would saturate instead.
+        return (np.clip(wide, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)[..., None]
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
+        image = image.convert("RGB")
+    elif mode == "La":
+        image = image.convert("LA")
+    elif mode in ("RGBa", "RGBX"):
+        image = image.convert("RGBA" if mode == "RGBa" else "RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.dtype != np.uint8:
+        array = (array.astype(np.uint32) >> 8).astype(np.uint8)
+    return array
+
+
+def resize_crop(image: torch.Tensor, prep: ImagePreprocess) -> torch.Tensor:
+    """(3, h, w) uint8 -> (3, crop, crop) uint8: shorter side to ``resize``, then center crop."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    mode = InterpolationMode(prep.interpolation)
+    size = [prep.resize] if prep.keep_aspect else [prep.resize, prep.resize]
+    image = F.resize(image, size, interpolation=mode, antialias=True)
+    return F.center_crop(image, [prep.crop, prep.crop]).contiguous()
+
+
+def images_to_tensor(values: pa.Array, crop: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Prepared bytes -> ((m, 3, crop, crop) uint8 of the non-null rows, (n,) valid mask)."""
+    rows = values.to_pylist()
+    valid = np.array([r is not None for r in rows], dtype=bool)
+    kept = [r for r in rows if r is not None]
+    if not kept:
+        return torch.empty((0, 3, crop, crop), dtype=torch.uint8), valid
+    flat = np.frombuffer(b"".join(kept), dtype=np.uint8)
+    return torch.from_numpy(flat.copy()).view(len(kept), 3, crop, crop), valid
+
+
+def to_model_input(images: torch.Tensor, prep: ImagePreprocess, device: torch.device,
+                   channels_last: bool = False) -> torch.Tensor:
+    """(n, 3, h, w) uint8 on CPU -> normalized float32 on ``device`` (the cast happens there)."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

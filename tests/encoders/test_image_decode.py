@@ -1,0 +1,167 @@
+"""The decode rules of encoders/images.py, on real photos in every format and mode, and bad
+files as error values with no row lost."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from encoders.errors import error_code
+from encoders.images import ImagePreprocess, decode_rgb, images_to_tensor, prepare_images, resize_crop
+from tests.image_data import encode, real_photos, write_bad_files
+
+PREP = ImagePreprocess.from_options({"preprocessing": {"resize": 64, "crop": 56, "mean": [0.5] * 3, "std": [0.25] * 3}})
+
+
+def as_hwc(chw: torch.Tensor) -> np.ndarray:
+    assert chw.dtype == torch.uint8 and chw.shape[0] == 3
+    return chw.permute(1, 2, 0).numpy()
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return real_photos()["chelsea"]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_exactly(photo, fmt):
+    save = {"lossless": True} if fmt == "WEBP" else {}
+    assert np.array_equal(as_hwc(decode_rgb(encode(photo, fmt, **save))), photo)
+
+
+def test_jpeg_torchvision_matches_pillow(photo):
+    data = encode(photo, quality=95)
+    pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    # Both are libjpeg; IDCT and upsampling may differ by a level or two.
+    assert np.abs(as_hwc(decode_rgb(data)).astype(int) - pillow).mean() < 1.0
+
+
+def test_grayscale_palette_and_cmyk_become_rgb(photo):
+    gray = np.asarray(Image.fromarray(photo).convert("L"))
+    out = as_hwc(decode_rgb(encode(gray, "PNG")))
+    assert np.array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+    palette = Image.fromarray(photo).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG")
+    assert np.array_equal(as_hwc(decode_rgb(buffer.getvalue())), np.asarray(palette.convert("RGB")))
+    cmyk = Image.fromarray(photo).convert("CMYK")
+    buffer = io.BytesIO()
+    cmyk.save(buffer, "TIFF")
+    assert np.array_equal(as_hwc(decode_rgb(buffer.getvalue())), np.asarray(cmyk.convert("RGB")))
+
+
+def test_sixteen_bit_is_shifted_not_saturated(photo):
+    gray = np.asarray(Image.fromarray(photo).convert("L")).astype(np.uint16)
+    wide = (gray << 8) | 0x7F  # high byte = the 8-bit image
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, "PNG")  # 16-bit gray PNG
+    assert np.array_equal(as_hwc(decode_rgb(buffer.getvalue()))[..., 0], gray.astype(np.uint8))
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, "TIFF")  # 16-bit gray TIFF
+    assert np.array_equal(as_hwc(decode_rgb(buffer.getvalue()))[..., 1], gray.astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_alpha_is_composited_on_white(photo, fmt):
+    rgba = np.dstack([photo, np.zeros(photo.shape[:2], np.uint8)])
+    rgba[: photo.shape[0] // 2, :, 3] = 255  # top half opaque, bottom half transparent
+    if fmt == "GIF":
+        image = Image.fromarray(rgba).convert("P", palette=Image.Palette.ADAPTIVE)
+        buffer = io.BytesIO()
+        image.save(buffer, "GIF", transparency=0)
+        data = buffer.getvalue()
+    else:
+        data = encode(rgba, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    out = as_hwc(decode_rgb(data))
+    if fmt != "GIF":
+        assert np.array_equal(out[photo.shape[0] // 2:], np.full_like(out[photo.shape[0] // 2:], 255))
+        assert np.array_equal(out[: photo.shape[0] // 2], photo[: photo.shape[0] // 2])
+    else:
+        transparent = np.asarray(Image.open(io.BytesIO(data))) == 0
+        assert transparent.any() and (out[transparent] == 255).all()
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(photo, quality=95, exif=exif.tobytes())
+    out = decode_rgb(data)
+    assert out.shape[1:] == (photo.shape[1], photo.shape[0])
+    upright = np.asarray(Image.open(io.BytesIO(data)).transpose(Image.Transpose.ROTATE_270).convert("RGB")).astype(int)
+    assert np.abs(as_hwc(out).astype(int) - upright).mean() < 1.0
+
+
+def test_animated_gif_gives_its_first_frame(photo):
+    frames = [Image.fromarray(photo).quantize(64), Image.fromarray(255 - photo).quantize(64)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert np.array_equal(as_hwc(decode_rgb(buffer.getvalue())), np.asarray(frames[0].convert("RGB")))
+
+
+def test_resize_crop_follows_declared_preprocessing(photo):
+    out = resize_crop(torch.from_numpy(photo).permute(2, 0, 1), PREP)
+    assert out.shape == (3, 56, 56) and out.dtype == torch.uint8
+
+
+def test_bad_files_become_error_values_and_no_row_is_lost(tmp_path):
+    expected = write_bad_files(tmp_path)
+    paths = [str(tmp_path / name) for name in expected] + [str(tmp_path / "missing.jpg"), None]
+    raw = [(tmp_path / name).read_bytes() for name in expected]
+    for values in (paths, raw):
+        prepared = prepare_images(pa.array(values), PREP)
+        assert len(prepared.values) == len(values) == len(prepared.errors)
+        for i, name in enumerate(expected):
+            got = prepared.errors[i]
+            assert (got and error_code(got)) == expected[name], (name, got)
+            assert (prepared.values[i].as_py() is None) == (expected[name] is not None)
+    assert error_code(prepare_images(pa.array(paths), PREP).errors[len(expected)]) == "missing_file"
+    # The absent row stays absent: null value, no error.
+    tail = prepare_images(pa.array(paths), PREP)
+    assert tail.values[-1].as_py() is None and tail.errors[-1] is None
+    images, valid = images_to_tensor(prepare_images(pa.array(paths), PREP).values, PREP.crop)
+    assert images.shape == (int(valid.sum()), 3, 56, 56) == (2, 3, 56, 56)
+
+
+def test_pixel_limit_is_configurable(photo):
+    data = encode(photo, "PNG")
+    limited = prepare_images(pa.array([data]), PREP, max_pixels=photo.shape[0] * photo.shape[1] - 1)
+    assert error_code(limited.errors[0]) == "too_large"
+    assert prepare_images(pa.array([data]), PREP, max_pixels=photo.shape[0] * photo.shape[1]).errors == [None]
+
+
+def test_sixteen_bit_rgb_png_through_torchvision(photo):
+    """A 48-bit RGB PNG: torchvision decodes it to uint16, which is shifted down to the high byte."""
+    import zlib
+    import struct
+
+    h, w = 8, 5
+    wide = (photo[:h, :w].astype(np.uint16) << 8) | 0x80
+    raw = b"".join(b"\x00" + wide[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    assert np.array_equal(as_hwc(decode_rgb(png)), photo[:h, :w])
+
+
+def test_wrong_type_is_bad_type():
+    assert error_code(prepare_images(pa.array([1, 2]), PREP).errors[0]) == "bad_type"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (None, "declares no image preprocessing"),
+    ({"resize": 64, "crop": 56, "mean": [0.5] * 3}, "missing 'std'"),
+    ({"resize": 64, "crop": 80, "mean": 0.5, "std": 0.5}, "crop must be between 1 and resize"),
+    ({"resize": 64, "crop": 56, "mean": [0.5, 0.5], "std": 0.5}, "expected 3 numbers"),
+    ({"resize": 64, "crop": 56, "mean": 0.5, "std": 0.5, "interpolation": "lanczos"}, "valid values: bilinear"),
+    ({"resize": 64, "crop": 56, "mean": 0.5, "std": 0.5, "size": 3}, "unknown key 'size'"),
+])
+def test_preprocessing_is_validated(raw, message):
+    with pytest.raises(ValueError, match=message):
+        ImagePreprocess.from_options({"preprocessing": raw})
