@@ -5,8 +5,8 @@ Stages are plain functions and classes that never import Ray; this adapter appli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
 
 from pipeline.config import ConfigError, StageResources
 
@@ -31,6 +31,7 @@ class ResolvedStage:
     memory: int | None = None
     threads: int = 1  # torch threads inside an encoder actor
     max_tokens: int = 8192
+    resources: Mapping[str, float] | None = None  # Ray custom resources
 
     @property
     def device(self) -> str:
@@ -39,7 +40,8 @@ class ResolvedStage:
 
 def resolve_task_stage(res: StageResources, default_batch: int) -> ResolvedStage:
     return ResolvedStage(num_cpus=res.cpus if res.cpus is not None else 1.0, num_gpus=0.0,
-                         batch_size=res.batch_rows or default_batch, memory=res.memory)
+                         batch_size=res.batch_rows or default_batch, memory=res.memory,
+                         resources=res.resources)
 
 
 def wants_gpu(res: StageResources, shape: ClusterShape) -> bool:
@@ -50,6 +52,11 @@ def wants_gpu(res: StageResources, shape: ClusterShape) -> bool:
 
 def resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
                          cpu_encoders: int = 1) -> ResolvedStage:
+    return replace(_resolve_encode_stage(res, shape, default_batch, where, cpu_encoders), resources=res.resources)
+
+
+def _resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
+                          cpu_encoders: int) -> ResolvedStage:
     """GPU actors when asked for or when ``auto`` finds GPUs; otherwise CPU actors that never
     reserve every CPU (read and prepare tasks must still run), with torch using the cores the
     reservation leaves idle. ``cpu_encoders`` CPU encoder pools share the spare CPUs."""
@@ -83,6 +90,8 @@ def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
                               "num_cpus": stage.num_cpus}
     if stage.num_gpus:
         kwargs["num_gpus"] = stage.num_gpus
+    if stage.resources:
+        kwargs["resources"] = dict(stage.resources)
     if stage.memory:
         # Ray Data can't prevent OOMs for a stage whose memory it does not know.
         kwargs["memory"] = stage.memory

@@ -39,6 +39,7 @@ class StageResources:
     batch_rows: int | None = None
     max_tokens: int = 8192
     threads: int | None = None
+    resources: Mapping[str, float] | None = None  # Ray custom resources, to place the stage
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,25 @@ def _resources(data: Any, where: str) -> StageResources:
         batch_rows=_get(data, "batch_rows", int, where),
         max_tokens=_get(data, "max_tokens", int, where, 8192),
         threads=_get(data, "threads", int, where),
+        resources=_custom_resources(data.get("resources"), f"{where}.resources"),
     )
     for name in ("cpus", "batch_rows", "max_tokens", "threads", "memory"):
         value = getattr(result, name)
         if value is not None and value <= 0 and not (name == "cpus" and value == 0):
             raise ConfigError(f"{where}.{name}: must be positive, got {value!r}")
     return result
+
+
+def _custom_resources(data: Any, where: str) -> dict[str, float] | None:
+    if data is None:
+        return None
+    data = _mapping(data, where)
+    for name, amount in data.items():
+        if name in ("CPU", "GPU", "memory") or not isinstance(name, str):
+            raise ConfigError(f"{where}: {name!r} is not a custom resource; use cpus, gpus or memory")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(f"{where}.{name}: expected a number > 0, got {amount!r}")
+    return {name: float(amount) for name, amount in data.items()}
 
 
 def _output(data: Any) -> OutputConfig:

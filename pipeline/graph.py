@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from encoders.spec import EncoderSpec
 from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_encode_stage, resolve_task_stage, wants_gpu
-from pipeline.columns import embedding_column, error_column, vector_type
+from pipeline.columns import embedding_column, error_column, patches_column, vector_type
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.plan import plan_encoders
 from pipeline.sink import FORMAT_VERSION, ParquetSink, fingerprint, output_schema, write_part
@@ -41,11 +41,46 @@ def as_config(config: Config | Mapping[str, Any] | str | Path) -> Config:
     return load_config(config)
 
 
-def cluster_shape() -> ClusterShape:
+def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any = None) -> ClusterShape:
+    """What the cluster has now, and whether the autoscaler can add GPU nodes. A GPU group
+    that starts at zero shows no GPUs in ``cluster_resources()`` until something asks for one,
+    so ``gpus: auto`` also looks at the autoscaler's node types (the cluster config it
+    publishes to the GCS; absent on a local Ray)."""
     import ray
 
-    resources = ray.cluster_resources()
-    return ClusterShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)))
+    resources = ray.cluster_resources() if resources is None else resources
+    return ClusterShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
+                        gpu_autoscale=can_autoscale_gpus(autoscaler))
+
+
+# Where `ray up` puts the autoscaling config on the head, where a submitted job's driver runs.
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def can_autoscale_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> bool:
+    """True when some autoscaled node type offers GPUs and may have nodes. Two sources: the
+    cluster config the autoscaler publishes to the GCS (KubeRay and autoscaler v2; what Ray
+    Data's own autoscaler reads through ``ray._private.state.state``), then the cluster
+    launcher's config on the head (``ray up``). Tests pass fakes for both."""
+    if autoscaler is None:
+        try:
+            from ray._private.state import state as autoscaler
+        except ImportError:  # a private module; the launcher's file below still tells
+            autoscaler = None
+    limits = autoscaler.get_max_resources_from_cluster_config() if autoscaler is not None else None
+    if limits and float(limits.get("GPU", 0) or 0) > 0:
+        return True
+    return launcher_has_gpu_nodes(Path(launcher_config).expanduser())
+
+
+def launcher_has_gpu_nodes(path: Path) -> bool:
+    import yaml
+
+    if not path.is_file():
+        return False
+    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    return any(float((t.get("resources") or {}).get("GPU", 0) or 0) > 0 and t.get("max_workers", 1) != 0
+               for t in node_types.values())
 
 
 def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
@@ -146,4 +181,10 @@ def _output_schema(config: Config, plans: list[EncoderPlan], sources: SourcePlan
         vtype = vector_type(p.spec.dim, config.output.vector_type, config.output.dtype)
         for modality in p.spec.columns:
             vectors.append((embedding_column(p.spec, modality), vtype, error_column(p.spec, modality)))
-    return output_schema(sources.schema, keep, vectors, {"version": FORMAT_VERSION, "encoders": dict(meta)})
+    schema = output_schema(sources.schema, keep, vectors, {"version": FORMAT_VERSION, "encoders": dict(meta)})
+    for p in plans:  # patch grids (pooling: patches) come last; their shape is in the metadata
+        for modality in p.spec.columns:
+            patches = patches_column(p.spec, modality)
+            if patches:
+                schema = schema.append(pa.field(patches, vector_type(0, "list", config.output.dtype)))
+    return schema

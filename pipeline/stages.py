@@ -2,19 +2,31 @@
 adapter applies them with ``map_batches``."""
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import replace
 
 import pyarrow as pa
 
 from encoders import FAMILIES
+from encoders.node_weights import weights_on_this_node
 from encoders.spec import EncoderSpec
-from pipeline.columns import embedding_column, error_column, prepared_column, vectors_to_arrow
+from encoders.weights import ResolvedWeights
+from pipeline.columns import embedding_column, error_column, patches_column, prepared_column, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=16)
+def _weights_here(weights: ResolvedWeights) -> ResolvedWeights:
+    # The driver's weights path is valid on the driver's machine. Each node resolves the same
+    # weights once (a file lock), however many tasks and actors run there.
+    return weights_on_this_node(weights)
+
+
 def prepare_batch(batch: pa.Table, spec: EncoderSpec) -> pa.Table:
     """CPU work (tokenize, decode, resample): input column -> compact prepared values + errors."""
+    spec = replace(spec, weights=_weights_here(spec.weights))  # the tokenizer lives with the weights
     family = FAMILIES.get(spec.family)
     for modality, column in spec.columns.items():
         prepared = family.prepare(spec, modality, batch.column(column).combine_chunks())
@@ -38,6 +50,7 @@ class EncodeActor:
         if device.type == "cpu":
             # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores.
             torch.set_num_threads(threads)
+        spec = replace(spec, weights=_weights_here(spec.weights))
         self.spec = spec
         self.max_tokens = max_tokens
         self.model = FAMILIES.get(spec.family).load(spec, device)
@@ -46,7 +59,9 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         for modality in self.spec.columns:
             name = prepared_column(self.spec, modality)
-            vectors, valid = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
+            vectors, valid, *patches = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
             batch = batch.drop_columns([name]).append_column(embedding_column(self.spec, modality),
                                                              vectors_to_arrow(vectors, valid))
+            if patches:  # pooling: patches -> the (N*D) patch grid per row, in its own column
+                batch = batch.append_column(patches_column(self.spec, modality), vectors_to_arrow(patches[0], valid))
         return batch

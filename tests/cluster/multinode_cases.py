@@ -1,0 +1,293 @@
+"""A real three-raylet Ray cluster on 127.0.0.1 (``ray.cluster_utils.Cluster``: a head and two
+worker nodes), jobs submitted through the head's job API, and failures injected while they run.
+
+Run only in its own process (``tests/cluster/test_multinode.py`` starts it with pytest in a
+subprocess), never next to the session's shared local Ray. The file name keeps the main
+pytest run from collecting it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: loopback only
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.conftest import _save_tiny_bert  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = 2400
+FILES = 12
+DIM = 32
+# Every custom resource is on at least two nodes: losing one worker leaves each stage a place.
+HEAD_RESOURCES = {"io_slot": 4}
+WORKER_RESOURCES = {"io_slot": 4, "encode_slot": 2}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _add_worker(cluster):
+    # Nodes on one machine share the session folder. Each real node has its own disk, so each
+    # gets its own runtime_env folder here: otherwise a worker node unpacking the job's
+    # working_dir replaces the folder that is the driver's cwd on the head.
+    cluster.worker_count = getattr(cluster, "worker_count", 0) + 1
+    return cluster.add_node(num_cpus=2, resources=WORKER_RESOURCES, dashboard_agent_listen_port=_free_port(),
+                            runtime_env_dir_name=f"runtime_resources_worker{cluster.worker_count}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": HEAD_RESOURCES, "include_dashboard": True,
+        # Every node's agent gets its own port: they all default to 52365, and the job API
+        # needs the head's agent.
+        "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
+        # Notice a dead node in ~3 s instead of the default ~30 s.
+        "_system_config": {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
+    c.workers = [_add_worker(c) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    url = cluster.head_node.address_info["webui_url"]
+    assert url.split(":")[0] == "127.0.0.1", url
+    return JobSubmissionClient(f"http://{url}")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("corpus")
+    words = "the quick brown fox jumps over a lazy dog while red cups of coffee cool on the table".split()
+    rng = np.random.default_rng(0)
+    texts = {f"doc-{i:05d}": " ".join(rng.choice(words, size=int(rng.integers(5, 60)))) for i in range(ROWS)}
+    ids = list(texts)
+    for f in range(FILES):
+        with open(folder / f"part{f:02d}.jsonl", "w") as out:
+            for i in ids[f::FILES]:
+                out.write(json.dumps({"id": i, "text": texts[i]}) + "\n")
+    return folder, texts
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    _save_tiny_bert(folder)
+    return folder
+
+
+def _config(tmp: Path, name: str, corpus: Path, model: Path) -> tuple[Path, Path]:
+    out = tmp / name / "out"
+    config = {
+        "sources": [{"path": str(corpus), "id_column": "id"}],
+        "encoders": [{"output": "text", "column": "text", "model": str(model),
+                      "resources": {"cpus": 0.5, "pool": [1, 2], "threads": 1, "batch_rows": 100,
+                                    "resources": {"encode_slot": 1}}}],
+        "resources": {"prepare": {"cpus": 0.25, "resources": {"io_slot": 1}},
+                      "write": {"cpus": 0.25, "resources": {"io_slot": 1}}},
+        "output": {"path": str(out), "rows_per_file": 100},
+    }
+    path = tmp / name / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path, out
+
+
+def _submit(client, config: Path) -> str:
+    deadline = time.time() + 60
+    while True:
+        try:
+            return client.submit_job(
+                # This machine's `python` is not the venv's; on a cluster it is the nodes' own.
+                entrypoint=f"{sys.executable} -m jobs.embed --config {config}",
+                runtime_env={"working_dir": str(ROOT),
+                             "excludes": [".git", ".venv", "**/__pycache__", "examples/out", "*.egg-info", "benchmarks"],
+                             "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+        except RuntimeError as exc:  # the head's job agent registers a few seconds after start
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _wait(client, job: str, timeout: float = 240) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = str(client.get_job_status(job).value)
+        if status in TERMINAL:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still running after {timeout}s:\n{client.get_job_logs(job)[-3000:]}")
+
+
+def _manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "_manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _wait_for_parts(client, job: str, out: Path, parts: int) -> dict:
+    """Block until the running job has committed ``parts`` part files (and is not done)."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        manifest = _manifest(out)
+        if manifest and len(manifest["files"]) >= parts:
+            assert manifest["status"] == "running", "the job finished before the failure could be injected"
+            return manifest
+        assert str(client.get_job_status(job).value) not in TERMINAL, client.get_job_logs(job)[-3000:]
+        time.sleep(0.05)
+    raise AssertionError("no part committed in time")
+
+
+def _read(out: Path, texts: dict[str, str]) -> dict[str, np.ndarray]:
+    """The output against the contract; returns id -> vector."""
+    manifest = _manifest(out)
+    assert manifest["status"] == "complete", manifest["status"]
+    assert manifest["rows"] == manifest["input_rows"] == len(texts)
+    listed = sorted(f["name"] for f in manifest["files"])
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != "_manifest.json")
+    assert on_disk == listed, "a part file the manifest does not list (partial or duplicate)"
+    assert not (out.parent / ".out.omniembed-staging").exists()
+    table = pq.read_table([str(out / n) for n in listed])
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(texts) and set(ids) == set(texts), "every id exactly once"
+    assert table.column("text_error").null_count == table.num_rows
+    vectors = table.column("text_embedding").to_pylist()
+    assert all(v is not None and len(v) == DIM for v in vectors)
+    meta = json.loads(table.schema.metadata[b"omniembed"])
+    assert meta["encoders"]["text"]["dim"] == DIM
+    return {i: np.asarray(v, dtype=np.float32) for i, v in zip(ids, vectors)}
+
+
+def _assert_same(got: dict[str, np.ndarray], clean: dict[str, np.ndarray]) -> None:
+    assert got.keys() == clean.keys()
+    worst = max(float(np.abs(got[i] - clean[i]).max()) for i in clean)
+    assert worst <= 1e-5, worst
+
+
+def _encoder_nodes(cluster) -> set[str]:
+    """Nodes with an alive encoder actor, from the cluster's state API."""
+    from ray.util.state import list_actors
+
+    # An explicit address: "auto" may find another Ray on this machine.
+    return {a.node_id for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")],
+                                           limit=10_000, detail=True)
+            if "EncodeActor" in a.class_name and a.node_id}
+
+
+def _driver_pids(config: Path) -> list[int]:
+    """The job's entrypoint processes (python -m jobs.embed --config <config>)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"jobs.embed" in argv and str(config).encode() in argv and b"python" in argv[0]:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def clean_run(cluster, client, corpus, model, tmp_path_factory):
+    folder, texts = corpus
+    config, out = _config(tmp_path_factory.mktemp("clean"), "clean", folder, model)
+    job = _submit(client, config)
+    status = _wait(client, job)
+    logs = client.get_job_logs(job)
+    assert status == "SUCCEEDED", logs[-4000:]
+    return _read(out, texts), logs
+
+
+def test_job_output_meets_the_contract(clean_run, corpus, model):
+    vectors, logs = clean_run
+    _, texts = corpus
+    # A reference computed outside omniembed: AutoModel, one unpadded sequence at a time, mean pooling.
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, bert = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+    for i in sorted(texts)[::97]:
+        tokens = tokenizer(texts[i], truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            expected = bert(**tokens).last_hidden_state[0].mean(0).numpy()
+        np.testing.assert_allclose(vectors[i], expected, atol=1e-5)
+    assert "complete" in logs  # the final summary tells the outcome
+
+
+def test_stages_spread_over_the_nodes(cluster, clean_run):
+    """Encoder actors ran on the worker nodes only (encode_slot); the clean run's tasks and
+    actors together used more than one node."""
+    from ray.util.state import list_actors, list_tasks
+
+    workers = {w.node_id for w in cluster.workers}
+    placed = [a.node_id for a in list_actors(address=cluster.address, limit=10_000, detail=True)
+              if "EncodeActor" in a.class_name and a.node_id]
+    assert placed and set(placed) <= workers
+    tasks = {t.node_id for t in list_tasks(address=cluster.address, limit=10_000, detail=True)
+             if t.node_id and any(n in t.name for n in ("write_part", "prepare_batch", "read_chunk_rows"))}
+    assert len(tasks | set(placed)) >= 2
+
+
+def test_worker_loss(cluster, client, corpus, model, clean_run, tmp_path_factory):
+    folder, texts = corpus
+    config, out = _config(tmp_path_factory.mktemp("worker-loss"), "worker-loss", folder, model)
+    job = _submit(client, config)
+    _wait_for_parts(client, job, out, 2)
+    # The victim is a worker node that runs one of this job's encoder actors right now.
+    busy = _encoder_nodes(cluster)
+    index = next(i for i, w in enumerate(cluster.workers) if w.node_id in busy)
+    victim = cluster.workers[index]
+    os.kill(victim.all_processes["raylet"][0].process.pid, signal.SIGKILL)
+    assert _manifest(out)["status"] == "running"
+    status = _wait(client, job)
+    assert status == "SUCCEEDED", client.get_job_logs(job)[-4000:]
+    _assert_same(_read(out, texts), clean_run[0])
+    from ray.util.state import list_nodes
+
+    dead = {n.node_id for n in list_nodes(address=cluster.address, limit=100) if n.state == "DEAD"}
+    assert victim.node_id in dead  # the job really lost a node while running
+    # Put the node count back for the next case.
+    cluster.workers[index] = _add_worker(cluster)
+
+
+def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_path_factory):
+    folder, texts = corpus
+    config, out = _config(tmp_path_factory.mktemp("driver-loss"), "driver-loss", folder, model)
+    job = _submit(client, config)
+    _wait_for_parts(client, job, out, 3)
+    pids = _driver_pids(config)
+    assert pids, "driver process not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert _wait(client, job) == "FAILED"
+    killed = _manifest(out)
+    assert killed["status"] == "running" and killed["files"], "a killed run looks incomplete"
+    rerun = _submit(client, config)
+    assert _wait(client, rerun) == "SUCCEEDED", client.get_job_logs(rerun)[-4000:]
+    manifest = _manifest(out)
+    assert manifest["resumed_from"] and manifest["resumed_from"] >= len(killed["files"]), "the re-run resumed"
+    _assert_same(_read(out, texts), clean_run[0])
