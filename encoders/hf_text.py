@@ -22,7 +22,7 @@ from encoders.errors import error_value
 from encoders.pooling import POOLING_MODES, check_pooling, pool_tokens
 from encoders.probe import cached_probe
 from encoders.registry import FAMILIES
-from encoders.spec import EncoderSpec, Prepared
+from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
 
 LONG_TEXT_MODES = ("truncate", "chunk")
@@ -128,7 +128,7 @@ class HFTextFamily:
         from encoders.weights import weights_sha256
 
         folder = read_folder_settings(weights.path)
-        opts = _validate_options(options)
+        opts = validate_options(options, TEXT_OPTIONS, self.name)
         tokenizer = load_tokenizer(folder.model_dir, opts["trust_remote_code"])
         if opts["pooling"] is None:
             opts["pooling"] = folder.pooling or "mean"
@@ -164,20 +164,6 @@ class HFTextFamily:
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFTextEncoder":
         return HFTextEncoder(spec, device)
-
-
-def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(TEXT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for hf-text; valid options: {', '.join(TEXT_OPTIONS)}")
-    resolved: dict[str, Any] = {}
-    for name, (kind, default) in TEXT_OPTIONS.items():
-        value = options.get(name)
-        value = default if value is None else value
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise ValueError(f"option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-        resolved[name] = value
-    return resolved
 
 
 def _model_max_length(model_dir: str, tokenizer: Any) -> int:

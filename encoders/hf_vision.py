@@ -20,11 +20,10 @@ import pyarrow as pa
 import torch
 
 from encoders.device import autocast, resolve_precision
-from encoders.image_cnn import validate_options
 from encoders.images import (DEFAULT_MAX_PIXELS, ImagePreprocess, images_to_tensor, prepare_images,
                              preprocessing_from_processor, to_model_input)
 from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
-from encoders.spec import EncoderSpec, Prepared
+from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
 
 VISION_POOLING = ("cls", "mean", "patches")

@@ -25,7 +25,7 @@ from encoders.device import autocast, resolve_precision
 from encoders.images import DEFAULT_MAX_PIXELS, ImagePreprocess, images_to_tensor, prepare_images, to_model_input
 from encoders.probe import cached_probe
 from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
-from encoders.spec import EncoderSpec, Prepared
+from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
 
 # Option name -> (type, default). None defaults come from the folder's config.json.
@@ -48,22 +48,6 @@ def read_folder_config(path: str) -> dict[str, Any]:
         return json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
         return {}
-
-
-def validate_options(options: Mapping[str, Any], table: Mapping[str, tuple[Any, Any]], family: str) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(table))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for {family}; valid options: {', '.join(table)}")
-    resolved: dict[str, Any] = {}
-    for name, (kind, default) in table.items():
-        value = options.get(name)
-        value = default if value is None else value
-        if isinstance(value, Mapping):
-            value = dict(value)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise ValueError(f"option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-        resolved[name] = value
-    return resolved
 
 
 class ImageCNNFamily:

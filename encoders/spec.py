@@ -74,3 +74,21 @@ class EncoderFamily(Protocol):
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared: ...
 
     def load(self, spec: EncoderSpec, device: Any) -> Encoder: ...
+
+
+def validate_options(options: Mapping[str, Any], table: Mapping[str, tuple[Any, Any]], family: str) -> dict[str, Any]:
+    """A family's options checked against its table of name -> (type, default): unknown names
+    and wrong types raise ValueError naming the option; null means the default."""
+    unknown = sorted(set(options) - set(table))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for {family}; valid options: {', '.join(table)}")
+    resolved: dict[str, Any] = {}
+    for name, (kind, default) in table.items():
+        value = options.get(name)
+        value = default if value is None else value
+        if isinstance(value, Mapping):
+            value = dict(value)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise ValueError(f"option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        resolved[name] = value
+    return resolved
