@@ -228,8 +228,8 @@ def _token_chunks(tokenizer: Any, texts: list[str], options: Mapping[str, Any]) 
     """Truncate: the prompt and text as sentence-transformers tokenizes them. Chunk: text that
     fits is tokenized the same way; longer text becomes overlapping windows of its content
     tokens, each wrapped as prompt + window in the tokenizer's own special tokens."""
-    max_length, prefix = options["max_length"], options["prefix"]
-    prompt = options["prefix"].lower() if options["lowercase"] else prefix
+    max_length, prompt = options["max_length"], options["prefix"]
+    prompt = prompt.lower() if options["lowercase"] else prompt
     whole = tokenizer([prompt + t for t in texts], truncation="longest_first", max_length=max_length)["input_ids"]
     if options["long_text"] == "truncate":
         return [[row] for row in whole]

@@ -103,31 +103,31 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _text_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.config import ConfigError
-
-    if not args.text_column and args.kind != "text":
-        raise ConfigError("--text-column is required (the column holding the text)")
-    if not args.text_model:
-        raise ConfigError("--text-model is required (a registry alias, hub id or local folder)")
-    column = args.text_column or "text"
-    encoder: dict[str, Any] = {"output": args.output_name or column, "column": column, "model": args.text_model}
-    for key in ("pooling", "normalize", "prefix", "long_text", "max_length"):
-        if getattr(args, key) is not None:
-            encoder[key] = getattr(args, key)
-    return encoder
+    options = {key: getattr(args, key) for key in ("pooling", "normalize", "prefix", "long_text", "max_length")}
+    return _modality_encoder(args, "text", args.text_column, args.text_model, args.output_name,
+                             "the column holding the text", "a registry alias, hub id or local folder", options)
 
 
 def _image_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    return _modality_encoder(args, "image", args.image_column, args.image_model, args.image_output_name,
+                             "the column holding image paths, URIs or bytes",
+                             "a registry alias such as efficientnet-lite0, or a local folder",
+                             {"max_pixels": args.max_pixels})
+
+
+def _modality_encoder(args: argparse.Namespace, modality: str, column: str | None, model: str | None,
+                      output_name: str | None, column_hint: str, model_hint: str,
+                      options: dict[str, Any]) -> dict[str, Any]:
+    """One encoder entry from a modality's flags; a folder of that kind names its own column."""
     from pipeline.config import ConfigError
 
-    if not args.image_column and args.kind != "image":
-        raise ConfigError("--image-column is required (the column holding image paths, URIs or bytes)")
-    if not args.image_model:
-        raise ConfigError("--image-model is required (a registry alias such as efficientnet-lite0, or a local folder)")
-    column = args.image_column or "image"
-    encoder: dict[str, Any] = {"output": args.image_output_name or column, "column": column, "model": args.image_model}
-    if args.max_pixels is not None:
-        encoder["max_pixels"] = args.max_pixels
+    if not column and args.kind != modality:
+        raise ConfigError(f"--{modality}-column is required ({column_hint})")
+    if not model:
+        raise ConfigError(f"--{modality}-model is required ({model_hint})")
+    column = column or modality
+    encoder: dict[str, Any] = {"output": output_name or column, "column": column, "model": model}
+    encoder.update({key: value for key, value in options.items() if value is not None})
     return encoder
 
 
