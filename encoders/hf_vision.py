@@ -126,7 +126,7 @@ class HFVisionEncoder:
             if self.options["pooling"] == "patches":
                 patches[valid] = torch.cat(grids).reshape(int(valid.sum()), -1).numpy()
         if self.options["pooling"] == "patches":
-            return out, valid, patches
+            return out, valid, {"patches": patches}
         return out, valid
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -60,8 +60,11 @@ class Encoder(Protocol):
     device: str
     precision: str
 
-    def __call__(self, modality: str, values: pa.Array, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """Prepared values -> ((n, dim) float32 vectors, (n,) bool valid mask)."""
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int) -> tuple[Any, ...]:
+        """Prepared values -> ((n, dim) float32 vectors, (n,) bool valid mask), optionally with a
+        third item, a dict of extra per-row outputs: ``"patches"`` ((n, N*D) float32, pooling
+        ``patches``) or ``"windows"`` ((n,) int, audio: windows pooled per clip). The pipeline
+        writes them to ``<output>_patches`` / ``<output>_windows`` (pipeline/columns.py)."""
 
 
 class EncoderFamily(Protocol):

@@ -25,6 +25,31 @@ def patches_column(spec: EncoderSpec, modality: str) -> str | None:
     return f"{_base(spec, modality)}_patches" if spec.options.get("pooling") == "patches" else None
 
 
+def windows_column(spec: EncoderSpec, modality: str) -> str | None:
+    """``<output>_windows`` for audio: how many windows were pooled into each clip's vector."""
+    return f"{_base(spec, modality)}_windows" if modality == "audio" else None
+
+
+def extra_columns(spec: EncoderSpec, modality: str, dtype: str = "float32") -> list[tuple[str, str, pa.DataType]]:
+    """The columns an encoder adds beside ``_embedding``/``_error``: (key in the encoder's extras
+    dict, column name, Arrow type). Encoders return ``(vectors, valid, {key: array})``."""
+    extras = []
+    patches = patches_column(spec, modality)
+    if patches:  # (n, N*D): the patch grid, row-major; the grid shape is in the metadata
+        extras.append(("patches", patches, vector_type(0, "list", dtype)))
+    windows = windows_column(spec, modality)
+    if windows:  # (n,) int: null where the clip had no vector
+        extras.append(("windows", windows, pa.int32()))
+    return extras
+
+
+def extra_to_arrow(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """An encoder's extra output -> Arrow, null where the row has no vector."""
+    if values.ndim == 2:
+        return vectors_to_arrow(values, valid)
+    return pa.array(np.asarray(values, dtype=np.int32), mask=~valid)
+
+
 def prepared_column(spec: EncoderSpec, modality: str) -> str:
     """Internal: what prepare hands to encode; dropped by the encode stage."""
     return f"__omniembed_{_base(spec, modality)}_prepared"

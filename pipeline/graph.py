@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from encoders.spec import EncoderSpec
 from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_encode_stage, resolve_task_stage, wants_gpu
-from pipeline.columns import embedding_column, error_column, patches_column, vector_type
+from pipeline.columns import embedding_column, error_column, extra_columns, vector_type
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.plan import plan_encoders
 from pipeline.sink import FORMAT_VERSION, ParquetSink, fingerprint, output_schema, write_part
@@ -182,9 +182,8 @@ def _output_schema(config: Config, plans: list[EncoderPlan], sources: SourcePlan
         for modality in p.spec.columns:
             vectors.append((embedding_column(p.spec, modality), vtype, error_column(p.spec, modality)))
     schema = output_schema(sources.schema, keep, vectors, {"version": FORMAT_VERSION, "encoders": dict(meta)})
-    for p in plans:  # patch grids (pooling: patches) come last; their shape is in the metadata
+    for p in plans:  # patch grids and audio window counts come last
         for modality in p.spec.columns:
-            patches = patches_column(p.spec, modality)
-            if patches:
-                schema = schema.append(pa.field(patches, vector_type(0, "list", config.output.dtype)))
+            for _, column, arrow_type in extra_columns(p.spec, modality, config.output.dtype):
+                schema = schema.append(pa.field(column, arrow_type))
     return schema

@@ -12,7 +12,7 @@ from encoders import FAMILIES
 from encoders.node_weights import weights_on_this_node
 from encoders.spec import EncoderSpec
 from encoders.weights import ResolvedWeights
-from pipeline.columns import embedding_column, error_column, patches_column, prepared_column, vectors_to_arrow
+from pipeline.columns import embedding_column, error_column, extra_columns, extra_to_arrow, prepared_column, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         for modality in self.spec.columns:
             name = prepared_column(self.spec, modality)
-            vectors, valid, *patches = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
+            vectors, valid, *rest = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
             batch = batch.drop_columns([name]).append_column(embedding_column(self.spec, modality),
                                                              vectors_to_arrow(vectors, valid))
-            if patches:  # pooling: patches -> the (N*D) patch grid per row, in its own column
-                batch = batch.append_column(patches_column(self.spec, modality), vectors_to_arrow(patches[0], valid))
+            extras = rest[0] if rest else {}
+            for key, column, _ in extra_columns(self.spec, modality):  # patch grids, window counts
+                batch = batch.append_column(column, extra_to_arrow(extras[key], valid))
         return batch

@@ -93,17 +93,17 @@ def test_vision_fidelity(vision_folders, jpegs, kind, pooling):
     family = FAMILIES.get("hf-vision")
     prepared = family.prepare(spec, "image", pa.array(jpegs + [None, b"junk"]))
     assert prepared.errors[-1].startswith("decode_failed") and prepared.errors[-2] is None
-    vectors, valid, *patches = family.load(spec, torch.device("cpu"))("image", prepared.values)
+    vectors, valid, *extras = family.load(spec, torch.device("cpu"))("image", prepared.values)
     assert valid.tolist() == [True] * len(jpegs) + [False, False]
     hidden = direct_hidden(vision_folders[kind], spec, prepared.values)  # (n, 1 + 16, 32)
     assert hidden.shape[1] == 17
     reference = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(1)
     assert cosine(vectors[valid], reference.numpy()).min() >= 0.9999
     if pooling == "patches":
-        grid = patches[0][valid].reshape(len(jpegs), 16, 32)
+        grid = extras[0]["patches"][valid].reshape(len(jpegs), 16, 32)
         assert cosine(grid.reshape(-1, 32), hidden[:, 1:].reshape(-1, 32).numpy()).min() >= 0.9999
     else:
-        assert not patches
+        assert not extras
 
 
 def test_processor_config_is_the_preprocessing(vision_folders):
