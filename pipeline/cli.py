@@ -17,7 +17,7 @@ EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE = 0, 2, 3
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omniembed",
-        description="Embed text (and, as they land, images and audio) with Ray Data into aligned Parquet vectors.",
+        description="Embed text, images and audio with Ray Data into aligned Parquet vectors.",
         epilog="Exit codes: 0 done; 2 usage or config error; 3 done, but the error rate went past --max-error-rate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,embed}")
 
@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
     embed.add_argument("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
     embed.add_argument("--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell")
-    embed.add_argument("--kind", choices=("table", "text", "image"), default=None,
-                       help="'text' for a folder of .txt files, 'image' for a folder of images (id = relative path); default: table")
+    embed.add_argument("--kind", choices=("table", "text", "image", "audio"), default=None,
+                       help="'text', 'image' or 'audio' for a folder of such files (id = relative path); default: table")
     embed.add_argument("--text-column", help="column with the text to embed ('text' for a folder of .txt files)")
     embed.add_argument("--text-model", help="model reference: registry alias, hub id or local folder")
     embed.add_argument("--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)")
@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--image-model", help="image model: registry alias (e.g. efficientnet-lite0) or local folder")
     embed.add_argument("--image-output-name", help="output name of the image encoder (default: the image column's name)")
     embed.add_argument("--max-pixels", type=int, help="images with more pixels are too_large errors (default 100000000)")
+    embed.add_argument("--audio-column", help="column with audio paths/URIs or bytes ('audio' for a folder of audio files)")
+    embed.add_argument("--audio-model", help="audio model: registry alias (e.g. resemblyzer) or local folder (AST, wav2vec2, HuBERT, CLAP)")
+    embed.add_argument("--audio-output-name", help="output name of the audio encoder (default: the audio column's name)")
+    embed.add_argument("--hop-seconds", type=float, help="audio: seconds between window starts (default: the window length)")
+    embed.add_argument("--max-windows", type=int, help="audio: windows per clip at most; the rest of a long clip is not read")
     embed.add_argument("--pooling", choices=("mean", "cls", "max", "last"), help="override the model folder's pooling")
     embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                        help="L2-normalize vectors (default: as the model folder declares)")
@@ -71,13 +76,16 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
     wants_text = bool(args.text_column or args.text_model or args.kind == "text")
     wants_image = bool(args.image_column or args.image_model or args.kind == "image")
-    if not wants_text and not wants_image:
-        raise ConfigError("--text-column/--text-model or --image-column/--image-model is required")
+    wants_audio = bool(args.audio_column or args.audio_model or args.kind == "audio")
+    if not (wants_text or wants_image or wants_audio):
+        raise ConfigError("--text-column/--text-model, --image-column/--image-model or --audio-column/--audio-model is required")
     encoders: list[dict[str, Any]] = []
     if wants_text:
         encoders.append(_text_encoder(args))
     if wants_image:
         encoders.append(_image_encoder(args))
+    if wants_audio:
+        encoders.append(_audio_encoder(args))
     source: dict[str, Any] = {"path": args.input}
     if args.kind and args.kind != "table":
         source["kind"] = args.kind
@@ -113,6 +121,13 @@ def _image_encoder(args: argparse.Namespace) -> dict[str, Any]:
                              "the column holding image paths, URIs or bytes",
                              "a registry alias such as efficientnet-lite0, or a local folder",
                              {"max_pixels": args.max_pixels})
+
+
+def _audio_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    return _modality_encoder(args, "audio", args.audio_column, args.audio_model, args.audio_output_name,
+                             "the column holding audio paths, URIs or bytes",
+                             "a registry alias such as resemblyzer, or a local folder",
+                             {"hop_seconds": args.hop_seconds, "max_windows": args.max_windows})
 
 
 def _modality_encoder(args: argparse.Namespace, modality: str, column: str | None, model: str | None,

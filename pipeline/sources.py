@@ -32,8 +32,9 @@ FOLDER_KINDS = {
     "text": ((".txt", ".md", ".text"), "text"),
     # The path or URI, not the bytes: the id pre-pass stays cheap, and prepare reads each file.
     "image": ((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"), "image"),
+    "audio": ((".wav", ".flac", ".ogg", ".mp3"), "audio"),
 }
-REFERENCE_KINDS = ("image",)  # folder kinds whose column holds a path/URI instead of the content
+REFERENCE_KINDS = ("image", "audio")  # folder kinds whose column holds a path/URI instead of the content
 ROWS_PER_PARQUET_CHUNK = 65_536
 FILES_PER_CHUNK = 256
 
