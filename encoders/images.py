@@ -17,7 +17,6 @@ Normalization and the float conversion happen on the encoder's device (see ``to_
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from encoders.errors import error_value
+from encoders.files import RowError as ImageError, read_bytes as _read  # shared with audio
 from encoders.spec import Prepared
 
 IMAGE_TYPE = pa.binary()  # per row: uint8 CHW bytes, shape (3, crop, crop) from the spec
@@ -116,14 +116,6 @@ def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
-class ImageError(Exception):
-    """A bad row: carries the error code for ``error_value``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def prepare_images(values: pa.Array, prep: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
     """Paths/URIs (str) or encoded bytes -> per row uint8 CHW bytes (null when absent or bad)
     and error values."""
@@ -139,45 +131,6 @@ def prepare_images(values: pa.Array, prep: ImagePreprocess, max_pixels: int = DE
         except ImageError as exc:
             errors[i] = error_value(exc.code, str(exc))
     return Prepared(pa.array(out, type=IMAGE_TYPE), errors)
-
-
-def _read(value: Any) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        if len(value) == 0:
-            raise ImageError("decode_failed", "zero bytes")
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ImageError("bad_type", f"expected a path, URI or bytes, got {type(value).__name__}")
-    if not value.strip():
-        raise ImageError("missing_file", "empty path")
-    if "://" not in value or value.startswith("file://"):
-        path = value[len("file://"):] if value.startswith("file://") else value
-        path = os.path.expanduser(path)
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ImageError("missing_file", f"{value!r} does not exist") from None
-        except PermissionError:
-            raise ImageError("missing_file", f"{value!r} cannot be read (permission denied)") from None
-    else:
-        import pyarrow.fs as pafs
-
-        try:
-            try:
-                fs, inner = pafs.FileSystem.from_uri(value)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-                import fsspec  # memory://, http(s)://, ... (ray[data] brings fsspec)
-
-                fsspec_fs, inner = fsspec.core.url_to_fs(value)
-                fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
-            with fs.open_input_stream(inner) as stream:
-                data = stream.read()
-        except FileNotFoundError:
-            raise ImageError("missing_file", f"{value!r} does not exist") from None
-    if not data:
-        raise ImageError("decode_failed", f"{value!r} has zero bytes")
-    return data
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""Reading a row's input file: a local path, ``file://``, any pyarrow/fsspec URI, or raw bytes.
+
+Shared by the image and audio prepare stages. Failures raise ``RowError`` carrying a closed
+error code (encoders/errors.py), which the prepare stage turns into the row's error value.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import Any, BinaryIO, Iterator
+
+import pyarrow as pa
+
+
+class RowError(Exception):
+    """A bad row: carries the error code for ``error_value``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def read_bytes(value: Any) -> bytes:
+    """The whole content of a path/URI, or the bytes themselves (non-empty)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            raise RowError("decode_failed", "zero bytes")
+        return bytes(value)
+    with open_input(value) as handle:
+        data = handle.read()
+    if not data:
+        raise RowError("decode_failed", f"{value!r} has zero bytes")
+    return data
+
+
+@contextlib.contextmanager
+def open_input(value: Any) -> Iterator[BinaryIO]:
+    """A seekable binary file for a path/URI or bytes, so a decoder can read only what it needs
+    (a one-hour audio file is never read whole). Missing files raise ``missing_file``."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            raise RowError("decode_failed", "zero bytes")
+        yield io.BytesIO(value)
+        return
+    if not isinstance(value, str):
+        raise RowError("bad_type", f"expected a path, URI or bytes, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError("missing_file", "empty path")
+    if "://" not in value or value.startswith("file://"):
+        path = os.path.expanduser(value[len("file://"):] if value.startswith("file://") else value)
+        try:
+            handle: BinaryIO = open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise RowError("missing_file", f"{value!r} does not exist") from None
+        except PermissionError:
+            raise RowError("missing_file", f"{value!r} cannot be read (permission denied)") from None
+    else:
+        handle = _open_uri(value)
+    with handle:
+        yield handle
+
+
+def _open_uri(value: str) -> BinaryIO:
+    import pyarrow.fs as pafs
+
+    try:
+        try:
+            fs, inner = pafs.FileSystem.from_uri(value)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            import fsspec  # memory://, http(s)://, ... (ray[data] brings fsspec)
+
+            fsspec_fs, inner = fsspec.core.url_to_fs(value)
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+        return fs.open_input_file(inner)  # random access: readers seek instead of reading all
+    except FileNotFoundError:
+        raise RowError("missing_file", f"{value!r} does not exist") from None
