@@ -2,6 +2,7 @@
 from encoders import hf_text as _hf_text  # noqa: F401  (registers the hf-text family)
 from encoders import image_cnn as _image_cnn  # noqa: F401  (registers the image-cnn family)
 from encoders import hf_vision as _hf_vision  # noqa: F401  (registers hf-vision and hf-clip)
+from encoders import hf_audio as _hf_audio  # noqa: F401  (registers hf-audio and hf-clap)
 from encoders.registry import FAMILIES, MODELS, ModelAlias, register_model
 from encoders.weights import ResolvedWeights, WeightsNotFoundError, resolve_weights
 
