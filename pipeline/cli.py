@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's output instead of resuming it")
     parser.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-vv: also Ray Data's per-operator time at the end)")
 
 
 def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.verbose >= 2:
+        logging.getLogger("pipeline").setLevel(logging.DEBUG)
     return execute(args)
 
 

@@ -214,6 +214,11 @@ def _read_folder_chunk(fs: pafs.FileSystem, chunk: ReadChunk, columns: list[str]
     return pa.table({"id": ids, column: pa.array(contents, pa.binary())})
 
 
+def needs_reading(chunk: ReadChunk) -> bool:
+    """Whether the id pre-pass must open the chunk's file (a folder's ids are its listing)."""
+    return chunk.format != "folder"
+
+
 def prepass(chunks: list[ReadChunk], committed_ids: pa.Array | None, on_duplicate_id: str,
             run_tasks: Callable[[Callable[[ReadChunk], Any], list[ReadChunk]], list[Any]]) -> SourcePlan:
     """Read the ids (and schemas) of every chunk: count rows, find duplicates, skip committed
@@ -251,7 +256,12 @@ def prepass(chunks: list[ReadChunk], committed_ids: pa.Array | None, on_duplicat
 
 
 def _ids_and_schema(chunk: ReadChunk) -> tuple[pa.Array, pa.Schema]:
-    """Only the ids are read; the schema comes from metadata (Parquet) or the parsed file."""
+    """Only the ids are read; the schema comes from metadata (Parquet), the folder kind, or
+    the parsed file."""
+    if chunk.format == "folder":  # ids are the listing: nothing to open
+        _, column = FOLDER_KINDS[chunk.kind]
+        content = pa.string() if chunk.kind in REFERENCE_KINDS else pa.binary()
+        return read_chunk(chunk, columns=[]).column("id").combine_chunks(), pa.schema([("id", pa.string()), (column, content)])
     if chunk.format == "parquet":
         fs, _ = open_filesystem(chunk.root)
         with fs.open_input_file(chunk.path) as handle:
