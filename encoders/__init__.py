@@ -3,6 +3,7 @@ from encoders import hf_text as _hf_text  # noqa: F401  (registers the hf-text f
 from encoders import image_cnn as _image_cnn  # noqa: F401  (registers the image-cnn family)
 from encoders import hf_vision as _hf_vision  # noqa: F401  (registers hf-vision and hf-clip)
 from encoders import hf_audio as _hf_audio  # noqa: F401  (registers hf-audio and hf-clap)
+from encoders import speaker as _speaker  # noqa: F401  (registers the audio-speaker family)
 from encoders.registry import FAMILIES, MODELS, ModelAlias, register_model
 from encoders.weights import ResolvedWeights, WeightsNotFoundError, resolve_weights
 
@@ -25,6 +26,23 @@ register_model(ModelAlias(
         "architecture": "efficientnet-lite0",
         "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bicubic",
                           "mean": [127 / 255] * 3, "std": [128 / 255] * 3},
+    },
+))
+# resemblyzer's GE2E speaker encoder (256-d), weights from the PyPI package (installed with
+# --no-deps: its declared dependencies do not install). Its own conventions, from resemblyzer's
+# hparams.py and VoiceEncoder.embed_utterance: 16 kHz, 1.6 s partials every 0.77 s (rate 1.3),
+# the last kept when >= 75% audio; power mels (25 ms / 10 ms, 40 Slaney mels) after -30 dBFS.
+register_model(ModelAlias(
+    name="resemblyzer",
+    family="audio-speaker",
+    hub_id="resemblyzer",
+    dim=256,
+    bundled="resemblyzer/pretrained.pt",
+    defaults={
+        "preprocessing": {"sample_rate": 16000, "window_seconds": 1.6, "min_seconds": 0.5, "min_coverage": 0.75},
+        "hop_seconds": 0.77,
+        "max_windows": 64,
+        "features": {"n_fft": 400, "hop_length": 160, "n_mels": 40, "target_dbfs": -30.0},
     },
 ))
 

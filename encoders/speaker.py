@@ -1,0 +1,180 @@
+"""audio-speaker: the GE2E speaker encoder of resemblyzer (256-d voice vectors), reimplemented in
+torch so that its real weights (``resemblyzer/pretrained.pt``) load without importing the package
+(its declared dependencies do not install here). Weights load with ``torch.load(weights_only=True)``.
+
+The network (resemblyzer 0.1.4, ``VoiceEncoder``): volume normalization to -30 dBFS (gain only up,
+over the whole clip), a power mel spectrogram (not log: 16 kHz, n_fft 400 = 25 ms Hann, hop 160,
+40 Slaney mels, centred frames with zero padding as librosa >= 0.10 pads), a 3-layer LSTM(40 -> 256),
+Linear(256 -> 256), ReLU and L2 normalization of the last hidden state of each 1.6 s partial.
+
+Windows are resemblyzer's partials. ``embed_utterance(wav, rate=1.3, min_coverage=0.75)`` cuts
+160-frame (1.6 s) partials every round(16000 / 1.3 / 160) = 77 frames (0.77 s), zero-pads the last,
+drops it when under 75% audio, computes the mel once over the whole utterance and averages the
+L2-normalized partial vectors, then L2-normalizes the mean. Here the declared window plan is the
+same (window 1.6 s, hop 0.77 s, min_coverage 0.75; encoders/audio.py): each window's mel is
+computed with the 200 / 40 samples of context a whole-clip centred STFT gives its edge frames, so
+a clip under ``max_windows`` (64 partials, 50 s) gets exactly ``embed_utterance``'s vector, and a
+longer one the vector of its first 50 s. ``<output>_windows`` counts the partials averaged.
+
+Differences from resemblyzer's ``preprocess_wav``, on purpose:
+- its webrtcvad silence trimming does not run (webrtcvad does not install here); resampling is
+  torchaudio's, not librosa's (prepare stage, encoders/audio.py);
+- digital silence (RMS 0) gets no gain (resemblyzer would multiply 0 by infinity and return
+  NaN): it gets the network's vector for an all-zero spectrogram, a finite constant vector.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from encoders.audio import AUDIO_OPTIONS, AudioPreprocess, audio_batch, pool_windows, prepare_audio, validate_window_pooling
+from encoders.device import autocast, resolve_precision
+from encoders.probe import cached_probe
+from encoders.registry import FAMILIES
+from encoders.spec import EncoderSpec, Prepared, validate_options
+from encoders.weights import ResolvedWeights
+
+INT16_MAX = 2 ** 15 - 1
+FEATURE_KEYS = ("n_fft", "hop_length", "n_mels", "target_dbfs")
+
+# Option name -> (type, default): the shared audio options, then this family's own.
+SPEAKER_OPTIONS: dict[str, tuple[Any, Any]] = {
+    **AUDIO_OPTIONS,
+    "features": (dict, None),  # declared front end: n_fft, hop_length, n_mels, target_dbfs
+    "normalize": (bool, True),  # L2-normalize the pooled vector (resemblyzer does)
+    "precision": (str, "fp32"),  # an LSTM over 160 steps: fp32 unless asked
+    "micro_batch": (int, 256),  # windows per forward
+}
+
+
+def _features(options: Mapping[str, Any]) -> dict[str, Any]:
+    raw = options.get("features")
+    if not isinstance(raw, Mapping):
+        raise ValueError("option features: the model declares no front end (n_fft, hop_length, n_mels, target_dbfs)")
+    missing = [k for k in FEATURE_KEYS if k not in raw]
+    unknown = sorted(set(raw) - set(FEATURE_KEYS))
+    if missing or unknown:
+        raise ValueError(f"option features: {'missing ' + repr(missing[0]) if missing else 'unknown key ' + repr(unknown[0])}; "
+                         f"valid keys: {', '.join(FEATURE_KEYS)}")
+    features = {"n_fft": int(raw["n_fft"]), "hop_length": int(raw["hop_length"]), "n_mels": int(raw["n_mels"]),
+                "target_dbfs": float(raw["target_dbfs"])}
+    if features["hop_length"] < 1 or features["n_fft"] < features["hop_length"]:
+        raise ValueError("option features: need 1 <= hop_length <= n_fft")
+    return features
+
+
+class SpeakerFamily:
+    name = "audio-speaker"
+    modalities = ("audio",)
+
+    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
+                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+        from encoders.weights import weights_sha256
+
+        opts = validate_options(options, SPEAKER_OPTIONS, self.name)
+        opts["preprocessing"] = AudioPreprocess.from_options(opts).as_dict()
+        opts["features"] = _features(opts)
+        validate_window_pooling(opts["window_pooling"])
+        resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
+        if opts["micro_batch"] < 1:
+            raise ValueError("option micro_batch: must be >= 1")
+        sha = weights_sha256(weights.path)
+        spec = EncoderSpec(output, self.name, dict(columns), weights, dim or 0, sha, opts)
+        if dim is None:
+            key = {"family": self.name, "sha": sha, "model": weights.reference}
+            dim = cached_probe(key, lambda: self.load(spec, torch.device("cpu")).dim)
+        return EncoderSpec(output, self.name, dict(columns), weights, dim, sha, opts)
+
+    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
+        return prepare_audio(values, AudioPreprocess.from_options(spec.options))
+
+    def load(self, spec: EncoderSpec, device: torch.device) -> "SpeakerEncoder":
+        return SpeakerEncoder(spec, device)
+
+
+class SpeakerNet(torch.nn.Module):
+    """resemblyzer's VoiceEncoder network: (b, frames, n_mels) power mels -> (b, 256) unit vectors."""
+
+    def __init__(self, n_mels: int = 40, hidden: int = 256, embedding: int = 256, layers: int = 3) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(n_mels, hidden, layers, batch_first=True)
+        self.linear = torch.nn.Linear(hidden, embedding)
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        _, (hidden, _) = self.lstm(mels)  # hidden: (layers, b, hidden)
+        embeds = torch.relu(self.linear(hidden[-1]))  # (b, embedding)
+        return embeds / torch.norm(embeds, dim=1, keepdim=True)
+
+
+def load_speaker_net(path: str) -> SpeakerNet:
+    """A resemblyzer checkpoint (``{"model_state": ...}``, or a bare state dict) -> SpeakerNet.
+    The GE2E loss's similarity_weight/bias are training-only and skipped."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model_state", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or "linear.weight" not in state:
+        raise ValueError(f"{path!r} is not a resemblyzer speaker-encoder checkpoint (no model_state with lstm/linear weights)")
+    state = {k: v for k, v in state.items() if k.startswith(("lstm.", "linear."))}
+    layers = 1 + max(int(k.rsplit("_l", 1)[1]) for k in state if k.startswith("lstm.weight_ih_l"))
+    hidden = state["lstm.weight_hh_l0"].shape[1]
+    net = SpeakerNet(state["lstm.weight_ih_l0"].shape[1], hidden, state["linear.weight"].shape[0], layers)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+class SpeakerEncoder:
+    """The model half of audio-speaker: runs in the encoder actor."""
+
+    def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
+        import torchaudio
+
+        self.options = spec.options
+        self.prep = AudioPreprocess.from_options(spec.options)
+        self.features = _features(spec.options)
+        self.device = device
+        self.precision = resolve_precision(device, spec.options["precision"])
+        self.net = load_speaker_net(spec.weights.path).to(device)
+        n_fft, hop = self.features["n_fft"], self.features["hop_length"]
+        # center=False on windows that carry their own context (see ``_window_mels``) computes
+        # the frames a centred STFT over the whole clip would.
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=self.prep.sample_rate, n_fft=n_fft, hop_length=hop, n_mels=self.features["n_mels"],
+            power=2.0, center=False, mel_scale="slaney", norm="slaney").to(device)
+        self.context = (n_fft // 2, n_fft // 2 - hop)
+        self.dim = int(self.net.linear.out_features)
+        if spec.dim and spec.dim != self.dim:
+            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+        batch = audio_batch(values, self.prep, self.device)
+        batch.flat = batch.flat * self._gains(batch)[batch.sample_rows()]
+        step = self.options["micro_batch"]
+        with torch.inference_mode():
+            parts = [self._embed(batch.windows(s, s + step, self.context)) for s in range(0, batch.n_windows, step)]
+            windows = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=self.device)
+            vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
+            if self.options["normalize"]:
+                vectors = torch.nn.functional.normalize(vectors, dim=1)
+        return vectors.cpu().numpy(), batch.valid, {"windows": batch.counts}
+
+    def _gains(self, batch: Any) -> torch.Tensor:
+        """(n,) per-clip gain to ``target_dbfs`` (resemblyzer's normalize_volume, increase only)."""
+        rows = batch.sample_rows()
+        n = len(batch.valid)
+        power = torch.zeros(n, device=self.device).index_add_(0, rows, (batch.flat * INT16_MAX) ** 2)
+        lengths = torch.from_numpy(batch.lengths()).to(self.device).clamp(min=1)
+        rms = torch.sqrt(power / lengths)
+        change = self.features["target_dbfs"] - 20 * torch.log10(rms / INT16_MAX)
+        # rms 0 (digital silence): log10 gives -inf, the change +inf; no gain instead of NaN.
+        return torch.where((rms > 0) & (change > 0), 10 ** (change / 20), torch.ones_like(rms))
+
+    def _embed(self, windows: torch.Tensor) -> torch.Tensor:
+        """(w, context + window samples) -> (w, d) unit vectors."""
+        mels = self.mel(windows).transpose(1, 2)  # (w, n_mels, frames) -> (w, frames, n_mels)
+        with autocast(self.device, self.precision):
+            return self.net(mels).float()
+
+
+FAMILIES.register(SpeakerFamily.name, SpeakerFamily())
