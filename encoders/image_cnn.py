@@ -1,4 +1,8 @@
-"""Image classification CNNs as encoders: the penultimate pooled features.
+"""Image classification CNNs (and torchvision ViTs) as encoders: the penultimate pooled features.
+
+torchvision ViTs (``vit_b_16``, ...) also take ``pooling``: ``cls`` (the default, what the
+classification head sees), ``mean`` of the patch tokens, or ``patches`` (the patch grid into
+``<output>_patches``, row-major, grid shape in the metadata as ``patch_grid``).
 
 Two weight forms, both loaded without executing pickled code:
 - a torchvision folder: ``config.json`` ``{"model_type": "torchvision", "architecture": "resnet18",
@@ -32,6 +36,8 @@ from encoders.weights import ResolvedWeights
 CNN_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "architecture": (str, None),
     "preprocessing": (dict, None),
+    "pooling": (str, None),  # torchvision ViTs only: cls | mean | patches
+    "model_kwargs": (dict, None),  # passed to torchvision.models.get_model (e.g. image_size)
     "normalize": (bool, False),
     "max_pixels": (int, DEFAULT_MAX_PIXELS),
     "precision": (str, "auto"),
@@ -67,6 +73,9 @@ class ImageCNNFamily:
         if opts["preprocessing"] is None:
             opts["preprocessing"] = folder.get("preprocessing")
         opts["preprocessing"] = ImagePreprocess.from_options(opts).as_dict()
+        if opts["model_kwargs"] is None:
+            opts["model_kwargs"] = dict(folder.get("model_kwargs") or {})
+        _check_pooling(opts)
         if opts["max_pixels"] < 1 or opts["micro_batch"] < 1:
             raise ValueError("max_pixels and micro_batch must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
@@ -85,8 +94,33 @@ class ImageCNNFamily:
         return ImageCNNEncoder(spec, device)
 
 
-def build_feature_model(architecture: str, weights_path: str) -> torch.nn.Module:
-    """The classification model with its final Linear replaced by Identity: (n, 3, h, w) -> (n, d)."""
+VIT_POOLING = ("cls", "mean", "patches")
+
+
+def _is_vit(architecture: str) -> bool:
+    return architecture.startswith("vit_")
+
+
+def _check_pooling(opts: dict[str, Any]) -> None:
+    """Pooling applies to torchvision ViTs (default cls), whose patch grid goes into the metadata."""
+    if not _is_vit(opts["architecture"]):
+        if opts["pooling"] is not None:
+            raise ValueError(f"option 'pooling' applies to torchvision ViT architectures, not {opts['architecture']!r} "
+                             "(a CNN gives its pooled penultimate features)")
+        return
+    opts["pooling"] = opts["pooling"] or "cls"
+    if opts["pooling"] not in VIT_POOLING:
+        raise ValueError(f"pooling {opts['pooling']!r} is not valid; valid modes: {', '.join(VIT_POOLING)}")
+    patch = int(opts["architecture"].rsplit("_", 1)[1])  # vit_b_16 -> 16 px patches
+    crop = int(opts["preprocessing"]["crop"])
+    if crop % patch:
+        raise ValueError(f"preprocessing.crop {crop} is not a multiple of the {patch}-px patches of {opts['architecture']}")
+    opts["patch_grid"] = [crop // patch, crop // patch]
+
+
+def build_feature_model(architecture: str, weights_path: str, model_kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The classification model with its final Linear replaced by Identity: (n, 3, h, w) -> (n, d);
+    a torchvision ViT instead gives its final hidden states, (n, 1 + patches, d)."""
     if architecture.startswith("efficientnet-lite"):
         return _efficientnet_lite(architecture, weights_path)
     import torchvision
@@ -95,7 +129,10 @@ def build_feature_model(architecture: str, weights_path: str) -> torch.nn.Module
     if architecture not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"architecture {architecture!r} is not a torchvision classification model")
     num_classes = int(read_folder_config(weights_path).get("num_classes", 1000))
-    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    try:
+        model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
+    except TypeError as exc:
+        raise ValueError(f"model_kwargs do not fit {architecture}: {exc}") from None
     files = sorted(Path(weights_path).glob("*.safetensors")) if Path(weights_path).is_dir() else [Path(weights_path)]
     if not files:
         raise ValueError(f"no .safetensors state dict in {Path(weights_path).name!r}")
@@ -106,7 +143,20 @@ def build_feature_model(architecture: str, weights_path: str) -> torch.nn.Module
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"the state dict does not fit {architecture}: {str(exc).splitlines()[1].strip()[:200]}") from None
-    return _drop_classifier(model)
+    return _ViTTokens(model) if _is_vit(architecture) else _drop_classifier(model)
+
+
+class _ViTTokens(torch.nn.Module):
+    """A torchvision VisionTransformer up to its final LayerNorm: all tokens, CLS first."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit._process_input(x)  # (n, 3, h, w) -> (n, patches, d)
+        cls = self.vit.class_token.expand(tokens.shape[0], -1, -1)
+        return self.vit.encoder(torch.cat([cls, tokens], dim=1))  # (n, 1 + patches, d)
 
 
 def _drop_classifier(model: torch.nn.Module) -> torch.nn.Module:
@@ -155,30 +205,44 @@ class ImageCNNEncoder:
         self.precision = resolve_precision(device, spec.options["precision"])
         # channels-last speeds up convolutions on GPUs (tensor cores); on CPU it is a wash.
         self.channels_last = bool(spec.options["channels_last"]) and device.type == "cuda"
-        model = build_feature_model(spec.options["architecture"], spec.weights.path).eval().to(device)
+        self.pooling = spec.options.get("pooling")  # None for CNNs
+        model = build_feature_model(spec.options["architecture"], spec.weights.path,
+                                    spec.options.get("model_kwargs")).eval().to(device)
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        grid = spec.options.get("patch_grid") or [0, 0]
+        self.patches = grid[0] * grid[1]
         probe = torch.zeros((1, 3, self.prep.crop, self.prep.crop), dtype=torch.uint8)
-        self.dim = int(self._forward(probe).shape[1])
+        self.dim = int(self._forward(probe)[0].shape[1])
         if spec.dim and spec.dim != self.dim:
             raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
 
-    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[Any, ...]:
         images, valid = images_to_tensor(values, self.prep.crop)
         out = np.zeros((len(valid), self.dim), dtype=np.float32)
         step = self.options["micro_batch"]
-        vectors = [self._forward(images[s:s + step]) for s in range(0, images.shape[0], step)]
-        if vectors:
-            out[valid] = torch.cat(vectors).numpy()
-        return out, valid
+        results = [self._forward(images[s:s + step]) for s in range(0, images.shape[0], step)]
+        if results:
+            out[valid] = torch.cat([pooled for pooled, _ in results]).numpy()
+        if self.pooling != "patches":
+            return out, valid
+        grids = np.zeros((len(valid), self.patches * self.dim), dtype=np.float32)
+        if results:
+            grids[valid] = torch.cat([grid for _, grid in results]).reshape(int(valid.sum()), -1).numpy()
+        return out, valid, {"patches": grids}
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, h, w) uint8 -> (n, d) float32 on CPU."""
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, 3, h, w) uint8 -> ((n, d) pooled, (n, patches, d) patch tokens of a ViT or None),
+        float32 on CPU."""
         with torch.inference_mode(), autocast(self.device, self.precision):
             x = to_model_input(images, self.prep, self.device, self.channels_last)
             features = self.model(x).float()
+        tokens = None
+        if self.pooling is not None:  # (n, 1 + patches, d): CLS first
+            tokens = features[:, 1:]
+            features = features[:, 0] if self.pooling == "cls" else tokens.mean(dim=1)
         if self.options["normalize"]:
             features = torch.nn.functional.normalize(features, dim=1)
-        return features.cpu()
+        return features.cpu(), (tokens.cpu() if self.pooling == "patches" else None)
 
 
 FAMILIES.register(ImageCNNFamily.name, ImageCNNFamily())

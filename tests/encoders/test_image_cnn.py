@@ -119,17 +119,67 @@ def test_retrieval_quality_with_real_weights(lite0):
     assert accuracy >= 0.9
 
 
-def save_torchvision_folder(folder: Path, architecture: str, seed: int = 0) -> Path:
+def save_torchvision_folder(folder: Path, architecture: str, seed: int = 0, **model_kwargs) -> Path:
     import torchvision
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(architecture, weights=None, num_classes=10).eval()
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=10, **model_kwargs).eval()
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "torchvision", "architecture": architecture,
-                                                    "num_classes": 10, "preprocessing": TV_PREP}))
+                                                    "num_classes": 10, "preprocessing": TV_PREP,
+                                                    **({"model_kwargs": model_kwargs} if model_kwargs else {})}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def torchvision_vit(tmp_path_factory) -> Path:
+    # torchvision's ViT builders fix the widths; image_size 64 keeps it to 2x2 patches of 32 px.
+    return save_torchvision_folder(tmp_path_factory.mktemp("tv-vit"), "vit_b_32", image_size=64)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "patches"])
+def test_torchvision_vit_pooling_fidelity(torchvision_vit, photo_jpegs, pooling):
+    import torchvision
+    from safetensors.torch import load_file
+
+    spec = plan_one(str(torchvision_vit), pooling=pooling)
+    assert spec.options["patch_grid"] == [2, 2] and spec.dim == 768
+    encoder = FAMILIES.get("image-cnn").load(spec, torch.device("cpu"))
+    jpegs = list(photo_jpegs.values())[:3]
+    prepared = FAMILIES.get("image-cnn").prepare(spec, "image", pa.array(jpegs + [None]))
+    vectors, valid, *extras = encoder("image", prepared.values)
+    assert valid.tolist() == [True, True, True, False]
+
+    reference = torchvision.models.get_model("vit_b_32", weights=None, num_classes=10, image_size=64)
+    reference.load_state_dict(load_file(str(torchvision_vit / "model.safetensors")))
+    hidden = {}
+    reference.encoder.register_forward_hook(lambda m, inputs, out: hidden.update(x=out))  # (n, 1 + 4, 768)
+    heads_input = {}
+    reference.heads.register_forward_hook(lambda m, inputs, out: heads_input.update(x=inputs[0]))
+    prep = ImagePreprocess.from_options(spec.options)
+    images, _ = images_to_tensor(prepared.values, prep.crop)
+    with torch.no_grad():
+        reference.eval()(to_model_input(images, prep, torch.device("cpu")))
+    tokens = hidden["x"][:, 1:].numpy()
+    expected = heads_input["x"].numpy() if pooling == "cls" else tokens.mean(1)
+    assert cosine(vectors[:3], expected).min() >= 0.9999
+    if pooling == "patches":
+        grid = extras[0]["patches"][:3].reshape(3, 4, 768)
+        assert np.allclose(grid, tokens, atol=1e-4) and not extras[0]["patches"][3].any()
+    else:
+        assert not extras
+
+
+def test_pooling_is_for_vits_only(tmp_path, torchvision_vit):
+    from pipeline.config import ConfigError
+
+    folder = save_torchvision_folder(tmp_path / "r", "resnet18")
+    with pytest.raises(ConfigError, match="'pooling' applies to torchvision ViT architectures, not 'resnet18'"):
+        plan_one(str(folder), pooling="mean")
+    with pytest.raises(ConfigError, match="valid modes: cls, mean, patches"):
+        plan_one(str(torchvision_vit), pooling="max")
 
 
 @pytest.mark.parametrize("architecture, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier")])
