@@ -75,7 +75,9 @@ class SpeakerFamily:
         from encoders.weights import weights_sha256
 
         opts = validate_options(options, SPEAKER_OPTIONS, self.name)
-        opts["preprocessing"] = AudioPreprocess.from_options(opts).as_dict()
+        prep = AudioPreprocess.from_options(opts)
+        opts["preprocessing"] = prep.as_dict()
+        opts["hop_seconds"], opts["max_windows"] = prep.hop_seconds, prep.max_windows  # metadata shows them
         opts["features"] = _features(opts)
         validate_window_pooling(opts["window_pooling"])
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name

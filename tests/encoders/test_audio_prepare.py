@@ -125,6 +125,16 @@ def test_long_file_is_capped_without_reading_it_all(tmp_path, monkeypatch):
     assert len(plan_windows(len(wave), PREP)) == PREP.max_windows
 
 
+@pytest.mark.parametrize("source, target", [(48000, 16000), (44100, 16000), (8000, 16000), (22050, 48000)])
+def test_chunked_resample_equals_one_torchaudio_call(source, target):
+    import torchaudio.functional as AF
+
+    wave = np.random.default_rng(0).standard_normal(300_001).astype(np.float32)
+    chunked = audio.resample(wave, source, target, chunk=1 << 14)
+    whole = AF.resample(torch.from_numpy(wave), source, target).numpy()
+    assert chunked.shape == whole.shape and np.abs(chunked - whole).max() < 1e-5
+
+
 @pytest.mark.parametrize("n, starts", [
     (100, [0]),  # shorter than a window: one window (zero-padded by the encoder)
     (16000, [0]),
