@@ -4,6 +4,7 @@ from encoders import image_cnn as _image_cnn  # noqa: F401  (registers the image
 from encoders import hf_vision as _hf_vision  # noqa: F401  (registers hf-vision and hf-clip)
 from encoders import hf_audio as _hf_audio  # noqa: F401  (registers hf-audio and hf-clap)
 from encoders import speaker as _speaker  # noqa: F401  (registers the audio-speaker family)
+from encoders import aisfx as _aisfx  # noqa: F401  (registers the audio-sfx family)
 from encoders.registry import FAMILIES, MODELS, ModelAlias, register_model
 from encoders.weights import ResolvedWeights, WeightsNotFoundError, resolve_weights
 
@@ -43,6 +44,25 @@ register_model(ModelAlias(
         "hop_seconds": 0.77,
         "max_windows": 64,
         "features": {"n_fft": 400, "hop_length": 160, "n_mels": 40, "target_dbfs": -30.0},
+    },
+))
+# aiSFX's sound-effects CNN (512-d), weights from the PyPI package (installed with --no-deps: it
+# pins numpy 1.23). Its conventions, from aisfx/inference.py and spectrogram_librosa.py: 44.1 kHz,
+# blocks of 100 frames (2048-sample FFT, hop 1024) every 50 frames, incomplete blocks dropped;
+# 96 HTK mels (unit-sum filters), log10(10000 x + 1), scaled by the paper's range (0, 9.4578).
+register_model(ModelAlias(
+    name="aisfx",
+    family="audio-sfx",
+    hub_id="aisfx",
+    dim=512,
+    bundled="aisfx/models/checkpoint.pth",
+    defaults={
+        "preprocessing": {"sample_rate": 44100, "window_seconds": 102400 / 44100, "min_seconds": 0.1,
+                          "min_coverage": 0.99},
+        "hop_seconds": 51200 / 44100,
+        "max_windows": 32,
+        "features": {"n_fft": 2048, "hop_length": 1024, "n_mels": 96, "f_min": 0.0, "f_max": 22050.0,
+                     "log_gain": 10000.0, "norm_min": 0.0, "norm_max": 9.457798957824707},
     },
 ))
 

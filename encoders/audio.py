@@ -111,6 +111,12 @@ class AudioPreprocess:
         return self.window_samples + (self.max_windows - 1) * self.hop_samples
 
     @property
+    def min_window_samples(self) -> int:
+        """Audio samples a last window needs to be kept (``min_coverage`` of a window, in whole
+        samples: 0.99 x 102400 must be 101376, not a float a hair above it)."""
+        return math.ceil(self.min_coverage * self.window_samples - 1e-6)
+
+    @property
     def min_samples(self) -> int:
         return max(1, math.ceil(self.min_seconds * self.sample_rate))
 
@@ -283,7 +289,7 @@ def plan_windows(n_samples: int, prep: AudioPreprocess) -> np.ndarray:
     """The start sample of each window of a clip of ``n_samples`` (rule in the module docstring)."""
     window, hop = prep.window_samples, prep.hop_samples
     count = 1 + max(0, math.ceil((n_samples - window) / hop))
-    if count > 1 and n_samples - (count - 1) * hop < prep.min_coverage * window:
+    if count > 1 and n_samples - (count - 1) * hop < prep.min_window_samples:
         count -= 1
     return np.arange(min(count, prep.max_windows), dtype=np.int64) * hop
 
