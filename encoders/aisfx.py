@@ -52,7 +52,7 @@ SFX_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _features(options: Mapping[str, Any]) -> dict[str, float]:
+def _features(options: Mapping[str, Any]) -> dict[str, Any]:
     raw = options.get("features")
     if not isinstance(raw, Mapping):
         raise ValueError(f"option features: the model declares no front end ({', '.join(FEATURE_KEYS)})")
@@ -61,7 +61,7 @@ def _features(options: Mapping[str, Any]) -> dict[str, float]:
     if missing or unknown:
         raise ValueError(f"option features: {'missing ' + repr(missing[0]) if missing else 'unknown key ' + repr(unknown[0])}; "
                          f"valid keys: {', '.join(FEATURE_KEYS)}")
-    features = {k: float(raw[k]) for k in FEATURE_KEYS}
+    features = {k: int(raw[k]) if k in ("n_fft", "hop_length", "n_mels") else float(raw[k]) for k in FEATURE_KEYS}
     if not (1 <= features["hop_length"] <= features["n_fft"]) or features["norm_max"] <= features["norm_min"]:
         raise ValueError("option features: need 1 <= hop_length <= n_fft and norm_max > norm_min")
     return features
@@ -162,11 +162,11 @@ class SFXEncoder:
         self.device = device
         self.precision = resolve_precision(device, spec.options["precision"])
         self.net = load_sfx_net(spec.weights.path).to(device)
-        n_fft, hop = int(self.features["n_fft"]), int(self.features["hop_length"])
+        n_fft, hop = self.features["n_fft"], self.features["hop_length"]
         self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop, power=2.0,
                                                              center=False).to(device)
         fbanks = torchaudio.functional.melscale_fbanks(
-            n_fft // 2 + 1, self.features["f_min"], self.features["f_max"], int(self.features["n_mels"]),
+            n_fft // 2 + 1, self.features["f_min"], self.features["f_max"], self.features["n_mels"],
             self.prep.sample_rate, norm=None, mel_scale="htk")  # (freqs, mels)
         self.fbanks = (fbanks / fbanks.sum(0, keepdim=True).clamp(min=1e-30)).to(device)  # librosa norm=1
         self.context = (n_fft // 2, n_fft // 2 - hop)  # centred frames over the whole clip
@@ -200,7 +200,7 @@ class SFXEncoder:
     def _real_frames(self, batch: Any, start: int, stop: int) -> torch.Tensor:
         """(w,) frames of each window whose centre lies inside its clip: librosa computes
         ``1 + n // hop`` frames, and aiSFX pads past them with zero rows, not zero audio."""
-        hop = int(self.features["hop_length"])
+        hop = self.features["hop_length"]
         lengths = batch.lengths()[batch.window_rows[start:stop]]
         real = lengths // hop - batch.window_starts[start:stop] // hop + 1
         return torch.from_numpy(real).to(self.device)
