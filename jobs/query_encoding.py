@@ -35,13 +35,16 @@ class QueryEncoder:
 
         return tuple(FAMILIES.get(self.spec.family).modalities)
 
+    def check_modality(self, modality: str) -> None:
+        if modality not in self.modalities():
+            raise JobError(f"encoder {self.spec.output!r} ({self.spec.family}) embeds {', '.join(self.modalities())}, "
+                           f"not {modality}; query this column with a {' or '.join(self.modalities())} query or an --id")
+
     def encode(self, modality: str, values: Sequence[Any]) -> np.ndarray:
         """Texts, or image paths/bytes -> (n, D) float32, as the pipeline would have embedded them."""
         from encoders import FAMILIES
 
-        if modality not in self.modalities():
-            raise JobError(f"encoder {self.spec.output!r} ({self.spec.family}) embeds {', '.join(self.modalities())}, "
-                           f"not {modality}; query this column with a {' or '.join(self.modalities())} query or an --id")
+        self.check_modality(modality)
         family = FAMILIES.get(self.spec.family)
         prepared = family.prepare(self.spec, modality, pa.array(list(values)))
         bad = [(v, e) for v, e in zip(values, prepared.errors) if e is not None]

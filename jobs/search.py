@@ -161,6 +161,7 @@ def query_vector(dataset: Dataset, column: str, query: Query, metric: str, model
     entry = encoder_for_column(dataset, column)
     encoder = query_encoder(dataset, entry, model)
     modality, value = ("text", query.text) if query.text is not None else ("image", query.image)
+    encoder.check_modality(modality)
     if modality == "image":
         from pathlib import Path
 
