@@ -25,7 +25,7 @@ import numpy as np
 
 from jobs.ann import ExactIndex, neighbours_without_self, resolve_metric, search_space
 from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, run_job
-from jobs.summary import format_table, print_facts, print_table
+from jobs.summary import print_facts, print_table
 from jobs.vectors import read_vectors
 from pipeline.filesystems import join, open_filesystem
 
