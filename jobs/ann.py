@@ -79,7 +79,7 @@ class AnnParams:
     ef_construction: int = 200  # HNSW: build-time beam; FAISS's default (40) costs recall
     ef_search: int = 128  # HNSW: query-time beam
     nlist: int | None = None  # IVF: lists (default about 4 * sqrt(n))
-    nprobe: int = 16  # IVF: lists searched per query
+    nprobe: int = 64  # IVF: lists searched per query (16 gave recall@10 0.88 on 10k MiniLM vectors, 64 gave 0.97)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--ef-construction", type=int, default=200, help="HNSW build beam (default 200)")
     build.add_argument("--ef-search", type=int, default=128, help="HNSW query beam, saved with the index (default 128)")
     build.add_argument("--nlist", type=int, help="IVF lists (default about 4*sqrt(n))")
-    build.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query (default 16)")
+    build.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query (default 64)")
     build.add_argument("-k", type=int, default=10, help="k of the reported recall@k (default 10)")
     build.add_argument("--recall-queries", type=int, default=1000, help="sampled queries for recall@k (default 1000)")
     build.add_argument("--seed", type=int, default=0, help="seed of the recall sample")
