@@ -1,0 +1,343 @@
+"""Audio-embedding throughput: compute floor vs a hand-written Ray Data pipeline vs omniembed.
+
+One run, one folder of espeak-ng speech clips, one model (the bundled resemblyzer speaker
+encoder, 256-d), three numbers in clips/s:
+  (a) floor      one process; clips decoded, mono, resampled to 16 kHz, volume-normalized and
+                 cut into 1.6 s windows (with the STFT context of their edge frames) as tensors
+                 beforehand; timed: the family's own mel front end + LSTM network on micro-batches
+                 of windows, mean pooling per clip and L2 normalization. Torch on all cores.
+  (b) ray-naive  in the style of Ray's audio benchmark (multimodal_inference_benchmarks/
+                 audio_transcription/ray_data_main.py): read_binary_files -> map(soundfile decode,
+                 mono, torchaudio Resample) -> map_batches(actor: resemblyzer's embed_utterance in
+                 batches, same network and mel) -> write_parquet.
+  (c) omniembed  `omniembed embed DIR --kind audio --audio-model resemblyzer` in a fresh process,
+                 wall clock for everything.
+(b)'s and (c)'s vectors must match (a)'s (cosine >= 0.99 per clip), with every clip present and
+the same window count. Target: c/a >= 0.8 (see benchmarks/README.md).
+
+    python benchmarks/audio_throughput.py [--clips 500] [--folder DIR] [--skip-ray] [--skip-omniembed]
+    python benchmarks/audio_throughput.py --one-hour     # only: peak RSS of prepare on a 1 h file
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: bind 127.0.0.1
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from encoders import FAMILIES, MODELS  # noqa: E402
+from encoders.audio import AudioPreprocess, audio_batch, decode_audio, pool_windows, waveforms_to_arrow  # noqa: E402
+from encoders.speaker import INT16_MAX, load_speaker_net  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.plan import plan_encoders  # noqa: E402
+from tests.audio_data import SENTENCES, VOICES, write_long_wav  # noqa: E402
+
+MODEL = "resemblyzer"
+RATES = (16_000, 22_050, 44_100)  # espeak-ng speaks at 22.05 kHz: two of three need sox
+AUDIO_EXTENSIONS = ("wav", "flac")
+MIN_COSINE = 0.99
+
+
+# --- clips ----------------------------------------------------------------------------------
+
+def build_clips(folder: Path, count: int, seed: int, max_sentences: int) -> list[Path]:
+    """``count`` clips: a voice in turn, 1..max_sentences random sentences, speed 140-200 wpm,
+    pitch 25-75, amplitude 60-180; written at 16/22.05/44.1 kHz in turn, WAV or FLAC at random."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: apt-get install espeak-ng sox")
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / ".espeak.wav"
+    paths = []
+    for i in range(count):
+        text = " ".join(rng.choice(SENTENCES, int(rng.integers(1, max_sentences + 1)), replace=False))
+        speed, pitch, amplitude = (int(rng.integers(lo, hi)) for lo, hi in ((140, 201), (25, 76), (60, 181)))
+        subprocess.run(["espeak-ng", "-v", VOICES[i % len(VOICES)], "-s", str(speed), "-p", str(pitch),
+                        "-a", str(amplitude), "-w", str(raw), text], check=True, capture_output=True)
+        path = folder / f"clip-{i:04d}.{AUDIO_EXTENSIONS[int(rng.integers(0, 2))]}"
+        subprocess.run(["sox", str(raw), "-r", str(RATES[i % len(RATES)]), str(path)], check=True, capture_output=True)
+        paths.append(path)
+    raw.unlink()
+    return paths
+
+
+def list_clips(folder: Path) -> list[Path]:
+    return sorted(p for ext in AUDIO_EXTENSIONS for p in folder.glob(f"*.{ext}")) if folder.is_dir() else []
+
+
+# --- (a) compute floor ----------------------------------------------------------------------
+
+def plan_speaker():
+    """The spec and loaded encoder omniembed itself uses for ``--audio-model resemblyzer``."""
+    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"},
+                               "encoders": [{"output": "audio", "column": "audio", "model": MODEL}]})
+    spec = plan_encoders(config.encoders)[0]
+    return spec, FAMILIES.get(spec.family).load(spec, torch.device("cpu"))
+
+
+def normalize_volume(wave: np.ndarray, target_dbfs: float) -> np.ndarray:
+    """resemblyzer's normalize_volume(increase_only=True): gain up to ``target_dbfs``, never down."""
+    rms = np.sqrt(np.mean((wave.astype(np.float64) * INT16_MAX) ** 2))
+    change = target_dbfs - 20 * np.log10(max(rms, 1e-12) / INT16_MAX)
+    return wave * np.float32(10 ** (change / 20)) if rms > 0 and change > 0 else wave
+
+
+def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
+    """-> (seconds, (n, 256) vectors, (n,) windows per clip). Only the forward is timed."""
+    spec, encoder = plan_speaker()
+    prep = AudioPreprocess.from_options(spec.options)
+    features = spec.options["features"]
+    context = (features["n_fft"] // 2, features["n_fft"] // 2 - features["hop_length"])
+    step = spec.options["micro_batch"]
+    windows, window_rows, counts, audio_seconds = [], [], [], 0.0
+    # Decoded and cut group by group, as omniembed's blocks are: only the windows stay in memory.
+    for start in range(0, len(paths), group):
+        waves = [normalize_volume(decode_audio(str(p), prep), features["target_dbfs"]) for p in paths[start: start + group]]
+        audio_seconds += sum(len(w) for w in waves) / prep.sample_rate
+        batch = audio_batch(waveforms_to_arrow(waves), prep)
+        # (w, 200 + 25600 + 40): each window with the samples a whole-clip centred STFT gives its edges.
+        windows += [batch.windows(s, s + step, context) for s in range(0, batch.n_windows, step)]
+        window_rows.append(batch.window_rows + start)
+        counts.append(batch.counts)
+    window_rows, counts = np.concatenate(window_rows), np.concatenate(counts)
+    print(f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {len(window_rows)} windows of "
+          f"{prep.window_seconds} s, micro-batches of {step}", flush=True)
+    with torch.inference_mode():
+        encoder.net(encoder.mel(windows[0]).transpose(1, 2))  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        parts = [encoder.net(encoder.mel(w).transpose(1, 2)) for w in windows]  # (w, frames, 40) -> (w, 256)
+        vectors = pool_windows(torch.cat(parts), window_rows, len(paths), "mean")
+        vectors = torch.nn.functional.normalize(vectors, dim=1)
+        seconds = time.perf_counter() - t0
+    return seconds, vectors.numpy(), counts
+
+
+# --- (b) hand-written Ray Data pipeline -----------------------------------------------------
+
+class Embedder:
+    """The map_batches actor a user writes: resemblyzer's VoiceEncoder.embed_utterance (partials
+    of 160 mel frames every 77, the last kept at >= 75% audio, mean of the partial vectors) on a
+    batch, with the same network and mel front end."""
+
+    PARTIAL_FRAMES, FRAME_STEP, HOP, MIN_COVERAGE = 160, 77, 160, 0.75
+
+    def __init__(self, weights: str):
+        import torchaudio
+
+        self.net = load_speaker_net(weights)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=16000, n_fft=400, hop_length=self.HOP, n_mels=40, power=2.0, center=True,
+            pad_mode="constant", mel_scale="slaney", norm="slaney")  # librosa >= 0.10's padding
+
+    def partial_starts(self, n_samples: int) -> list[int]:
+        """resemblyzer's compute_partial_slices, as mel-frame starts."""
+        n_frames = int(np.ceil((n_samples + 1) / self.HOP))
+        starts = list(range(0, max(1, n_frames - self.PARTIAL_FRAMES + self.FRAME_STEP + 1), self.FRAME_STEP))
+        coverage = (n_samples - starts[-1] * self.HOP) / (self.PARTIAL_FRAMES * self.HOP)
+        return starts[:-1] if coverage < self.MIN_COVERAGE and len(starts) > 1 else starts
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        partials, counts = [], []
+        with torch.inference_mode():
+            for wave in batch["wave"]:
+                wave = normalize_volume(wave.astype(np.float32), -30.0)
+                starts = self.partial_starts(len(wave))
+                wave = np.pad(wave, (0, max(0, (starts[-1] + self.PARTIAL_FRAMES) * self.HOP - len(wave))))
+                mel = self.mel(torch.from_numpy(wave)).T  # (frames, 40)
+                partials += [mel[s: s + self.PARTIAL_FRAMES] for s in starts]
+                counts.append(len(starts))
+            embeds = torch.cat([self.net(torch.stack(partials[s: s + 256])) for s in range(0, len(partials), 256)])
+            rows = np.repeat(np.arange(len(counts)), counts)
+            vectors = torch.nn.functional.normalize(pool_windows(embeds, rows, len(counts), "mean"), dim=1)
+        return {"path": batch["path"], "embedding": vectors.numpy(), "windows": np.array(counts)}
+
+
+def decode(row: dict) -> dict:
+    """soundfile decode, mono, torchaudio resample to 16 kHz (as Ray's audio benchmark does)."""
+    import soundfile as sf
+    import torchaudio
+
+    wave, rate = sf.read(io.BytesIO(row["bytes"]), dtype="float32", always_2d=True)
+    wave = torch.from_numpy(wave.mean(axis=1))
+    if rate != 16000:
+        wave = torchaudio.transforms.Resample(rate, 16000)(wave)
+    return {"path": row["path"], "wave": wave.numpy()}
+
+
+def bench_ray(folder: Path, outdir: str, weights: str, batch_size: int) -> tuple[float, int]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.get([ray.remote(lambda: None).remote() for _ in range(8)])  # time data, not startup
+    # Ray sets OMP_NUM_THREADS=num_cpus (1) in its workers: the actor's torch runs on one
+    # thread. That is what a typical user gets, so we leave it and report it.
+    threads = ray.get(ray.remote(num_cpus=1)(lambda: torch.get_num_threads()).remote())
+    t0 = time.perf_counter()
+    (
+        ray.data.read_binary_files(str(folder), include_paths=True, file_extensions=list(AUDIO_EXTENSIONS))
+        .map(decode)
+        .map_batches(Embedder, fn_constructor_kwargs={"weights": weights},
+                     compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=1)
+        .write_parquet(outdir)
+    )
+    seconds = time.perf_counter() - t0
+    ray.shutdown()  # give both cores back before omniembed starts its own Ray
+    return seconds, threads
+
+
+# --- (c) omniembed, end to end --------------------------------------------------------------
+
+def bench_omniembed(folder: Path, outdir: str, verbose: bool) -> float:
+    exe = Path(sys.executable).parent / "omniembed"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd += ["embed", str(folder), "--kind", "audio", "--audio-model", MODEL, "--output", outdir, "--overwrite"]
+    cmd += ["-vv"] if verbose else []
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()  # wall clock: interpreter, imports, Ray, model load, writing
+    subprocess.run(cmd, env=env, cwd=REPO, check=True)
+    return time.perf_counter() - t0
+
+
+def check(name: str, ids: list[str], vectors: np.ndarray, windows: np.ndarray,
+          reference: dict[str, tuple[np.ndarray, int]]) -> None:
+    """Every clip once, same window count, same vector as the floor (cosine per clip)."""
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(reference), \
+        f"{name}: {len(ids)} rows ({len(set(ids))} distinct ids) for {len(reference)} clips"
+    ref = np.stack([reference[i][0] for i in ids])
+    cos = (vectors * ref).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(ref, axis=1)).clip(1e-12)
+    wrong_counts = sum(int(w) != reference[i][1] for i, w in zip(ids, windows))
+    print(f"check {name}: {len(ids)} rows, min cosine vs floor {cos.min():.6f}, "
+          f"{wrong_counts} clips with another window count")
+    assert cos.min() >= MIN_COSINE and wrong_counts == 0, f"{name}: embeddings differ from the floor's"
+
+
+# --- one-hour file: prepare's peak memory ----------------------------------------------------
+
+RSS_PROBE = """
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+import pyarrow as pa
+from encoders.audio import AudioPreprocess, prepare_audio
+prep = AudioPreprocess.from_options({options!r})
+prepare_audio(pa.array([{short!r}]), prep)  # imports and first-call allocations are not the call's
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+prepared = prepare_audio(pa.array([{long!r}]), prep)
+seconds = time.perf_counter() - t0
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert prepared.errors == [None], prepared.errors
+print(json.dumps({{"before_kib": before, "after_kib": after, "seconds": seconds,
+                  "samples": len(prepared.values[0])}}))
+"""
+
+
+def one_hour_memory(work: Path) -> None:
+    """Peak RSS (ru_maxrss, KiB on Linux) of prepare_audio on a one-hour 48 kHz stereo WAV, in a
+    fresh process, against that process's peak just before the call."""
+    short = work / "short.wav"
+    subprocess.run(["espeak-ng", "-v", VOICES[0], "-w", str(short), SENTENCES[0]], check=True, capture_output=True)
+    path = work / "one_hour_48k_stereo.wav"
+    t0 = time.perf_counter()
+    write_long_wav(path, 3600, rate=48_000, channels=2, source=short)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f}s", flush=True)
+    cases = {f"{MODEL} (64 x 1.6 s windows, hop 0.77 s)": {**MODELS.get(MODEL).defaults},
+             "10 s windows, default cap (16)": {"preprocessing": {"sample_rate": 16000, "window_seconds": 10.0}}}
+    for name, options in cases.items():
+        options = {k: v for k, v in options.items() if k in ("preprocessing", "hop_seconds", "max_windows")}
+        code = RSS_PROBE.format(repo=str(REPO), options=options, short=str(short), long=str(path))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"one hour, {name}: ru_maxrss {r['before_kib'] / 1024:.0f} MiB before the call, "
+              f"{r['after_kib'] / 1024:.0f} MiB after (+{(r['after_kib'] - r['before_kib']) / 1024:.0f} MiB); "
+              f"{r['samples'] / 16000:.1f} s kept, {r['seconds']:.2f}s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=2400)
+    ap.add_argument("--max-sentences", type=int, default=3, help="sentences per clip: 1..N (4 s each)")
+    ap.add_argument("--batch-size", type=int, default=64, help="(b): clips per actor batch")
+    ap.add_argument("--folder", help="reuse/write the clips here instead of a temp folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--skip-omniembed", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="run omniembed with -vv (Ray Data operator stats)")
+    ap.add_argument("--one-hour", action="store_true", help="only measure prepare's peak RSS on a 1 h file")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="omniembed-audio-bench-"))
+    try:
+        if args.one_hour:
+            one_hour_memory(work)
+            return 0
+        load_start = os.getloadavg()[0]  # every number here is CPU-bound: flag a busy machine
+        torch.set_num_threads(os.cpu_count() or 1)  # the floor uses every core
+        folder = Path(args.folder) if args.folder else work / "clips"
+        paths = list_clips(folder)
+        if len(paths) != args.clips:
+            t0 = time.perf_counter()
+            shutil.rmtree(folder, ignore_errors=True)
+            paths = build_clips(folder, args.clips, args.seed, args.max_sentences)
+            print(f"built {len(paths)} clips in {folder} in {time.perf_counter() - t0:.0f}s")
+        print(f"{len(paths)} clips in {folder}, model {MODEL}, torch threads {torch.get_num_threads()}", flush=True)
+
+        results: list[tuple[str, float]] = []
+        seconds, floor_vectors, floor_windows = bench_floor(paths)
+        results.append(("(a) floor", seconds))
+        print(f"(a) {seconds:.1f}s", flush=True)
+        reference = {p.name: (v, int(w)) for p, v, w in zip(paths, floor_vectors, floor_windows)}
+        ray_threads = None
+        if not args.skip_ray:
+            out = str(work / "ray")
+            seconds, ray_threads = bench_ray(folder, out, str(plan_speaker()[0].weights.path), args.batch_size)
+            table = pq.read_table(out)
+            check("ray-naive", [Path(p).name for p in table.column("path").to_pylist()],
+                  np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                  table.column("windows").to_numpy(), reference)
+            results.append(("(b) ray-naive", seconds))
+        if not args.skip_omniembed:
+            out = str(work / "omniembed")
+            seconds = bench_omniembed(folder, out, args.verbose)
+            table = pq.read_table(out, columns=["id", "audio_embedding", "audio_error", "audio_windows"])
+            assert table.column("audio_error").null_count == table.num_rows, "omniembed: rows with errors"
+            check("omniembed", table.column("id").to_pylist(),
+                  np.array(table.column("audio_embedding").to_pylist(), dtype=np.float32),
+                  table.column("audio_windows").to_numpy(), reference)
+            results.append(("(c) omniembed", seconds))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nmachine: nproc={os.cpu_count()}; torch threads: floor {torch.get_num_threads()}"
+          + (f", ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1)" if ray_threads else ""))
+    print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+          + ("  (CPU was busy: numbers may be pessimistic)" if load_start > 0.5 else ""))
+    floor = len(paths) / results[0][1]
+    print(f"{'pipeline':<16}{'clips':>7}{'seconds':>9}{'clips/s':>9}{'x floor':>9}")
+    for name, seconds in results:
+        rate = len(paths) / seconds
+        print(f"{name:<16}{len(paths):>7}{seconds:>9.1f}{rate:>9.2f}{rate / floor:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
