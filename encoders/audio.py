@@ -51,6 +51,7 @@ How an audio family uses this module:
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -222,8 +223,6 @@ def resample(wave: np.ndarray, source_rate: int, target_rate: int, chunk: int = 
     tap, 200 MB for 3 minutes at 48 kHz), so each chunk of ``chunk`` output-aligned source
     samples is resampled with enough neighbours on both sides for the filter and only its own
     outputs are kept. The result equals a single call up to float rounding."""
-    import torchaudio.functional as AF
-
     if source_rate == target_rate:
         return wave
     step = source_rate // math.gcd(source_rate, target_rate)  # source samples per output period
@@ -232,15 +231,24 @@ def resample(wave: np.ndarray, source_rate: int, target_rate: int, chunk: int = 
     chunk = max(step, chunk // step * step)
     total = math.ceil(len(wave) * outputs / step)
     if len(wave) <= chunk + 2 * context:
-        return AF.resample(torch.from_numpy(wave), source_rate, target_rate).numpy()
+        return _resampler(source_rate, target_rate)(torch.from_numpy(wave)).numpy()
     out = np.empty(total, dtype=np.float32)
     for start in range(0, len(wave), chunk):
         left = max(0, start - context)
-        piece = AF.resample(torch.from_numpy(wave[left: start + chunk + context]), source_rate, target_rate).numpy()
+        piece = _resampler(source_rate, target_rate)(torch.from_numpy(wave[left: start + chunk + context])).numpy()
         first = (start - left) // step * outputs  # the chunk's first output within the piece
         begin, end = start // step * outputs, min(total, (start + chunk) // step * outputs)
         out[begin:end] = piece[first: first + end - begin]
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(source_rate: int, target_rate: int) -> torch.nn.Module:
+    """torchaudio's ``Resample`` (the same windowed sinc as ``functional.resample``) with its
+    kernel built once per rate pair: building it is about half of a short clip's resample."""
+    import torchaudio.transforms as AT
+
+    return AT.Resample(source_rate, target_rate, dtype=torch.float32)  # as functional.resample on float32
 
 
 def _source_frames_needed(prep: AudioPreprocess, source_rate: int) -> int:
