@@ -69,6 +69,10 @@ def _features(options: Mapping[str, Any]) -> dict[str, Any]:
 class SpeakerFamily:
     name = "audio-speaker"
     modalities = ("audio",)
+    # On CPU, one torch thread per actor in as many actors as there are cores: the LSTM's 160
+    # small steps per window each end in a barrier, so a two-thread forward stalls whenever a
+    # prepare task takes a core (pipeline/adapter.py).
+    cpu_actor_threads = 1
 
     def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
                    options: Mapping[str, Any], dim: int | None) -> EncoderSpec:

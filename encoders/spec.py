@@ -70,6 +70,9 @@ class Encoder(Protocol):
 class EncoderFamily(Protocol):
     name: str
     modalities: tuple[str, ...]
+    # Optional: torch threads per CPU actor that measure best for this family; absent means
+    # one actor per encoder using all idle cores (pipeline/adapter.py).
+    # cpu_actor_threads: int
 
     def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
                    options: Mapping[str, Any], dim: int | None) -> EncoderSpec: ...

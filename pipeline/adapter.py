@@ -51,15 +51,21 @@ def wants_gpu(res: StageResources, shape: ClusterShape) -> bool:
 
 
 def resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
-                         cpu_encoders: int = 1) -> ResolvedStage:
-    return replace(_resolve_encode_stage(res, shape, default_batch, where, cpu_encoders), resources=res.resources)
+                         cpu_encoders: int = 1, actor_threads: int | None = None) -> ResolvedStage:
+    return replace(_resolve_encode_stage(res, shape, default_batch, where, cpu_encoders, actor_threads),
+                   resources=res.resources)
 
 
 def _resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
-                          cpu_encoders: int) -> ResolvedStage:
+                          cpu_encoders: int, actor_threads: int | None) -> ResolvedStage:
     """GPU actors when asked for or when ``auto`` finds GPUs; otherwise CPU actors that never
     reserve every CPU (read and prepare tasks must still run), with torch using the cores the
-    reservation leaves idle. ``cpu_encoders`` CPU encoder pools share the spare CPUs."""
+    reservation leaves idle. ``cpu_encoders`` CPU encoder pools share the spare CPUs.
+
+    ``actor_threads`` is a family's measured preference on CPU (e.g. 1 for an LSTM, whose
+    per-step barriers make a multi-threaded forward stall whenever a prepare task takes a core):
+    unless the stage sets cpus, pool or threads, the cores go to that many threads per actor in
+    as many actors as fit, which split the spare reservation."""
     gpus = (1.0 if res.gpus == "auto" else float(res.gpus)) if wants_gpu(res, shape) else 0.0
     batch = res.batch_rows or default_batch
     if gpus > 0:
@@ -70,6 +76,9 @@ def _resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batc
     spare = (shape.cpus - 1.0) / max(1, cpu_encoders)  # one logical CPU stays free for tasks
     if spare <= 0:
         raise ConfigError(f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and prepare tasks)")
+    if actor_threads and res.cpus is None and res.pool is None and res.threads is None:
+        actors = max(1, math.floor(shape.cpus / max(1, cpu_encoders) / actor_threads))
+        return ResolvedStage(spare / actors, 0.0, batch, (actors, actors), res.memory, actor_threads, res.max_tokens)
     cpus = res.cpus if res.cpus is not None else min(1.0, spare)
     if cpus > spare:
         raise ConfigError(f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g} shared by "

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
+from encoders import FAMILIES
 from encoders.spec import EncoderSpec
 from pipeline.adapter import ClusterShape, ResolvedStage, apply_stage, resolve_encode_stage, resolve_task_stage, wants_gpu
 from pipeline.columns import embedding_column, error_column, extra_columns, vector_type
@@ -89,7 +90,8 @@ def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
     for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
         default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
         encode = resolve_encode_stage(config.stage("encode", encoder), shape, default_batch,
-                                      f"encoders[{i}].resources", cpu_encoders)
+                                      f"encoders[{i}].resources", cpu_encoders,
+                                      getattr(FAMILIES.get(spec.family), "cpu_actor_threads", None))
         prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
         plans.append(EncoderPlan(spec, prepare, encode))
     return plans

@@ -31,6 +31,22 @@ def test_threads_are_not_the_reservation():
     assert half.num_cpus == 0.5 and half.threads == 2
 
 
+def test_family_thread_preference_spreads_actors_over_the_cores():
+    # An LSTM family prefers 1 thread: two 1-thread actors on two cores, 1 CPU reserved in all.
+    stage = resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 32, "e", actor_threads=1)
+    assert (stage.num_cpus, stage.pool, stage.threads) == (0.5, (2, 2), 1)
+    for cpus, encoders in ((3, 1), (16, 1), (16, 3)):
+        stages = [resolve_encode_stage(StageResources(), ClusterShape(cpus=cpus, gpus=0), 32, "e", encoders, 1)
+                  for _ in range(encoders)]
+        assert sum(s.pool[1] * s.num_cpus for s in stages) <= cpus - 1  # tasks keep a CPU
+        assert sum(s.pool[1] * s.threads for s in stages) <= cpus  # no oversubscribed cores
+    # The user's own cpus/pool/threads win over the family's preference.
+    mine = resolve_encode_stage(StageResources(threads=2), ClusterShape(cpus=2, gpus=0), 32, "e", actor_threads=1)
+    assert (mine.pool, mine.threads) == ((1, 1), 2)
+    on_gpu = resolve_encode_stage(StageResources(), ClusterShape(cpus=8, gpus=1), 32, "e", actor_threads=1)
+    assert on_gpu.num_gpus == 1 and on_gpu.pool == (1, 1)
+
+
 def test_encoders_share_the_spare_cpus():
     # Two CPU encoders on two cores: together they must still leave one CPU for tasks.
     stages = [resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 256, "e", cpu_encoders=2) for _ in range(2)]
