@@ -120,8 +120,14 @@ def test_image_flags_need_a_model(tmp_path):
 
     with pytest.raises(ConfigError, match="--image-model is required"):
         config_from_flags(build_parser().parse_args(["embed", "x", "--output", "o", "--image-column", "img"]))
-    with pytest.raises(ConfigError, match="--image-column/--image-model is required"):
+    with pytest.raises(ConfigError, match="--image-column/--image-model or --audio-column/--audio-model is required"):
         config_from_flags(build_parser().parse_args(["embed", "x", "--output", "o"]))
+    with pytest.raises(ConfigError, match="--audio-model is required"):
+        config_from_flags(build_parser().parse_args(["embed", "x", "--output", "o", "--audio-column", "clip"]))
+    audio = config_from_flags(build_parser().parse_args(["embed", "clips/", "--output", "o", "--kind", "audio",
+                                                         "--audio-model", "resemblyzer", "--max-windows", "8"]))
+    assert audio["sources"] == [{"path": "clips/", "kind": "audio"}]
+    assert audio["encoders"] == [{"output": "audio", "column": "audio", "model": "resemblyzer", "max_windows": 8}]
 
 
 def test_patches_and_clip_columns_end_to_end(ray_session, tmp_path):
