@@ -59,6 +59,10 @@ def read_folder_config(path: str) -> dict[str, Any]:
 class ImageCNNFamily:
     name = "image-cnn"
     modalities = ("image",)
+    # On CPU, one torch thread per actor in as many actors as there are cores: measured 0.80x
+    # of the 2-thread forward-only floor end to end, against 0.73x for one 2-thread actor whose
+    # convolutions stall whenever a decode task takes a core (benchmarks/README.md).
+    cpu_actor_threads = 1
 
     def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
                    options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
