@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from encoders.audio import AUDIO_OPTIONS, AudioPreprocess, audio_batch, pool_windows, prepare_audio, validate_window_pooling
 from encoders.device import autocast, resolve_precision
-from encoders.probe import cached_probe
+from encoders.probe import spec_with_dim
 from encoders.registry import FAMILIES
 from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
@@ -85,11 +85,7 @@ class SFXFamily:
         if opts["micro_batch"] < 1:
             raise ValueError("option micro_batch: must be >= 1")
         sha = weights_sha256(weights.path)
-        spec = EncoderSpec(output, self.name, dict(columns), weights, dim or 0, sha, opts)
-        if dim is None:
-            key = {"family": self.name, "sha": sha, "model": weights.reference}
-            dim = cached_probe(key, lambda: self.load(spec, torch.device("cpu")).dim)
-        return EncoderSpec(output, self.name, dict(columns), weights, dim, sha, opts)
+        return spec_with_dim(self, output, columns, weights, sha, opts, dim)
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         return prepare_audio(values, AudioPreprocess.from_options(spec.options))

@@ -40,7 +40,8 @@ from encoders.audio import (DEFAULT_MIN_SECONDS, AudioPreprocess, audio_batch, p
                             validate_window_pooling)
 from encoders.audio_features import FBANK_FRAME_MS, front_end_from_options, front_end_options, load_feature_extractor
 from encoders.device import autocast, resolve_precision
-from encoders.probe import cached_probe
+from encoders.hf_text import pad_sequences
+from encoders.probe import spec_with_dim
 from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
 from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
@@ -105,11 +106,8 @@ def _spec_with_probed_dim(family: Any, output: str, columns: Mapping[str, str], 
     from encoders.weights import weights_sha256
 
     sha = weights_sha256(weights.path)
-    spec = EncoderSpec(output, family.name, dict(columns), weights, dim or 0, sha, opts)
-    if dim is None:  # hidden_size / projection_dim are not trusted: one probe, cached per model
-        key = {"family": family.name, "sha": sha, "model": weights.reference, "pooling": opts.get("pooling")}
-        dim = cached_probe(key, lambda: family.load(spec, torch.device("cpu")).dim)
-    return EncoderSpec(output, family.name, dict(columns), weights, dim, sha, opts)
+    # hidden_size / projection_dim are not trusted: one probe, cached per model
+    return spec_with_dim(family, output, columns, weights, sha, opts, dim, pooling=opts.get("pooling"))
 
 
 class HFAudioFamily:
@@ -317,12 +315,7 @@ class HFClapEncoder(_WindowEncoder):
             return self.model.audio_projection(pooled).float()
 
     def _text(self, sequences: list[list[int]]) -> torch.Tensor:
-        longest = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)] = torch.as_tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = pad_sequences(sequences, self.pad_id)
         with torch.inference_mode(), autocast(self.device, self.precision):
             pooled = self.model.text_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).pooler_output
             return self.model.text_projection(pooled).float().cpu()

@@ -20,7 +20,7 @@ from encoders.batching import plan_micro_batches
 from encoders.device import autocast, resolve_precision
 from encoders.errors import error_value
 from encoders.pooling import POOLING_MODES, check_pooling, pool_tokens
-from encoders.probe import cached_probe
+from encoders.probe import spec_with_dim
 from encoders.registry import FAMILIES
 from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
@@ -151,11 +151,7 @@ class HFTextFamily:
             raise ValueError("max_chunks must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
         sha = weights_sha256(folder.model_dir)
-        spec = EncoderSpec(output, self.name, dict(columns), weights, dim or 0, sha, opts)
-        if dim is None:
-            probe_key = {"family": self.name, "sha": sha, "pooling": opts["pooling"], "model": weights.reference}
-            dim = cached_probe(probe_key, lambda: self.load(spec, torch.device("cpu")).dim)
-        return EncoderSpec(output, self.name, dict(columns), weights, dim, sha, opts)
+        return spec_with_dim(self, output, columns, weights, sha, opts, dim, pooling=opts["pooling"])
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         folder = read_folder_settings(spec.weights.path)
@@ -307,12 +303,7 @@ class HFTextEncoder:
 
     def _forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Right-padded micro-batch -> (n, d) float32 pooled vectors on CPU."""
-        n, longest = len(sequences), max(len(s) for s in sequences)
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            mask[i, : len(seq)] = 1
+        ids, mask = pad_sequences(sequences, self.pad_id)
         lengths = mask.sum(1)
         ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
         inputs = {"input_ids": ids, "attention_mask": mask}
@@ -322,6 +313,17 @@ class HFTextEncoder:
             hidden = self.model(**inputs).last_hidden_state  # (n, t, d)
             pooled = pool_tokens(hidden, mask, lengths, self.options["pooling"])
         return pooled.float().cpu()
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded (n, longest) ids and attention mask, int64 on CPU."""
+    n, longest = len(sequences), max(len(s) for s in sequences)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
 
 
 def _l2_normalize(matrix: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from encoders.device import autocast, resolve_precision
+from encoders.hf_text import pad_sequences
 from encoders.images import (DEFAULT_MAX_PIXELS, ImagePreprocess, images_to_tensor, prepare_images,
                              preprocessing_from_processor, to_model_input)
 from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
@@ -215,12 +216,7 @@ class HFClipEncoder:
         return _tensor(features).float().cpu()
 
     def _text(self, sequences: list[list[int]]) -> torch.Tensor:
-        longest = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)] = torch.as_tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = pad_sequences(sequences, self.pad_id)
         with torch.inference_mode(), autocast(self.device, self.precision):
             features = self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         return _tensor(features).float().cpu()

@@ -27,7 +27,7 @@ import torch
 
 from encoders.device import autocast, resolve_precision
 from encoders.images import DEFAULT_MAX_PIXELS, ImagePreprocess, images_to_tensor, prepare_images, to_model_input
-from encoders.probe import cached_probe
+from encoders.probe import spec_with_dim
 from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
 from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
@@ -84,11 +84,7 @@ class ImageCNNFamily:
             raise ValueError("max_pixels and micro_batch must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
         sha = weights_sha256(weights.path)
-        spec = EncoderSpec(output, self.name, dict(columns), weights, dim or 0, sha, opts)
-        if dim is None:
-            key = {"family": self.name, "sha": sha, "architecture": opts["architecture"], "model": weights.reference}
-            dim = cached_probe(key, lambda: self.load(spec, torch.device("cpu")).dim)
-        return EncoderSpec(output, self.name, dict(columns), weights, dim, sha, opts)
+        return spec_with_dim(self, output, columns, weights, sha, opts, dim, architecture=opts["architecture"])
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         prep = ImagePreprocess.from_options(spec.options)

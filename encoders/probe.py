@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 
 def _cache_file() -> Path:
@@ -36,3 +36,18 @@ def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
     except OSError:
         pass  # a read-only home only costs a probe next time
     return dim
+
+
+def spec_with_dim(family: Any, output: str, columns: Mapping[str, str], weights: Any, sha: str,
+                  options: Mapping[str, Any], dim: int | None, **probe_key: Any) -> Any:
+    """The family's EncoderSpec with D: the registry's ``dim`` when given, else one CPU probe of
+    the loaded model, cached under the family, weights hash, model and ``probe_key``."""
+    import torch
+
+    from encoders.spec import EncoderSpec
+
+    spec = EncoderSpec(output, family.name, dict(columns), weights, dim or 0, sha, options)
+    if dim is None:
+        key = {"family": family.name, "sha": sha, "model": weights.reference, **probe_key}
+        dim = cached_probe(key, lambda: family.load(spec, torch.device("cpu")).dim)
+    return EncoderSpec(output, family.name, dict(columns), weights, dim, sha, options)

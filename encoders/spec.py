@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-import numpy as np
 import pyarrow as pa
 
 from encoders.weights import ResolvedWeights
