@@ -42,14 +42,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from encoders import FAMILIES, MODELS  # noqa: E402
-from encoders.audio import AudioPreprocess, audio_batch, decode_audio, pool_windows, waveforms_to_arrow  # noqa: E402
+from encoders.audio import AudioPreprocess, decode_audio, pool_windows, waveforms_to_arrow  # noqa: E402
 from encoders.speaker import INT16_MAX, load_speaker_net  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.plan import plan_encoders  # noqa: E402
@@ -59,6 +58,7 @@ MODEL = "resemblyzer"
 RATES = (16_000, 22_050, 44_100)  # espeak-ng speaks at 22.05 kHz: two of three need sox
 AUDIO_EXTENSIONS = ("wav", "flac")
 MIN_COSINE = 0.99
+FLOOR_MICRO_BATCHES = (32, 64, 128, 256, 512)
 
 
 # --- clips ----------------------------------------------------------------------------------
@@ -107,32 +107,37 @@ def normalize_volume(wave: np.ndarray, target_dbfs: float) -> np.ndarray:
 
 
 def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
-    """-> (seconds, (n, 256) vectors, (n,) windows per clip). Only the forward is timed."""
+    """-> (seconds, (n, 256) vectors, (n,) windows per clip). Only the forward is timed: the
+    family's own ``SpeakerEncoder.forward`` (mel of each clip, LSTM on micro-batches of windows,
+    mean pooling, L2 normalization) on batches whose samples are decoded, resampled,
+    volume-normalized and laid out beforehand. The floor takes its fastest micro-batch size on
+    all cores (measured first on two batches), not omniembed's one-thread default."""
     spec, encoder = plan_speaker()
     prep = AudioPreprocess.from_options(spec.options)
-    features = spec.options["features"]
-    context = (features["n_fft"] // 2, features["n_fft"] // 2 - features["hop_length"])
-    step = spec.options["micro_batch"]
-    windows, window_rows, counts, audio_seconds = [], [], [], 0.0
-    # Decoded and cut group by group, as omniembed's blocks are: only the windows stay in memory.
+    hop = spec.options["features"]["hop_length"]
+    batches, counts, audio_seconds = [], [], 0.0
     for start in range(0, len(paths), group):
-        waves = [normalize_volume(decode_audio(str(p), prep), features["target_dbfs"]) for p in paths[start: start + group]]
+        waves = [decode_audio(str(p), prep) for p in paths[start: start + group]]
         audio_seconds += sum(len(w) for w in waves) / prep.sample_rate
-        batch = audio_batch(waveforms_to_arrow(waves), prep)
-        # (w, 200 + 25600 + 40): each window with the samples a whole-clip centred STFT gives its edges.
-        windows += [batch.windows(s, s + step, context) for s in range(0, batch.n_windows, step)]
-        window_rows.append(batch.window_rows + start)
+        batch = encoder.batch(waveforms_to_arrow(waves))  # gains applied
+        batch.layout(encoder.context, align=hop)  # the padded samples the mel reads, built now
+        batches.append(batch)
         counts.append(batch.counts)
-    window_rows, counts = np.concatenate(window_rows), np.concatenate(counts)
-    print(f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {len(window_rows)} windows of "
-          f"{prep.window_seconds} s, micro-batches of {step}", flush=True)
-    with torch.inference_mode():
-        encoder.net(encoder.mel(windows[0]).transpose(1, 2))  # warm-up: first-call allocations
+    counts = np.concatenate(counts)
+    trial = {}
+    for size in FLOOR_MICRO_BATCHES:
+        encoder.forward(batches[0], size)  # warm-up: first-call allocations
         t0 = time.perf_counter()
-        parts = [encoder.net(encoder.mel(w).transpose(1, 2)) for w in windows]  # (w, frames, 40) -> (w, 256)
-        vectors = pool_windows(torch.cat(parts), window_rows, len(paths), "mean")
-        vectors = torch.nn.functional.normalize(vectors, dim=1)
-        seconds = time.perf_counter() - t0
+        for batch in batches[:2]:
+            encoder.forward(batch, size)
+        trial[size] = time.perf_counter() - t0
+    step = min(trial, key=trial.get)
+    print(f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {int(counts.sum())} windows of "
+          f"{prep.window_seconds} s; micro-batch {step} (trial on {2 * group} clips: "
+          + ", ".join(f"{k}: {v:.2f} s" for k, v in trial.items()) + ")", flush=True)
+    t0 = time.perf_counter()
+    vectors = torch.cat([encoder.forward(batch, step) for batch in batches])
+    seconds = time.perf_counter() - t0
     return seconds, vectors.numpy(), counts
 
 

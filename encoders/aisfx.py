@@ -172,10 +172,8 @@ class SFXEncoder:
 
     def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
         batch = audio_batch(values, self.prep, self.device)
-        rows = batch.sample_rows()
-        peaks = torch.zeros(len(batch.valid), device=self.device).scatter_reduce_(
-            0, rows, batch.flat.abs(), reduce="amax", include_self=True)
-        batch.flat = batch.flat / torch.where(peaks > 0, peaks, torch.ones_like(peaks))[rows]
+        peaks = batch.row_reduce(batch.flat.abs(), "max")
+        batch.scale_rows(1 / torch.where(peaks > 0, peaks, torch.ones_like(peaks)))
         step = self.options["micro_batch"]
         with torch.inference_mode():
             parts = [self._embed(batch.windows(s, s + step, self.context), self._real_frames(batch, s, s + step))

@@ -54,7 +54,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -72,6 +72,7 @@ DEFAULT_MIN_SECONDS = 0.1
 DEFAULT_MIN_COVERAGE = 0.5
 WINDOW_POOLINGS = ("mean", "max", "first")
 _BLOCK_VALUES = 1 << 20  # interleaved samples per read: 4 MiB of float32
+_RESAMPLE_BUCKET = 1 << 15  # resampler inputs are padded to a multiple of this (``_resample_bucketed``)
 _WAV_SHORT = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)  # libsndfile's log
 _PREPROCESS_KEYS = ("sample_rate", "window_seconds", "min_seconds", "min_coverage")
 
@@ -231,15 +232,31 @@ def resample(wave: np.ndarray, source_rate: int, target_rate: int, chunk: int = 
     chunk = max(step, chunk // step * step)
     total = math.ceil(len(wave) * outputs / step)
     if len(wave) <= chunk + 2 * context:
-        return _resampler(source_rate, target_rate)(torch.from_numpy(wave)).numpy()
+        return _resample_bucketed(wave, source_rate, target_rate)
     out = np.empty(total, dtype=np.float32)
     for start in range(0, len(wave), chunk):
         left = max(0, start - context)
-        piece = _resampler(source_rate, target_rate)(torch.from_numpy(wave[left: start + chunk + context])).numpy()
+        piece = _resample_bucketed(wave[left: start + chunk + context], source_rate, target_rate)
         first = (start - left) // step * outputs  # the chunk's first output within the piece
         begin, end = start // step * outputs, min(total, (start + chunk) // step * outputs)
         out[begin:end] = piece[first: first + end - begin]
     return out
+
+
+def _resample_bucketed(wave: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """torchaudio's resample of ``wave`` computed on the wave with zeros appended up to a
+    multiple of ``_RESAMPLE_BUCKET`` source samples, then cut to ``ceil(n * target / source)``:
+    the kernel pads the end with zeros anyway, so the result is identical, and the convolution
+    sees few distinct lengths. oneDNN compiles a primitive per input length; a new length costs
+    about 3 ms, twice the resample of a 9 s clip itself."""
+    n = len(wave)
+    size = -(-n // _RESAMPLE_BUCKET) * _RESAMPLE_BUCKET
+    padded = np.zeros(size, dtype=np.float32)
+    padded[:n] = wave
+    out = _resampler(source_rate, target_rate)(torch.from_numpy(padded)).numpy()
+    divisor = math.gcd(source_rate, target_rate)
+    # torchaudio's own output length, computed as it computes it
+    return out[: int(torch.ceil(torch.as_tensor(target_rate // divisor * n / (source_rate // divisor))))]
 
 
 @functools.lru_cache(maxsize=32)
@@ -314,6 +331,7 @@ class AudioBatch:
     window_rows: np.ndarray  # (W,) int64: the row of each window
     window_starts: np.ndarray  # (W,) int64: each window's first sample within its row
     prep: AudioPreprocess
+    _layouts: dict = field(default_factory=dict, repr=False)  # (context, align) -> layout()
 
     @property
     def n_windows(self) -> int:
@@ -327,10 +345,38 @@ class AudioBatch:
         """(W,) int64: samples of audio in each window (the rest of the window is zeros)."""
         return np.clip(self.lengths()[self.window_rows] - self.window_starts, 0, self.prep.window_samples)
 
-    def sample_rows(self) -> torch.Tensor:
-        """(T,) int64 on the device: the row of each sample of ``flat`` (for per-row statistics)."""
-        return torch.repeat_interleave(torch.arange(len(self.valid), device=self.flat.device),
-                                       torch.from_numpy(self.lengths()).to(self.flat.device))
+    def row_reduce(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
+        """(T,) per-sample values (e.g. ``flat ** 2``) -> (n,) their ``sum`` or ``max`` per row
+        (0 for rows without samples), in segments: no per-sample row index is built."""
+        lengths = torch.from_numpy(self.lengths()).to(values.device)
+        return torch.segment_reduce(values, reduce, lengths=lengths, unsafe=True, initial=0)
+
+    def layout(self, context: tuple[int, int] = (0, 0), align: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+        """The rows copied into one zero-filled tensor on the device, each with zeros around it:
+        -> ``(padded, bases)``, row r's sample 0 at ``padded[bases[r]]``, at least ``left`` zeros
+        before it and zeros after it for as far as its last window reaches (+ ``right``), and
+        ``(bases[r] - left) % align == 0`` (so frames of hop ``align`` fall on the same samples
+        in every row). Every window is then one contiguous slice. Cached per (context, align)."""
+        key = (context, align)
+        if key not in self._layouts:
+            left, right = context
+            lengths = self.lengths()
+            window_ends = np.zeros(len(lengths), dtype=np.int64)  # the furthest sample a row's windows reach
+            if self.n_windows:
+                np.maximum.at(window_ends, self.window_rows, self.window_starts + self.prep.window_samples)
+            spans = np.maximum(lengths, window_ends) + right  # a row's samples and trailing zeros
+            bases = np.zeros(len(lengths), dtype=np.int64)
+            position = 0
+            for r, span in enumerate(spans):
+                start = -(-position // align) * align  # the row's leading context starts here
+                bases[r] = start + left
+                position = bases[r] + span
+            padded = torch.zeros(max(position, left + self.prep.window_samples + right), dtype=self.flat.dtype,
+                                 device=self.flat.device)
+            for r in np.flatnonzero(lengths):
+                padded[bases[r]: bases[r] + lengths[r]] = self.flat[self.offsets[r]: self.offsets[r + 1]]
+            self._layouts[key] = (padded, bases)
+        return self._layouts[key]
 
     def windows(self, start: int = 0, stop: int | None = None, context: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """Windows ``start:stop`` -> (w, left + window + right) float32 on the device. Each spans
@@ -338,16 +384,19 @@ class AudioBatch:
         ``context`` lets a centred STFT see the neighbours it would see over the whole clip."""
         stop = self.n_windows if stop is None else min(stop, self.n_windows)
         left, right = context
-        device = self.flat.device
-        rows = torch.from_numpy(self.window_rows[start:stop]).to(device)
-        offsets = torch.from_numpy(self.offsets).to(device)
-        relative = (torch.from_numpy(self.window_starts[start:stop]).to(device)[:, None]
-                    + torch.arange(-left, self.prep.window_samples + right, device=device)[None, :])  # (w, L)
-        inside = (relative >= 0) & (relative < (offsets[rows + 1] - offsets[rows])[:, None])
-        if self.flat.numel() == 0:
-            return torch.zeros(relative.shape, dtype=torch.float32, device=device)
-        index = (offsets[rows][:, None] + relative).clamp_(0, self.flat.numel() - 1)
-        return torch.where(inside, self.flat[index], torch.zeros((), device=device))
+        size = left + self.prep.window_samples + right
+        if stop <= start:
+            return torch.zeros((0, size), dtype=torch.float32, device=self.flat.device)
+        padded, bases = self.layout(context)
+        firsts = bases[self.window_rows[start:stop]] + self.window_starts[start:stop] - left
+        # Every window is a slice of ``padded``: one strided view, one copy of the rows asked for.
+        return padded.unfold(0, size, 1)[torch.from_numpy(firsts).to(padded.device)]
+
+    def scale_rows(self, factors: torch.Tensor) -> None:
+        """Multiply each row's samples by its factor ((n,) on the device), in place."""
+        lengths = torch.from_numpy(self.lengths()).to(self.flat.device)
+        self.flat = self.flat * torch.repeat_interleave(factors.to(self.flat.dtype), lengths, output_size=self.flat.numel())
+        self._layouts.clear()
 
 
 def audio_batch(values: pa.Array, prep: AudioPreprocess, device: torch.device | str = "cpu") -> AudioBatch:

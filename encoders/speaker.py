@@ -38,6 +38,11 @@ from encoders.spec import EncoderSpec, Prepared, validate_options
 from encoders.weights import ResolvedWeights
 
 INT16_MAX = 2 ** 15 - 1
+# Windows per LSTM forward. On one CPU thread 32-48 windows keep the gates (b x 1024) in cache:
+# 4.2 ms a window against 4.8 at 256 (benchmarks/README.md); a GPU wants wide batches.
+DEFAULT_MICRO_BATCH_CPU = 32
+DEFAULT_MICRO_BATCH_GPU = 512
+MEL_CHUNK_FRAMES = 4096  # frames per STFT call: ~7 MB of spectrum, whatever the batch's length
 FEATURE_KEYS = ("n_fft", "hop_length", "n_mels", "target_dbfs")
 
 # Option name -> (type, default): the shared audio options, then this family's own.
@@ -46,7 +51,7 @@ SPEAKER_OPTIONS: dict[str, tuple[Any, Any]] = {
     "features": (dict, None),  # declared front end: n_fft, hop_length, n_mels, target_dbfs
     "normalize": (bool, True),  # L2-normalize the pooled vector (resemblyzer does)
     "precision": (str, "fp32"),  # an LSTM over 160 steps: fp32 unless asked
-    "micro_batch": (int, 256),  # windows per forward
+    "micro_batch": (int, None),  # windows per forward; default by device (below)
 }
 
 
@@ -85,7 +90,7 @@ class SpeakerFamily:
         opts["features"] = _features(opts)
         validate_window_pooling(opts["window_pooling"])
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
-        if opts["micro_batch"] < 1:
+        if opts["micro_batch"] is not None and opts["micro_batch"] < 1:
             raise ValueError("option micro_batch: must be >= 1")
         sha = weights_sha256(weights.path)
         return spec_with_dim(self, output, columns, weights, sha, opts, dim)
@@ -145,36 +150,71 @@ class SpeakerEncoder:
             sample_rate=self.prep.sample_rate, n_fft=n_fft, hop_length=hop, n_mels=self.features["n_mels"],
             power=2.0, center=False, mel_scale="slaney", norm="slaney").to(device)
         self.context = (n_fft // 2, n_fft // 2 - hop)
+        # Windows that start on the frame grid share their frames with the clip's mel.
+        self.shared_frames = self.prep.hop_samples % hop == 0
         self.dim = int(self.net.linear.out_features)
         if spec.dim and spec.dim != self.dim:
             raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
 
     def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+        batch = self.batch(values)
+        return self.forward(batch).cpu().numpy(), batch.valid, {"windows": batch.counts}
+
+    def batch(self, values: pa.Array) -> Any:
+        """Prepared values -> an ``AudioBatch`` on the device, volume-normalized."""
         batch = audio_batch(values, self.prep, self.device)
-        batch.flat = batch.flat * self._gains(batch)[batch.sample_rows()]
-        step = self.options["micro_batch"]
+        batch.scale_rows(self._gains(batch))
+        return batch
+
+    def forward(self, batch: Any, micro_batch: int | None = None) -> torch.Tensor:
+        """An ``AudioBatch`` -> (n, d) clip vectors on the device (zeros for invalid rows): the
+        mel front end, the network on micro-batches of windows, pooling and normalization."""
+        step = micro_batch or self.options["micro_batch"] or (
+            DEFAULT_MICRO_BATCH_CPU if self.device.type == "cpu" else DEFAULT_MICRO_BATCH_GPU)
         with torch.inference_mode():
-            parts = [self._embed(batch.windows(s, s + step, self.context)) for s in range(0, batch.n_windows, step)]
+            if self.shared_frames:
+                mels = self._clip_mels(batch)
+                parts = [self._network(mels(s, s + step)) for s in range(0, batch.n_windows, step)]
+            else:
+                parts = [self._embed(batch.windows(s, s + step, self.context)) for s in range(0, batch.n_windows, step)]
             windows = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=self.device)
             vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
-            if self.options["normalize"]:
-                vectors = torch.nn.functional.normalize(vectors, dim=1)
-        return vectors.cpu().numpy(), batch.valid, {"windows": batch.counts}
+            return torch.nn.functional.normalize(vectors, dim=1) if self.options["normalize"] else vectors
 
     def _gains(self, batch: Any) -> torch.Tensor:
         """(n,) per-clip gain to ``target_dbfs`` (resemblyzer's normalize_volume, increase only)."""
-        rows = batch.sample_rows()
-        n = len(batch.valid)
-        power = torch.zeros(n, device=self.device).index_add_(0, rows, (batch.flat * INT16_MAX) ** 2)
+        power = batch.row_reduce((batch.flat.double() * INT16_MAX) ** 2, "sum")
         lengths = torch.from_numpy(batch.lengths()).to(self.device).clamp(min=1)
         rms = torch.sqrt(power / lengths)
         change = self.features["target_dbfs"] - 20 * torch.log10(rms / INT16_MAX)
         # rms 0 (digital silence): log10 gives -inf, the change +inf; no gain instead of NaN.
-        return torch.where((rms > 0) & (change > 0), 10 ** (change / 20), torch.ones_like(rms))
+        return torch.where((rms > 0) & (change > 0), 10 ** (change / 20), torch.ones_like(rms)).float()
+
+    def _clip_mels(self, batch: Any) -> Any:
+        """The mel frames of every clip computed once (resemblyzer computes the whole utterance's
+        mel and slices partials from it; windows overlap about 2x, so per-window mels would
+        compute most frames twice) -> ``mels(i, j)``: windows i:j as (w, frames, n_mels).
+        Rows sit in one zero-padded tensor with their first frames on the hop grid, so frame f
+        covers the same samples as a centred STFT over the row alone (zero padded, as librosa
+        >= 0.10 pads)."""
+        n_fft, hop = self.features["n_fft"], self.features["hop_length"]
+        left, right = self.context
+        padded, bases = batch.layout(self.context, align=hop)
+        total = (len(padded) - n_fft) // hop + 1
+        chunk = MEL_CHUNK_FRAMES
+        frames = torch.cat([self.mel(padded[f * hop: (min(f + chunk, total) - 1) * hop + n_fft])
+                            for f in range(0, total, chunk)], dim=1)  # (n_mels, total)
+        firsts = (bases[batch.window_rows] + batch.window_starts - left) // hop
+        per_window = (left + self.prep.window_samples + right - n_fft) // hop + 1
+        strided = frames.unfold(1, per_window, 1)  # (n_mels, total - per_window + 1, per_window): a view
+        index = torch.from_numpy(firsts).to(self.device)
+        return lambda i, j: strided[:, index[i:j]].permute(1, 2, 0).contiguous()  # (w, per_window, n_mels)
 
     def _embed(self, windows: torch.Tensor) -> torch.Tensor:
         """(w, context + window samples) -> (w, d) unit vectors."""
-        mels = self.mel(windows).transpose(1, 2)  # (w, n_mels, frames) -> (w, frames, n_mels)
+        return self._network(self.mel(windows).transpose(1, 2))  # (w, n_mels, frames) -> (w, frames, n_mels)
+
+    def _network(self, mels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             return self.net(mels).float()
 

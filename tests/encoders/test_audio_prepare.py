@@ -135,6 +135,20 @@ def test_chunked_resample_equals_one_torchaudio_call(source, target):
     assert chunked.shape == whole.shape and np.abs(chunked - whole).max() < 1e-5
 
 
+@pytest.mark.parametrize("n", [1, 441, 32_767, 32_769, 100_003])
+def test_bucketed_resample_has_torchaudios_length_and_samples(n):
+    """Inputs are zero-padded to a bucket length before the convolution (a oneDNN primitive per
+    distinct length is expensive); the output still has torchaudio's length and values."""
+    import torchaudio.functional as AF
+
+    wave = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    for source in (44100, 22050, 48000):
+        ours = audio.resample(wave, source, 16000)
+        reference = AF.resample(torch.from_numpy(wave), source, 16000).numpy()
+        assert ours.shape == reference.shape, (n, source)
+        assert np.abs(ours - reference).max() < 1e-6, (n, source)
+
+
 @pytest.mark.parametrize("n, starts", [
     (100, [0]),  # shorter than a window: one window (zero-padded by the encoder)
     (16000, [0]),

@@ -209,3 +209,25 @@ def test_window_pooling_options(voice_encoder, real_clips):
             wave = normalize_volume(np.asarray(wave, np.float32), -30, increase_only=True)
             _, partials, _ = voice_encoder.embed_utterance(wave, return_partials=True)
             assert np.allclose(vector, reduce(partials), atol=1e-5), mode
+
+
+def test_clip_mels_equal_per_window_mels(speaker, real_clips):
+    """Windows on the frame grid (the default hop, 0.77 s = 77 frames) take their frames from one
+    mel of the whole clip; the per-window mel (for hops off the grid) must give the same vectors,
+    and so must any micro-batch size."""
+    spec, encoder = speaker
+    assert encoder.shared_frames
+    prepared = FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(real_clips))
+    batch = encoder.batch(prepared.values)
+    shared = encoder.forward(batch).numpy()
+    for micro_batch in (1, 7, 1000):
+        assert np.allclose(encoder.forward(batch, micro_batch).numpy(), shared, atol=1e-5), micro_batch
+    encoder.shared_frames = False
+    try:
+        per_window = encoder.forward(batch).numpy()
+    finally:
+        encoder.shared_frames = True
+    assert np.abs(per_window - shared).max() < 1e-5
+
+    off_grid = plan_one(hop_seconds=0.7703)  # 12324.8 samples: not a multiple of the 160-sample hop
+    assert not FAMILIES.get("audio-speaker").load(off_grid, torch.device("cpu")).shared_frames
