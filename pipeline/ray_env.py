@@ -36,6 +36,11 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address=address or "auto", log_to_driver=True)
     else:
         # address="local": always a new embedded Ray, never a `ray start` cluster that happens
-        # to run on this machine. Workers import pipeline/ and encoders/ from the source tree.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": working_dir, "TOKENIZERS_PARALLELISM": "false"}})
+        # to run on this machine. Its processes inherit this environment: workers import
+        # pipeline/ and encoders/ from the source tree through PYTHONPATH, and no job
+        # runtime_env is set, so the workers Ray prestarts serve the first tasks and actors
+        # (a runtime_env would make Ray discard them and start new ones).
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if working_dir not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([working_dir, *paths])
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)

@@ -47,9 +47,9 @@ class EncodeActor:
         hf_logging.disable_progress_bar()  # one bar per actor start only clutters the driver's log
 
         device = pick_device()
-        if device.type == "cpu":
-            # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores.
-            torch.set_num_threads(threads)
+        # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores
+        # (and this worker may have imported torch for earlier tasks).
+        torch.set_num_threads(threads)
         spec = replace(spec, weights=_weights_here(spec.weights))
         self.spec = spec
         self.max_tokens = max_tokens

@@ -89,7 +89,49 @@ def test_map_batches_arguments_for_actor_and_task_stages():
     assert isinstance(compute, ray.data.ActorPoolStrategy)
     assert (compute.min_size, compute.max_size) == (1, 2)
     assert actor_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 1.0, "num_gpus": 0.5,
-                            "memory": 2 << 30, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+                            "memory": 2 << 30, "max_restarts": -1,
                             "fn_constructor_kwargs": {"spec": 1}}
     assert "concurrency" not in actor_kwargs  # deprecated in favour of compute=
     assert task_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 0.5, "fn_kwargs": {"spec": 1}}
+
+
+class _Pid:
+    """An actor stage that records where it ran and its torch threads."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def __call__(self, batch):
+        import os
+
+        import torch
+
+        return batch.append_column("actor_pid", __import__("pyarrow").array([os.getpid()] * batch.num_rows)) \
+                    .append_column("threads", __import__("pyarrow").array([torch.get_num_threads()] * batch.num_rows))
+
+
+def _task_pid(batch):
+    import os
+
+    import pyarrow as pa
+
+    return batch.append_column("task_pid", pa.array([os.getpid()] * batch.num_rows))
+
+
+def test_task_stage_is_not_fused_into_the_actor_with_equal_resources(ray_session):
+    """A prepare task and an encode actor that both reserve one CPU: Ray Data would fuse them
+    (equal remote args) and run prepare inside the actor, serially with the model. The adapter's
+    explicit actor-pool default keeps them apart, and the actor keeps its own torch threads."""
+    import ray.data
+
+    task = resolve_task_stage(StageResources(cpus=1), 4)
+    actor = resolve_encode_stage(StageResources(cpus=1, threads=1), ClusterShape(cpus=2, gpus=0), 4, "e")
+    ds = ray.data.range(16, override_num_blocks=4).map_batches(lambda b: b, batch_format="pyarrow")
+    ds = apply_stage(ds, _task_pid, task)
+    ds = apply_stage(ds, _Pid, actor, fn_constructor_kwargs={"threads": 1})
+    rows = ds.take_all()
+    assert len(rows) == 16 and {r["threads"] for r in rows} == {1}
+    assert all(r["task_pid"] != r["actor_pid"] for r in rows)  # fused, both would run in the actor
+    assert "_task_pid->" not in ds.stats() and "->MapBatches(_Pid)" not in ds.stats()
