@@ -107,20 +107,13 @@ def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
     if stage.pool is not None:
         kwargs["compute"] = ray.data.ActorPoolStrategy(min_size=stage.pool[0], max_size=stage.pool[1])
         # Ray Data fuses a task stage into the next actor stage when their remote args are
-        # equal, which would run tokenize/decode serially with the model in the actor. It
-        # never fuses an operator that has a ``ray_remote_args_fn`` (its args are not known
-        # ahead), and one that adds nothing changes nothing else. (A stage runtime_env would
-        # keep them apart too, but costs every actor a fresh worker process instead of an idle
-        # prestarted one: seconds of start-up.) The actor's torch threads are set in its
-        # constructor, not through OMP_NUM_THREADS.
-        kwargs["ray_remote_args_fn"] = no_extra_remote_args
+        # equal, which would run tokenize/decode serially with the model in the actor. An empty
+        # runtime_env makes them unequal and changes nothing else: it adds no variables, so the
+        # actor still runs in the job's environment and may take an idle prestarted worker (one
+        # with env_vars would cost every actor a fresh worker process: seconds of start-up).
+        # The actor's torch threads are set in its constructor, not through OMP_NUM_THREADS.
+        kwargs["runtime_env"] = {}
     return kwargs
-
-
-def no_extra_remote_args() -> dict[str, Any]:
-    """An actor stage's ``ray_remote_args_fn``: adds nothing; its presence keeps Ray Data from
-    fusing the previous task stage into the actor (``map_batches_kwargs``)."""
-    return {}
 
 
 def apply_stage(dataset: Any, fn: Callable[..., Any] | type, stage: ResolvedStage, *,

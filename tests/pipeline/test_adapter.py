@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.adapter import ClusterShape, apply_stage, no_extra_remote_args, resolve_encode_stage, resolve_task_stage
+from pipeline.adapter import ClusterShape, apply_stage, resolve_encode_stage, resolve_task_stage
 from pipeline.config import ConfigError, StageResources
 
 
@@ -89,7 +89,7 @@ def test_map_batches_arguments_for_actor_and_task_stages():
     assert isinstance(compute, ray.data.ActorPoolStrategy)
     assert (compute.min_size, compute.max_size) == (1, 2)
     assert actor_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 1.0, "num_gpus": 0.5,
-                            "memory": 2 << 30, "ray_remote_args_fn": no_extra_remote_args,
+                            "memory": 2 << 30, "runtime_env": {},
                             "fn_constructor_kwargs": {"spec": 1}}
     assert "concurrency" not in actor_kwargs  # deprecated in favour of compute=
     assert task_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 0.5, "fn_kwargs": {"spec": 1}}
@@ -123,7 +123,7 @@ def _task_pid(batch):
 def test_task_stage_is_not_fused_into_the_actor_with_equal_resources(ray_session):
     """A prepare task and an encode actor that both reserve one CPU: Ray Data would fuse them
     (equal remote args) and run prepare inside the actor, serially with the model. The adapter's
-    explicit actor-pool default keeps them apart, and the actor keeps its own torch threads."""
+    empty runtime_env keeps them apart, and the actor keeps its own torch threads."""
     import ray.data
 
     task = resolve_task_stage(StageResources(cpus=1), 4)
