@@ -161,10 +161,9 @@ class SpeakerEncoder:
         return self.forward(batch).cpu().numpy(), batch.valid, {"windows": batch.counts}
 
     def batch(self, values: pa.Array) -> Any:
-        """Prepared values -> an ``AudioBatch`` on the device, volume-normalized."""
-        batch = audio_batch(values, self.prep, self.device)
-        batch.scale_rows(self._gains(batch))
-        return batch
+        """Prepared values -> an ``AudioBatch`` on the device (volume normalization happens in
+        ``forward``, on the mels)."""
+        return audio_batch(values, self.prep, self.device)
 
     def forward(self, batch: Any, micro_batch: int | None = None) -> torch.Tensor:
         """An ``AudioBatch`` -> (n, d) clip vectors on the device (zeros for invalid rows): the
@@ -172,18 +171,25 @@ class SpeakerEncoder:
         step = micro_batch or self.options["micro_batch"] or (
             DEFAULT_MICRO_BATCH_CPU if self.device.type == "cpu" else DEFAULT_MICRO_BATCH_GPU)
         with torch.inference_mode():
+            # The gain to target_dbfs, applied to the power mel as its square: |STFT(g x)|^2 =
+            # g^2 |STFT(x)|^2, so the samples are never rescaled (one pass over the block less).
+            scales = (self._gains(batch) ** 2)[torch.from_numpy(batch.window_rows).to(self.device)]  # (W,)
             if self.shared_frames:
                 mels = self._clip_mels(batch)
-                parts = [self._network(mels(s, s + step)) for s in range(0, batch.n_windows, step)]
+                parts = [self._network(mels(s, s + step) * scales[s: s + step, None, None])
+                         for s in range(0, batch.n_windows, step)]
             else:
-                parts = [self._embed(batch.windows(s, s + step, self.context)) for s in range(0, batch.n_windows, step)]
+                parts = [self._network(self._window_mels(batch.windows(s, s + step, self.context)) * scales[s: s + step, None, None])
+                         for s in range(0, batch.n_windows, step)]
             windows = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=self.device)
             vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
             return torch.nn.functional.normalize(vectors, dim=1) if self.options["normalize"] else vectors
 
     def _gains(self, batch: Any) -> torch.Tensor:
         """(n,) per-clip gain to ``target_dbfs`` (resemblyzer's normalize_volume, increase only)."""
-        power = batch.row_reduce((batch.flat.double() * INT16_MAX) ** 2, "sum")
+        # Sums of squares in float32 (one pass, no float64 copy of the block), the rest per clip
+        # in float64: the gain differs from a float64 sum by ~1e-7 relative.
+        power = batch.row_reduce(batch.flat.square(), "sum").double() * INT16_MAX ** 2
         lengths = torch.from_numpy(batch.lengths()).to(self.device).clamp(min=1)
         rms = torch.sqrt(power / lengths)
         change = self.features["target_dbfs"] - 20 * torch.log10(rms / INT16_MAX)
@@ -210,9 +216,9 @@ class SpeakerEncoder:
         index = torch.from_numpy(firsts).to(self.device)
         return lambda i, j: strided[:, index[i:j]].permute(1, 2, 0).contiguous()  # (w, per_window, n_mels)
 
-    def _embed(self, windows: torch.Tensor) -> torch.Tensor:
-        """(w, context + window samples) -> (w, d) unit vectors."""
-        return self._network(self.mel(windows).transpose(1, 2))  # (w, n_mels, frames) -> (w, frames, n_mels)
+    def _window_mels(self, windows: torch.Tensor) -> torch.Tensor:
+        """(w, context + window samples) -> (w, frames, n_mels) power mels."""
+        return self.mel(windows).transpose(1, 2)  # (w, n_mels, frames) -> (w, frames, n_mels)
 
     def _network(self, mels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
