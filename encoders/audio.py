@@ -52,6 +52,7 @@ How an audio family uses this module:
 from __future__ import annotations
 
 import functools
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -199,7 +200,10 @@ def decode_audio(value: Any, prep: AudioPreprocess) -> np.ndarray:
 
     with open_input(value) as handle:
         try:
-            with sf.SoundFile(handle) as audio:
+            # A local file is read by libsndfile through its descriptor, not through Python
+            # read callbacks (~10% of a FLAC decode).
+            source = handle.fileno() if isinstance(handle, io.BufferedReader) else handle
+            with sf.SoundFile(source, closefd=False) as audio:
                 source_rate = int(audio.samplerate)
                 _check_wav_header(audio)
                 mono = _read_mono(audio, _source_frames_needed(prep, source_rate))
