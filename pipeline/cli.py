@@ -6,8 +6,11 @@ error rate went past max_error_rate.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -165,6 +168,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return execute(args)
 
 
+def console_main() -> None:
+    """The ``omniembed`` command: ``main`` in a process of its own, which then exits at once.
+    With torch loaded, Python's own teardown takes ~0.5-1 s (module and library destructors)
+    after the work is done; everything that matters is settled before ``os._exit``: parts and
+    manifest are closed, Ray is shut down, logs and output are flushed. Tests and Python callers
+    use ``main``, which returns the exit code."""
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def execute(args: argparse.Namespace) -> int:
     from pipeline.ray_env import prepare_environment
 
@@ -175,9 +194,15 @@ def execute(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.command == "run" else config_from_dict(config_from_flags(args))
         from pipeline.ray_env import init_ray
-        from pipeline.graph import run
 
+        # torch and the encoder families (~1.5 s of imports) load while Ray starts its processes:
+        # ray.init mostly waits for them.
+        loader = threading.Thread(target=importlib.import_module, args=("pipeline.graph",), daemon=True)
+        loader.start()
         init_ray(args.address)
+        loader.join()
+        from pipeline.graph import run  # re-raises here if the background import failed
+
         manifest = run(config, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"omniembed: error: {user_message(exc)}", file=sys.stderr)
@@ -230,4 +255,4 @@ def print_summary(manifest: dict[str, Any], path: str, wall: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -281,3 +281,35 @@ def test_console_script_is_a_thin_shell(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert done.stderr.strip() == "omniembed: error: config: encoders must be a non-empty list"
+
+
+def _ray_daemon_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            if b"gcs_server" in cmdline or b"raylet/raylet" in cmdline:
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_console_script_exits_with_the_runs_code_and_leaves_no_ray(tiny_bert, tmp_path):
+    """The command's own process (console_main: main, then os._exit past Python's teardown):
+    the exit code is the run's (3 past max_error_rate), the summary reaches a pipe, the output
+    is complete, and the embedded Ray it started is shut down (no GCS or raylet of its own left)."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(10)], "text": ["fine text"] * 8 + ["", " "]}), src)
+    before = _ray_daemon_pids()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *embed_args(src, tmp_path / "out", tiny_bert, "--max-error-rate", "0.1")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "omniembed summary" in done.stdout and "failed_error_rate" in done.stdout
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "failed_error_rate" and pq.read_table(tmp_path / "out").num_rows == 10
+    assert _ray_daemon_pids() <= before
