@@ -39,12 +39,19 @@ class EncodeActor:
     """One loaded model per actor: prepared values in, vectors out, in input order."""
 
     def __init__(self, spec: EncoderSpec, threads: int, max_tokens: int) -> None:
+        import os
+        import sys
+
         import torch
-        from transformers.utils import logging as hf_logging
 
         from encoders.device import pick_device
 
-        hf_logging.disable_progress_bar()  # one bar per actor start only clutters the driver's log
+        # One loading bar per actor start only clutters the driver's log. transformers reads this
+        # when it is imported (importing it here for the call would cost families that never
+        # use it half a second); a worker that already imported it is told directly.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
         device = pick_device()
         # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores
