@@ -2,10 +2,10 @@
 
 One run, one folder of espeak-ng speech clips, one model (the bundled resemblyzer speaker
 encoder, 256-d), three numbers in clips/s:
-  (a) floor      one process; clips decoded, mono, resampled to 16 kHz, volume-normalized and
-                 cut into 1.6 s windows (with the STFT context of their edge frames) as tensors
-                 beforehand; timed: the family's own mel front end + LSTM network on micro-batches
-                 of windows, mean pooling per clip and L2 normalization. Torch on all cores.
+  (a) floor      one process; clips decoded, mono, resampled to 16 kHz and laid out as tensors
+                 beforehand; timed: the family's own ``SpeakerEncoder.forward`` (gain to -30 dBFS,
+                 mel of each clip, LSTM on micro-batches of 1.6 s windows, mean pooling per clip,
+                 L2 normalization) at its fastest micro-batch size. Torch on all cores.
   (b) ray-naive  in the style of Ray's audio benchmark (multimodal_inference_benchmarks/
                  audio_transcription/ray_data_main.py): read_binary_files -> map(soundfile decode,
                  mono, torchaudio Resample) -> map_batches(actor: resemblyzer's embed_utterance in
@@ -106,10 +106,11 @@ def normalize_volume(wave: np.ndarray, target_dbfs: float) -> np.ndarray:
 
 def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
     """-> (seconds, (n, 256) vectors, (n,) windows per clip). Only the forward is timed: the
-    family's own ``SpeakerEncoder.forward`` (mel of each clip, LSTM on micro-batches of windows,
-    mean pooling, L2 normalization) on batches whose samples are decoded, resampled,
-    volume-normalized and laid out beforehand. The floor takes its fastest micro-batch size on
-    all cores (measured first on two batches), not omniembed's one-thread default."""
+    family's own ``SpeakerEncoder.forward`` (per-clip gain to -30 dBFS from a sum of squares,
+    mel of each clip scaled by the gain squared, LSTM on micro-batches of windows, mean
+    pooling, L2 normalization) on batches whose samples are decoded, resampled and laid out
+    beforehand. The floor takes its fastest micro-batch size on all cores (measured first on
+    two batches), not omniembed's one-thread default."""
     spec, encoder = plan_speaker()
     prep = AudioPreprocess.from_options(spec.options)
     hop = spec.options["features"]["hop_length"]
@@ -117,7 +118,7 @@ def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, 
     for start in range(0, len(paths), group):
         waves = [decode_audio(str(p), prep) for p in paths[start: start + group]]
         audio_seconds += sum(len(w) for w in waves) / prep.sample_rate
-        batch = encoder.batch(waveforms_to_arrow(waves))  # gains applied
+        batch = encoder.batch(waveforms_to_arrow(waves))
         batch.layout(encoder.context, align=hop)  # the padded samples the mel reads, built now
         batches.append(batch)
         counts.append(batch.counts)
