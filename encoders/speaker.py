@@ -174,13 +174,10 @@ class SpeakerEncoder:
             # The gain to target_dbfs, applied to the power mel as its square: |STFT(g x)|^2 =
             # g^2 |STFT(x)|^2, so the samples are never rescaled (one pass over the block less).
             scales = (self._gains(batch) ** 2)[torch.from_numpy(batch.window_rows).to(self.device)]  # (W,)
-            if self.shared_frames:
-                mels = self._clip_mels(batch)
-                parts = [self._network(mels(s, s + step) * scales[s: s + step, None, None])
-                         for s in range(0, batch.n_windows, step)]
-            else:
-                parts = [self._network(self._window_mels(batch.windows(s, s + step, self.context)) * scales[s: s + step, None, None])
-                         for s in range(0, batch.n_windows, step)]
+            mels = self._clip_mels(batch) if self.shared_frames else (
+                lambda i, j: self._window_mels(batch.windows(i, j, self.context)))
+            parts = [self._network(mels(s, s + step) * scales[s: s + step, None, None])
+                     for s in range(0, batch.n_windows, step)]
             windows = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=self.device)
             vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
             return torch.nn.functional.normalize(vectors, dim=1) if self.options["normalize"] else vectors
