@@ -175,9 +175,10 @@ def console_main() -> None:
     manifest are closed, Ray is shut down, logs and output are flushed. Tests and Python callers
     use ``main``, which returns the exit code."""
     code = main()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if "ray" in sys.modules:
+        from pipeline.ray_env import shutdown_ray
+
+        shutdown_ray()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -24,11 +24,11 @@ TINY_WORDS = ("the a an and of to in is it on for with red blue green shoe mug c
 def ray_session():
     import ray
 
-    from pipeline.ray_env import init_ray
+    from pipeline.ray_env import init_ray, shutdown_ray
 
     init_ray()
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")

@@ -284,7 +284,8 @@ def test_console_script_is_a_thin_shell(tmp_path):
 
 
 # Ray's per-node processes; the two agents outlive a driver that exits without ray.shutdown().
-RAY_DAEMONS = (b"gcs_server", b"raylet/raylet", b"ray::DashboardAgent", b"ray::RuntimeEnvAgent", b"log_monitor.py")
+RAY_DAEMONS = (b"gcs_server", b"raylet/raylet", b"ray::DashboardAgent", b"ray::RuntimeEnvAgent", b"log_monitor.py",
+               b"autoscaler/_private/monitor.py")
 
 
 def _ray_daemon_pids() -> set[int]:
@@ -317,3 +318,61 @@ def test_console_script_exits_with_the_runs_code_and_leaves_no_ray(tiny_bert, tm
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "failed_error_rate" and pq.read_table(tmp_path / "out").num_rows == 10
     assert _ray_daemon_pids() <= before
+
+
+SHUTDOWN_PROBE = """
+import json, sys
+import ray
+from pipeline.ray_env import init_ray, shutdown_ray
+
+joined = sys.argv[1] == "joined"
+if joined:  # a cluster this driver did not start: its monitor belongs to the head node
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    monitor = cluster.head_node.all_processes["monitor"][0].process
+    init_ray(cluster.address)
+else:
+    init_ray()
+    monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
+pids = [info.process.pid for infos in ray._private.worker._global_node.all_processes.values() for info in infos]
+alive_at_shutdown = []
+real_shutdown = ray.shutdown
+def spy(*args, **kwargs):
+    alive_at_shutdown.append(monitor.poll() is None)
+    return real_shutdown(*args, **kwargs)
+ray.shutdown = spy
+shutdown_ray()
+result = {"alive_at_shutdown": alive_at_shutdown, "alive_after": monitor.poll() is None,
+          "initialized": ray.is_initialized(), "pids": pids}
+if joined:
+    cluster.shutdown()
+print(json.dumps(result))
+"""
+
+
+def _shutdown_probe(mode: str) -> dict:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", SHUTDOWN_PROBE, mode], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_shutdown_stops_the_embedded_autoscaler_monitor_first():
+    """shutdown_ray on the embedded Ray: the autoscaler monitor is already gone when
+    ray.shutdown runs (otherwise Ray waits a second for it to answer SIGTERM through the GCS
+    it has just stopped), and every process of that Ray is gone afterwards."""
+    result = _shutdown_probe("embedded")
+    assert result["alive_at_shutdown"] == [False] and not result["alive_after"] and not result["initialized"]
+    assert len(result["pids"]) >= 4  # gcs, raylet, monitor, log monitor, ...
+    assert not [pid for pid in result["pids"] if Path(f"/proc/{pid}").exists()]
+
+
+def test_shutdown_leaves_a_joined_clusters_monitor_alone():
+    """A driver that joined a cluster it did not start stops only itself: the head node's
+    monitor is still running after shutdown_ray."""
+    result = _shutdown_probe("joined")
+    assert result["alive_at_shutdown"] == [True] and result["alive_after"] and not result["initialized"]
+    assert result["pids"] == []  # the driver's own node record holds no processes
