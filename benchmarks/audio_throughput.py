@@ -337,9 +337,9 @@ def main() -> int:
             print(f"built {len(paths)} clips in {folder} in {time.perf_counter() - t0:.0f}s")
         print(f"{len(paths)} clips in {folder}, model {MODEL}, torch threads {torch.get_num_threads()}", flush=True)
 
-        results: list[tuple] = []  # (name, seconds[, clips])
+        results: list[tuple[str, int, float]] = []  # (name, clips, seconds)
         seconds, floor_vectors, floor_windows = bench_floor(paths)
-        results.append(("(a) floor", seconds))
+        results.append(("(a) floor", len(paths), seconds))
         print(f"(a) {seconds:.1f}s", flush=True)
         reference = {p.name: (v, int(w)) for p, v, w in zip(paths, floor_vectors, floor_windows)}
         ray_threads = None
@@ -350,16 +350,16 @@ def main() -> int:
             check("ray-naive", [Path(p).name for p in table.column("path").to_pylist()],
                   np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
                   table.column("windows").to_numpy(), reference)
-            results.append(("(b) ray-naive", seconds))
+            results.append(("(b) ray-naive", len(paths), seconds))
         small = len(paths) // 3 if args.small is None else args.small
         if not args.skip_omniembed and 0 < small < len(paths):
             subset = link_clips(paths[:small], work / "small")
             seconds = run_omniembed("omniembed-small", subset, work / "omniembed-small", args.verbose,
                                     {p.name: reference[p.name] for p in paths[:small]})
-            results.append(("(c) omniembed", seconds, small))
+            results.append(("(c) omniembed", small, seconds))
         if not args.skip_omniembed:
             seconds = run_omniembed("omniembed", folder, work / "omniembed", args.verbose, reference)
-            results.append(("(c) omniembed", seconds))
+            results.append(("(c) omniembed", len(paths), seconds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -368,12 +368,11 @@ def main() -> int:
           + (f", ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1)" if ray_threads else ""))
     print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
           + ("  (CPU was busy: numbers may be pessimistic)" if load_start > 0.5 else ""))
-    floor = len(paths) / results[0][1]
+    floor = len(paths) / results[0][2]
     print(f"{'pipeline':<16}{'clips':>7}{'seconds':>9}{'clips/s':>9}{'x floor':>9}")
-    for name, seconds, *count in results:
-        clips = count[0] if count else len(paths)
+    for name, clips, seconds in results:
         print(f"{name:<16}{clips:>7}{seconds:>9.1f}{clips / seconds:>9.2f}{clips / seconds / floor:>9.2f}")
-    runs = {count[0] if count else len(paths): seconds for name, seconds, *count in results if name == "(c) omniembed"}
+    runs = {clips: seconds for name, clips, seconds in results if name == "(c) omniembed"}
     if len(runs) == 2:  # (c) on n and on N clips: a fixed cost per run and a rate once running
         (n, t_n), (big, t_big) = sorted(runs.items())
         rate = (big - n) / (t_big - t_n)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 
 LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -64,7 +65,7 @@ def shutdown_ray() -> None:
         try:
             process.kill()
             process.wait(timeout=1)
-        except Exception:  # already gone, or not ours to wait for
+        except (OSError, subprocess.TimeoutExpired):  # already gone, or slow to go: ray.shutdown follows
             log.debug("could not stop Ray's autoscaler monitor", exc_info=True)
     ray.shutdown()
 
@@ -76,6 +77,6 @@ def _own_monitor_processes() -> list:
         node = worker._global_node
         infos = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
         return [info.process for info in infos]
-    except Exception:
+    except (ImportError, AttributeError):  # a private record, moved or renamed in another Ray
         log.debug("Ray's node record has changed; shutting down the plain way", exc_info=True)
         return []
