@@ -49,8 +49,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from encoders import FAMILIES, MODELS  # noqa: E402
-from encoders.audio import AudioPreprocess, decode_audio, pool_windows, waveforms_to_arrow  # noqa: E402
-from encoders.speaker import INT16_MAX, load_speaker_net  # noqa: E402
+from encoders.audio.prepare import AudioPreprocess, decode_audio, waveforms_to_arrow  # noqa: E402
+from encoders.audio.windows import pool_windows  # noqa: E402
+from encoders.audio.speaker import INT16_MAX, load_speaker_net  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.plan import plan_encoders  # noqa: E402
 from tests.audio_data import SENTENCES, VOICES, write_long_wav  # noqa: E402
@@ -272,7 +273,7 @@ RSS_PROBE = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 import pyarrow as pa
-from encoders.audio import AudioPreprocess, prepare_audio
+from encoders.audio.prepare import AudioPreprocess, prepare_audio
 prep = AudioPreprocess.from_options({options!r})
 prepare_audio(pa.array([{short!r}]), prep)  # imports and first-call allocations are not the call's
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -33,8 +33,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from encoders import MODELS, resolve_weights  # noqa: E402
-from encoders.image_cnn import build_feature_model  # noqa: E402
-from encoders.images import ImagePreprocess, decode_rgb, resize_crop, to_model_input  # noqa: E402
+from encoders.image.cnn import build_feature_model  # noqa: E402
+from encoders.image.prepare import ImagePreprocess, decode_rgb, resize_crop  # noqa: E402
+from encoders.image.tensors import to_model_input  # noqa: E402
 
 MODEL = "efficientnet-lite0"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from encoders.spec import EncoderSpec
+from encoders.core.spec import EncoderSpec
 from jobs.entrypoint import JobError
 from jobs.vectors import Dataset, EncoderEntry
 from pipeline.config import ConfigError, EncoderConfig
@@ -50,7 +50,8 @@ class QueryEncoder:
         bad = [(v, e) for v, e in zip(values, prepared.errors) if e is not None]
         if bad:
             raise JobError(f"the {modality} query {str(bad[0][0])[:60]!r} cannot be embedded: {bad[0][1]}")
-        vectors, valid, *_ = self.model(modality, prepared.values, max_tokens=8192)
+        result = self.model(modality, prepared.values, max_tokens=8192)
+        vectors, valid = result.vectors, result.valid
         if not np.all(valid):
             raise JobError(f"the {modality} query is empty; give a non-empty {modality}")
         return np.asarray(vectors, dtype=np.float32)

@@ -8,16 +8,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
+from pipeline.cluster import ClusterShape
 from pipeline.config import ConfigError, StageResources
-
-
-@dataclass(frozen=True)
-class ClusterShape:
-    """What the cluster offers now, plus whether GPU nodes can be autoscaled in."""
-
-    cpus: float
-    gpus: float
-    gpu_autoscale: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,22 @@ def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
     return kwargs
 
 
-def apply_stage(dataset: Any, fn: Callable[..., Any] | type, stage: ResolvedStage, *,
+def named(fn: Callable[..., Any] | type, name: str) -> Callable[..., Any] | type:
+    """``fn`` under the stage's name: Ray Data names an operator after its function or class
+    (``MapBatches(Encode[title])``), so progress bars and ``ds.stats()`` tell stages apart. A
+    class becomes a subclass, a function a thin wrapper; both pickle by value, the wrapped
+    stage by reference."""
+    if isinstance(fn, type):
+        return type(name, (fn,), {"__module__": fn.__module__, "__qualname__": name})
+
+    def stage(batch: Any, **kwargs: Any) -> Any:
+        return fn(batch, **kwargs)
+
+    stage.__name__ = stage.__qualname__ = name
+    return stage
+
+
+def apply_stage(dataset: Any, fn: Callable[..., Any] | type, stage: ResolvedStage, *, name: str | None = None,
                 fn_kwargs: dict[str, Any] | None = None,
                 fn_constructor_kwargs: dict[str, Any] | None = None) -> Any:
     kwargs = map_batches_kwargs(stage)
@@ -124,4 +131,4 @@ def apply_stage(dataset: Any, fn: Callable[..., Any] | type, stage: ResolvedStag
         kwargs["fn_kwargs"] = fn_kwargs
     if fn_constructor_kwargs:
         kwargs["fn_constructor_kwargs"] = fn_constructor_kwargs
-    return dataset.map_batches(fn, **kwargs)
+    return dataset.map_batches(named(fn, name) if name else fn, **kwargs)

@@ -201,7 +201,7 @@ def execute(args: argparse.Namespace) -> int:
         # two threads never import the same package at once.
         import ray  # noqa: F401
 
-        loader = threading.Thread(target=_import_modules, args=(("pipeline.graph", "ray.data"),), daemon=True)
+        loader = threading.Thread(target=_preload, daemon=True)
         loader.start()
         init_ray(args.address)
         loader.join()
@@ -221,9 +221,13 @@ def execute(args: argparse.Namespace) -> int:
     return EXIT_ERROR_RATE if manifest["status"] == "failed_error_rate" else EXIT_OK
 
 
-def _import_modules(names: Sequence[str]) -> None:
-    for name in names:
+def _preload() -> None:
+    """The graph, Ray Data and every installed encoder family (torch with them)."""
+    for name in ("pipeline.graph", "ray.data"):
         importlib.import_module(name)
+    from encoders import FAMILIES
+
+    FAMILIES.load_all()
 
 
 def user_message(exc: BaseException) -> str:

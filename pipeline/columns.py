@@ -1,10 +1,12 @@
-"""Output column names and the Arrow vector type, per DESIGN.md's contract."""
+"""Output column names and Arrow types, per DESIGN.md's contract."""
+
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from encoders.spec import EncoderSpec
+from encoders import FAMILIES
+from encoders.core.spec import EncoderSpec, ExtraColumn
 
 
 def _base(spec: EncoderSpec, modality: str) -> str:
@@ -20,43 +22,32 @@ def error_column(spec: EncoderSpec, modality: str) -> str:
     return f"{_base(spec, modality)}_error"
 
 
-def patches_column(spec: EncoderSpec, modality: str) -> str | None:
-    """``<output>_patches`` when the encoder pools to a patch grid (N*D values per row)."""
-    return f"{_base(spec, modality)}_patches" if spec.options.get("pooling") == "patches" else None
-
-
-def windows_column(spec: EncoderSpec, modality: str) -> str | None:
-    """``<output>_windows`` for audio: how many windows were pooled into each clip's vector."""
-    return f"{_base(spec, modality)}_windows" if modality == "audio" else None
-
-
 def extra_columns(spec: EncoderSpec, modality: str, dtype: str = "float32") -> list[tuple[str, str, pa.DataType]]:
-    """The columns an encoder adds beside ``_embedding``/``_error``: (key in the encoder's extras
-    dict, column name, Arrow type). Encoders return ``(vectors, valid, {key: array})``."""
-    extras = []
-    patches = patches_column(spec, modality)
-    if patches:  # (n, N*D): the patch grid, row-major; the grid shape is in the metadata
-        extras.append(("patches", patches, vector_type(0, "list", dtype)))
-    windows = windows_column(spec, modality)
-    if windows:  # (n,) int: null where the clip had no vector
-        extras.append(("windows", windows, pa.int32()))
-    return extras
+    """The columns the family declares beside ``_embedding``/``_error`` for this spec (patch grids,
+    audio window counts): (key in ``EncodeResult.extras``, column name, Arrow type in the
+    output's ``dtype``)."""
+    declared: tuple[ExtraColumn, ...] = FAMILIES.get(spec.family).extra_columns(spec, modality)
+    return [(extra.name, f"{_base(spec, modality)}_{extra.name}", _in_dtype(extra.arrow_type, dtype))
+            for extra in declared]
 
 
-def extra_to_arrow(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+def _in_dtype(arrow_type: pa.DataType, dtype: str) -> pa.DataType:
+    """Float rows follow the output's vector dtype; other types stay as declared."""
+    if pa.types.is_list(arrow_type) and pa.types.is_floating(arrow_type.value_type):
+        return vector_type(0, "list", dtype)
+    return arrow_type
+
+
+def extra_to_arrow(values: np.ndarray, valid: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     """An encoder's extra output -> Arrow, null where the row has no vector."""
     if values.ndim == 2:
         return vectors_to_arrow(values, valid)
-    return pa.array(np.asarray(values, dtype=np.int32), mask=~valid)
+    return pa.array(np.asarray(values), mask=~valid).cast(arrow_type)
 
 
 def prepared_column(spec: EncoderSpec, modality: str) -> str:
     """Internal: what prepare hands to encode; dropped by the encode stage."""
     return f"__omniembed_{_base(spec, modality)}_prepared"
-
-
-def output_columns(spec: EncoderSpec) -> list[str]:
-    return [name for m in spec.columns for name in (embedding_column(spec, m), error_column(spec, m))]
 
 
 def vector_type(dim: int, vector_type: str = "list", dtype: str = "float32") -> pa.DataType:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from encoders import FAMILIES
-from encoders.registry import UnknownNameError, detect_family
-from encoders.spec import EncoderSpec
-from encoders.weights import WeightsNotFoundError, lookup_alias, resolve_weights
+from encoders.core.registry import MissingDependencyError, UnknownNameError, detect_family
+from encoders.core.spec import EncoderSpec
+from encoders.core.weights import WeightsNotFoundError, lookup_alias, resolve_weights
 from pipeline.config import ConfigError, EncoderConfig
 
 
@@ -16,7 +16,7 @@ def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
     alias = lookup_alias(encoder.model)
     try:
         family = FAMILIES.get(encoder.family or detect_family(weights.path, alias))
-    except UnknownNameError as exc:
+    except (UnknownNameError, MissingDependencyError) as exc:
         raise ConfigError(f"{where}.family: {exc}") from None
     columns = dict(encoder.columns)
     if "*" in columns:

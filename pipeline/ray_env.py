@@ -54,29 +54,19 @@ def shutdown_ray() -> None:
     stops the GCS first and then sends the monitor SIGTERM. The monitor's handler then tries to
     report "the autoscaler failed" through the stopped GCS, so Ray waits its full second and
     then kills it (Ray 2.60; ``ray.shutdown`` took 1.37 s, 0.4 s without that wait). The monitor
-    holds no state, so it is killed first here. This reads Ray's private node record: if that
-    changes, the plain shutdown still runs. A driver that joined a cluster has no monitor of
-    its own and stops nothing but itself."""
+    holds no state, so it is killed first here. Finding it reads Ray's private node record
+    (pipeline/cluster.py): on another Ray, the plain shutdown still runs. A driver that joined a
+    cluster has no monitor of its own and stops nothing but itself."""
     import ray
 
     if not ray.is_initialized():
         return
-    for process in _own_monitor_processes():
+    from pipeline.cluster import own_monitor_processes
+
+    for process in own_monitor_processes():
         try:
             process.kill()
             process.wait(timeout=1)
         except (OSError, subprocess.TimeoutExpired):  # already gone, or slow to go: ray.shutdown follows
             log.debug("could not stop Ray's autoscaler monitor", exc_info=True)
     ray.shutdown()
-
-
-def _own_monitor_processes() -> list:
-    try:
-        from ray._private import ray_constants, worker
-
-        node = worker._global_node
-        infos = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
-        return [info.process for info in infos]
-    except (ImportError, AttributeError):  # a private record, moved or renamed in another Ray
-        log.debug("Ray's node record has changed; shutting down the plain way", exc_info=True)
-        return []

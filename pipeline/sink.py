@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from encoders.errors import error_code
+from encoders.core.errors import error_code
 from pipeline.config import ConfigError, Config
 from pipeline.filesystems import join, open_filesystem, parent_and_name
 
@@ -200,16 +200,6 @@ class ParquetSink:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def output_schema(read_schema: pa.Schema, keep: list[str], vectors: list[tuple[str, pa.DataType, str]],
-                  metadata: Mapping[str, Any]) -> pa.Schema:
-    """id, the passthrough columns, then per encoder output its vector and error columns."""
-    fields = [pa.field("id", pa.string(), nullable=False)]
-    fields += [read_schema.field(name) for name in keep]
-    for vector, vtype, error in vectors:
-        fields += [pa.field(vector, vtype), pa.field(error, pa.string())]
-    return pa.schema(fields, metadata={"omniembed": json.dumps(metadata, sort_keys=True)})
 
 
 def fingerprint(config: Config, encoders_meta: Mapping[str, Any]) -> str:

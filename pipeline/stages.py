@@ -9,9 +9,9 @@ from dataclasses import replace
 import pyarrow as pa
 
 from encoders import FAMILIES
-from encoders.node_weights import weights_on_this_node
-from encoders.spec import EncoderSpec
-from encoders.weights import ResolvedWeights
+from encoders.core.node_weights import weights_on_this_node
+from encoders.core.spec import EncoderSpec
+from encoders.core.weights import ResolvedWeights
 from pipeline.columns import embedding_column, error_column, extra_columns, extra_to_arrow, prepared_column, vectors_to_arrow
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class EncodeActor:
 
         import torch
 
-        from encoders.device import pick_device
+        from encoders.core.device import pick_device
 
         # One loading bar per actor start only clutters the driver's log. transformers reads this
         # when it is imported (importing it here for the call would cost families that never
@@ -61,15 +61,15 @@ class EncodeActor:
         self.spec = spec
         self.max_tokens = max_tokens
         self.model = FAMILIES.get(spec.family).load(spec, device)
+        self.extras = {modality: extra_columns(spec, modality) for modality in spec.columns}
         log.info("encoder %s loaded on %s (%s, %d threads)", spec.output, device, self.model.precision, torch.get_num_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for modality in self.spec.columns:
             name = prepared_column(self.spec, modality)
-            vectors, valid, *rest = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
+            result = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
             batch = batch.drop_columns([name]).append_column(embedding_column(self.spec, modality),
-                                                             vectors_to_arrow(vectors, valid))
-            extras = rest[0] if rest else {}
-            for key, column, _ in extra_columns(self.spec, modality):  # patch grids, window counts
-                batch = batch.append_column(column, extra_to_arrow(extras[key], valid))
+                                                             vectors_to_arrow(result.vectors, result.valid))
+            for key, column, arrow_type in self.extras[modality]:  # patch grids, window counts
+                batch = batch.append_column(column, extra_to_arrow(result.extras[key], result.valid, arrow_type))
         return batch

@@ -193,7 +193,7 @@ def _encoder_nodes(cluster) -> set[str]:
     # An explicit address: "auto" may find another Ray on this machine.
     return {a.node_id for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")],
                                            limit=10_000, detail=True)
-            if "EncodeActor" in a.class_name and a.node_id}
+            if "MapBatches(Encode[" in a.class_name and a.node_id}
 
 
 def _driver_pids(config: Path) -> list[int]:
@@ -245,10 +245,10 @@ def test_stages_spread_over_the_nodes(cluster, clean_run):
 
     workers = {w.node_id for w in cluster.workers}
     placed = [a.node_id for a in list_actors(address=cluster.address, limit=10_000, detail=True)
-              if "EncodeActor" in a.class_name and a.node_id]
+              if "MapBatches(Encode[" in a.class_name and a.node_id]
     assert placed and set(placed) <= workers
     tasks = {t.node_id for t in list_tasks(address=cluster.address, limit=10_000, detail=True)
-             if t.node_id and any(n in t.name for n in ("write_part", "prepare_batch", "read_chunk_rows"))}
+             if t.node_id and any(n in t.name for n in ("MapBatches(Write)", "MapBatches(Prepare[", "MapBatches(Read)"))}
     assert len(tasks | set(placed)) >= 2
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.adapter import resolve_encode_stage
 from pipeline.config import StageResources
-from pipeline.graph import can_autoscale_gpus, cluster_shape
+from pipeline.cluster import can_autoscale_gpus, cluster_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_ONLY = {"CPU": 4.0, "memory": 8e9}  # what ray.cluster_resources() shows before any GPU node starts

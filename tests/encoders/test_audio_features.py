@@ -1,4 +1,4 @@
-"""The on-device front ends (encoders/audio_features.py) against the models' own feature
+"""The on-device front ends (encoders/audio/features.py) against the models' own feature
 extractors on real speech (espeak-ng and the ALSA voice clips), at the tolerances the module
 documents: AST fbank equal (the same torchaudio call), CLAP log-mel within 0.05 dB max and
 1e-3 dB mean, wav2vec2 normalization within 1e-5."""
@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from encoders.audio_features import ClapFrontEnd, FbankFrontEnd, WaveformFrontEnd
+from encoders.audio.features import ClapFrontEnd, FbankFrontEnd, WaveformFrontEnd
 from tests.audio_data import ALSA_CLIPS, SENTENCES, speak
 
 CLAP_MAX_DB, CLAP_MEAN_DB = 0.05, 1e-3

@@ -1,4 +1,4 @@
-"""The audio prepare stage (encoders/audio.py): bad audio becomes error values and no row is lost,
+"""The audio prepare stage (encoders/audio/prepare.py): bad audio becomes error values and no row is lost,
 decoded samples match librosa's decode of the same files, long files are capped without being
 read whole, and the encoder-side window cutting and pooling match a direct numpy computation."""
 from __future__ import annotations
@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-import encoders.audio as audio
-from encoders.audio import AudioPreprocess, audio_batch, plan_windows, pool_windows, prepare_audio
-from encoders.errors import error_code
+import encoders.audio.prepare as audio
+from encoders.audio.prepare import AudioPreprocess, prepare_audio
+from encoders.audio.windows import audio_batch, plan_windows, pool_windows
+from encoders.core.errors import error_code
 from tests.audio_data import speak, write_bad_files, write_long_wav
 
 PREP = AudioPreprocess.from_options({

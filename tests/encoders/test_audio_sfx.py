@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from encoders import FAMILIES, MODELS
-from encoders.audio import AudioPreprocess, audio_batch, plan_windows, waveforms_to_arrow
+from encoders.audio.prepare import AudioPreprocess, waveforms_to_arrow
+from encoders.audio.windows import audio_batch, plan_windows
 from pipeline.config import config_from_dict
 from pipeline.plan import plan_encoders
 from tests.audio_data import ALSA_CLIPS, SENTENCES, sox, speak, write_long_wav
@@ -95,7 +96,8 @@ def test_fidelity_against_aisfx(sfx, aisfx_model, clips):
     pytest.importorskip("librosa", reason="extra 'dev' not installed")
     spec, encoder = sfx
     prepared = FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(clips))
-    vectors, valid, extras = encoder("audio", prepared.values)
+    result = encoder("audio", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     assert valid.all() and vectors.shape == (len(clips), 512)
     cosines = []
     for vector, count, wave in zip(vectors, extras["windows"], prepared.values.to_pylist()):
@@ -137,7 +139,8 @@ def test_silence_null_and_bad_rows(sfx, tmp_path):
     (tmp_path / "text.wav").write_text("not audio")
     values = [str(tmp_path / "silence.wav"), None, str(tmp_path / "text.wav")]
     prepared = FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(values))
-    vectors, valid, extras = encoder("audio", prepared.values)
+    result = encoder("audio", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     assert valid.tolist() == [True, False, False] and np.isfinite(vectors[0]).all()
     assert prepared.errors[1] is None and prepared.errors[2].startswith("decode_failed")
     assert extras["windows"].tolist() == [1, 0, 0]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from encoders import FAMILIES, MODELS
-from encoders.audio import AudioPreprocess, audio_batch, plan_windows, waveforms_to_arrow
-from encoders.errors import error_code
+from encoders.audio.prepare import AudioPreprocess, waveforms_to_arrow
+from encoders.audio.windows import audio_batch, plan_windows
+from encoders.core.errors import error_code
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.plan import plan_encoders
 from tests.audio_data import ALSA_CLIPS, SENTENCES, VOICES, sox, speak, speech_corpus, write_bad_files, write_long_wav
@@ -46,7 +47,8 @@ def voice_encoder():
 
 def embed(spec, encoder, values: list):
     prepared = FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(values))
-    vectors, valid, extras = encoder("audio", prepared.values)
+    result = encoder("audio", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     return vectors, valid, extras["windows"], prepared
 
 

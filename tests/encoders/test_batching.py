@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from encoders.batching import plan_micro_batches
+from encoders.core.batching import plan_micro_batches
 
 MAX_LENGTH = 256  # MiniLM's max_seq_length: what the encoder sees after truncation
 

@@ -107,7 +107,7 @@ def prepared_clips(spec, clips: list[bytes | None]):
 
 
 def window_count(samples: int, window: int, hop: int, max_windows: int) -> int:
-    """Windows of a clip by the rule of encoders/audio.py: enough to cover it, the last dropped
+    """Windows of a clip by the rule of encoders/audio/prepare.py: enough to cover it, the last dropped
     when under half audio (never the only one), at most max_windows."""
     count = 1 + max(0, int(np.ceil((samples - window) / hop)))
     if count > 1 and samples - (count - 1) * hop < window / 2:
@@ -152,7 +152,8 @@ def test_ast_fidelity_and_windows(ast_folder, speech, pooling):
     spec = plan(ast_folder, pooling=pooling, hop_seconds=1.0, max_windows=3)
     prepared, waves = prepared_clips(spec, [speech["short"], speech["long"], None, b"junk", speech["other"]])
     assert prepared.errors[2] is None and prepared.errors[3].startswith("decode_failed")
-    vectors, valid, extras = FAMILIES.get("hf-audio").load(spec, torch.device("cpu"))("audio", prepared.values)
+    result = FAMILIES.get("hf-audio").load(spec, torch.device("cpu"))("audio", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     assert valid.tolist() == [True, True, False, False, True]
 
     extractor, model = ASTFeatureExtractor.from_pretrained(ast_folder), ASTModel.from_pretrained(ast_folder).eval()
@@ -180,7 +181,8 @@ def test_waveform_fidelity(tmp_path, speech, kind):
     # one micro-batch (padded and masked, or run apart when the model takes no mask).
     spec = plan(folder, preprocessing={"window_seconds": 1.5}, micro_batch=4)
     prepared, waves = prepared_clips(spec, [speech["short"], speech["other"], speech["long"]])
-    vectors, valid, extras = FAMILIES.get("hf-audio").load(spec, torch.device("cpu"))("audio", prepared.values)
+    result = FAMILIES.get("hf-audio").load(spec, torch.device("cpu"))("audio", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     assert valid.all()
 
     extractor, model = Wav2Vec2FeatureExtractor.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
@@ -205,7 +207,7 @@ def test_wav2vec2_rejects_other_pooling(tmp_path):
 
 def clap_reference(model, extractor, clips: list[np.ndarray]) -> torch.Tensor:
     """get_audio_features on the extractor's output; is_longer False for every window (each is at
-    most max_length_s; the extractor would mark one at random, see encoders/audio_features.py)."""
+    most max_length_s; the extractor would mark one at random, see encoders/audio/features.py)."""
     inputs = extractor(clips, sampling_rate=extractor.sampling_rate, return_tensors="pt")
     with torch.no_grad():
         out = model.get_audio_features(input_features=inputs["input_features"],
@@ -222,10 +224,12 @@ def test_clap_text_and_audio_share_a_space(clap_folder, speech):
     texts = ["the dog", "a bird sings in the morning", "", None]
     prepared_text = family.prepare(spec, "text", pa.array(texts))
     assert prepared_text.errors[2].startswith("empty_text") and prepared_text.errors[3] is None
-    text_vectors, text_valid = encoder("text", prepared_text.values)
+    result = encoder("text", prepared_text.values)
+    text_vectors, text_valid = result.vectors, result.valid
     assert text_valid.tolist() == [True, True, False, False]
     prepared, waves = prepared_clips(spec, [speech["short"], speech["other"]])
-    audio_vectors, audio_valid, extras = encoder("audio", prepared.values)
+    result = encoder("audio", prepared.values)
+    audio_vectors, audio_valid, extras = result.vectors, result.valid, result.extras
     assert audio_valid.all() and extras["windows"].tolist() == [1, 1]
 
     model, extractor = ClapModel.from_pretrained(clap_folder).eval(), ClapFeatureExtractor.from_pretrained(clap_folder)
@@ -248,8 +252,10 @@ def test_clap_long_clip_is_windowed_and_deterministic(clap_folder, speech):
     encoder = FAMILIES.get("hf-clap").load(spec, torch.device("cpu"))
     prepared, waves = prepared_clips(spec, [speech["long"]])
     assert len(waves[0]) > 10 * 8000  # longer than the model's 10 s
-    first, _, extras = encoder("audio", prepared.values)
-    second, _, _ = encoder("audio", prepared.values)
+    result = encoder("audio", prepared.values)
+    first, _, extras = result.vectors, result.valid, result.extras
+    result = encoder("audio", prepared.values)
+    second, _, _ = result.vectors, result.valid, result.extras
     count = window_count(len(waves[0]), 80000, 40000, 16)
     assert extras["windows"].tolist() == [count] and count > 1 and np.array_equal(first, second)
     model, extractor = ClapModel.from_pretrained(clap_folder).eval(), ClapFeatureExtractor.from_pretrained(clap_folder)

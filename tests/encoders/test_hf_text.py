@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from encoders import FAMILIES, resolve_weights
-from encoders.errors import ERROR_CODES, error_code
-from encoders.hf_text import LONG_TEXT_MODES, TEXT_OPTIONS, read_folder_settings
-from encoders.pooling import POOLING_MODES
-from encoders.spec import EncoderSpec
-from encoders.weights import ResolvedWeights
+from encoders.core.errors import ERROR_CODES, error_code
+from encoders.text.hf_text import LONG_TEXT_MODES, TEXT_OPTIONS
+from encoders.text.tokenize import read_folder_settings
+from encoders.core.pooling import POOLING_MODES
+from encoders.core.spec import EncoderSpec
+from encoders.core.weights import ResolvedWeights
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 FAMILY = FAMILIES.get("hf-text")
@@ -51,7 +52,8 @@ def make_spec(weights, options=None, dim=None):
 def embed(spec, encoder, values, max_tokens=8192):
     """values -> (vectors, valid, prepared), through the family's own prepare and encoder."""
     prepared = FAMILY.prepare(spec, "text", pa.array(values))
-    vectors, valid = encoder("text", prepared.values, max_tokens=max_tokens)
+    result = encoder("text", prepared.values, max_tokens=max_tokens)
+    vectors, valid = result.vectors, result.valid
     assert vectors.dtype == np.float32 and vectors.shape == (len(values), encoder.dim)
     assert valid.dtype == bool and valid.shape == (len(values),)
     return vectors, valid, prepared

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from encoders import FAMILIES, MODELS
-from encoders.images import ImagePreprocess, images_to_tensor, to_model_input
+from encoders.image.prepare import ImagePreprocess
+from encoders.image.tensors import images_to_tensor, to_model_input
 from pipeline.config import config_from_dict
 from pipeline.plan import plan_encoders
 from tests.image_data import encode, real_photos
@@ -45,7 +46,8 @@ def photo_jpegs() -> dict[str, bytes]:
 
 def embed(spec, encoder, values: list) -> tuple[np.ndarray, np.ndarray, list]:
     prepared = FAMILIES.get(spec.family).prepare(spec, "image", pa.array(values))
-    vectors, valid = encoder("image", prepared.values)
+    result = encoder("image", prepared.values)
+    vectors, valid = result.vectors, result.valid
     return vectors, valid, prepared
 
 
@@ -149,7 +151,8 @@ def test_torchvision_vit_pooling_fidelity(torchvision_vit, photo_jpegs, pooling)
     encoder = FAMILIES.get("image-cnn").load(spec, torch.device("cpu"))
     jpegs = list(photo_jpegs.values())[:3]
     prepared = FAMILIES.get("image-cnn").prepare(spec, "image", pa.array(jpegs + [None]))
-    vectors, valid, *extras = encoder("image", prepared.values)
+    result = encoder("image", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     assert valid.tolist() == [True, True, True, False]
 
     reference = torchvision.models.get_model("vit_b_32", weights=None, num_classes=10, image_size=64)
@@ -166,8 +169,8 @@ def test_torchvision_vit_pooling_fidelity(torchvision_vit, photo_jpegs, pooling)
     expected = heads_input["x"].numpy() if pooling == "cls" else tokens.mean(1)
     assert cosine(vectors[:3], expected).min() >= 0.9999
     if pooling == "patches":
-        grid = extras[0]["patches"][:3].reshape(3, 4, 768)
-        assert np.allclose(grid, tokens, atol=1e-4) and not extras[0]["patches"][3].any()
+        grid = extras["patches"][:3].reshape(3, 4, 768)
+        assert np.allclose(grid, tokens, atol=1e-4) and not extras["patches"][3].any()
     else:
         assert not extras
 

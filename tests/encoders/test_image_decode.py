@@ -1,4 +1,4 @@
-"""The decode rules of encoders/images.py, on real photos in every format and mode, and bad
+"""The decode rules of encoders/image/prepare.py, on real photos in every format and mode, and bad
 files as error values with no row lost."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders.errors import error_code
-from encoders.images import ImagePreprocess, decode_rgb, images_to_tensor, prepare_images, resize_crop
+from encoders.core.errors import error_code
+from encoders.image.prepare import ImagePreprocess, decode_rgb, prepare_images, resize_crop
+from encoders.image.tensors import images_to_tensor
 from tests.image_data import encode, real_photos, write_bad_files
 
 PREP = ImagePreprocess.from_options({"preprocessing": {"resize": 64, "crop": 56, "mean": [0.5] * 3, "std": [0.25] * 3}})

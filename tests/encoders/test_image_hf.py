@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from encoders import FAMILIES
-from encoders.images import ImagePreprocess, images_to_tensor, to_model_input
+from encoders.image.prepare import ImagePreprocess
+from encoders.image.tensors import images_to_tensor, to_model_input
 from tests.encoders.test_image_cnn import cosine, plan_one
 from tests.image_data import encode, real_photos
 
@@ -93,14 +94,15 @@ def test_vision_fidelity(vision_folders, jpegs, kind, pooling):
     family = FAMILIES.get("hf-vision")
     prepared = family.prepare(spec, "image", pa.array(jpegs + [None, b"junk"]))
     assert prepared.errors[-1].startswith("decode_failed") and prepared.errors[-2] is None
-    vectors, valid, *extras = family.load(spec, torch.device("cpu"))("image", prepared.values)
+    result = family.load(spec, torch.device("cpu"))("image", prepared.values)
+    vectors, valid, extras = result.vectors, result.valid, result.extras
     assert valid.tolist() == [True] * len(jpegs) + [False, False]
     hidden = direct_hidden(vision_folders[kind], spec, prepared.values)  # (n, 1 + 16, 32)
     assert hidden.shape[1] == 17
     reference = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(1)
     assert cosine(vectors[valid], reference.numpy()).min() >= 0.9999
     if pooling == "patches":
-        grid = extras[0]["patches"][valid].reshape(len(jpegs), 16, 32)
+        grid = extras["patches"][valid].reshape(len(jpegs), 16, 32)
         assert cosine(grid.reshape(-1, 32), hidden[:, 1:].reshape(-1, 32).numpy()).min() >= 0.9999
     else:
         assert not extras
@@ -135,9 +137,11 @@ def test_clip_text_and_image_fidelity(clip_folder, jpegs):
     texts = ["the cat", "a photo of the cat sitting on the mat", "", None]
     prepared_text = family.prepare(spec, "text", pa.array(texts))
     assert prepared_text.errors[2].startswith("empty_text") and prepared_text.errors[3] is None
-    text_vectors, text_valid = encoder("text", prepared_text.values)
+    result = encoder("text", prepared_text.values)
+    text_vectors, text_valid = result.vectors, result.valid
     prepared_image = family.prepare(spec, "image", pa.array(jpegs))
-    image_vectors, image_valid = encoder("image", prepared_image.values)
+    result = encoder("image", prepared_image.values)
+    image_vectors, image_valid = result.vectors, result.valid
     assert text_valid.tolist() == [True, True, False, False] and image_valid.all()
 
     model = CLIPModel.from_pretrained(clip_folder).eval()

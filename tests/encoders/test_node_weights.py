@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from encoders.node_weights import weights_on_this_node
-from encoders.weights import ResolvedWeights, WeightsNotFoundError
+from encoders.core.node_weights import weights_on_this_node
+from encoders.core.weights import ResolvedWeights, WeightsNotFoundError
 
 
 class SlowHub:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoders.pooling import POOLING_MODES, check_pooling, pool_tokens
+from encoders.core.pooling import POOLING_MODES, check_pooling, pool_tokens
 
 PAD = 1000.0  # padded positions hold huge values: any leak shows up in every mode
 

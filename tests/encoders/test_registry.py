@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from encoders import FAMILIES, MODELS, ModelAlias, register_model, resolve_weights
-from encoders import registry
-from encoders.registry import Registry, UnknownNameError, detect_family
+from encoders.core import registry
+from encoders.core.registry import Registry, UnknownNameError, detect_family
 
 
 def test_registering_a_name_twice_raises_and_keeps_the_first():

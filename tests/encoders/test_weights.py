@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub.errors import HFValidationError
 
 from encoders import MODELS, WeightsNotFoundError, resolve_weights
-from encoders.weights import weight_files, weights_sha256
+from encoders.core.weights import weight_files, weights_sha256
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 

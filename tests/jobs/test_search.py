@@ -84,7 +84,8 @@ def test_id_query_leaves_the_row_out(job_data):
 def test_cross_modal_text_to_image_equals_direct_clip(ray_session, tmp_path):
     from transformers import CLIPModel, CLIPTokenizerFast
 
-    from encoders.images import ImagePreprocess, images_to_tensor, prepare_images, to_model_input
+    from encoders.image.prepare import ImagePreprocess, prepare_images
+    from encoders.image.tensors import images_to_tensor, to_model_input
     from jobs.entrypoint import JobError
     from pipeline.graph import run
     from tests.encoders.test_image_hf import save_tiny_clip

@@ -135,3 +135,40 @@ def test_task_stage_is_not_fused_into_the_actor_with_equal_resources(ray_session
     assert len(rows) == 16 and {r["threads"] for r in rows} == {1}
     assert all(r["task_pid"] != r["actor_pid"] for r in rows)  # fused, both would run in the actor
     assert "_task_pid->" not in ds.stats() and "->MapBatches(_Pid)" not in ds.stats()
+
+
+def _same(batch):
+    return batch
+
+
+class _Same:
+    def __call__(self, batch):
+        return batch
+
+
+def test_stages_carry_their_names_into_ray_data(ray_session):
+    """Each operator is named after its stage, so progress bars and ``stats()`` tell two
+    encoders apart instead of showing two identical ``MapBatches(EncodeActor)``."""
+    import ray.data
+
+    task = resolve_task_stage(StageResources(cpus=0.5), 4)
+    actor = resolve_encode_stage(StageResources(cpus=0.5, threads=1), ClusterShape(cpus=2, gpus=0), 4, "e")
+    ds = ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b, batch_format="pyarrow")
+    for output in ("title", "photo"):
+        ds = apply_stage(ds, _same, task, name=f"Prepare[{output}]")
+        ds = apply_stage(ds, _Same, actor, name=f"Encode[{output}]")
+    assert sorted(r["id"] for r in ds.take_all()) == list(range(8))
+    stats = ds.stats()
+    for name in ("Prepare[title]", "Encode[title]", "Prepare[photo]", "Encode[photo]"):
+        assert f"MapBatches({name})" in stats, name
+
+
+def test_named_stage_keeps_the_callable_and_its_arguments():
+    ds = RecordingDataset()
+    apply_stage(ds, _Pid, resolve_task_stage(StageResources(), 4), name="Encode[t]", fn_constructor_kwargs={"threads": 1})
+    apply_stage(ds, _task_pid, resolve_task_stage(StageResources(), 4), name="Prepare[t]")
+    (actor, actor_kwargs), (task, _) = ds.calls
+    assert actor.__name__ == "Encode[t]" and issubclass(actor, _Pid) and actor_kwargs["fn_constructor_kwargs"] == {"threads": 1}
+    assert task.__name__ == "Prepare[t]"
+    batch = __import__("pyarrow").table({"x": [1, 2]})
+    assert task(batch).column("task_pid").to_pylist() == _task_pid(batch).column("task_pid").to_pylist()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from encoders import FAMILIES
-from encoders.errors import error_code
+from encoders.core.errors import error_code
 from pipeline.cli import main as cli_main
 from tests.audio_data import SENTENCES, speak, write_bad_files, write_long_wav
 from tests.image_data import encode, real_photos
@@ -39,9 +39,10 @@ def direct(model: str, modality: str, values: list, **options) -> tuple[np.ndarr
     """The reference: the family's own prepare and model, called outside Ray."""
     spec = plan(model, modality, **options)
     family = FAMILIES.get(spec.family)
-    vectors, valid, *rest = family.load(spec, torch.device("cpu"))(modality, family.prepare(spec, modality, pa.array(values)).values)
+    result = family.load(spec, torch.device("cpu"))(modality, family.prepare(spec, modality, pa.array(values)).values)
+    vectors, valid, rest = result.vectors, result.valid, result.extras
     assert valid.all()
-    return vectors, (rest[0]["windows"] if rest else None)
+    return vectors, (rest["windows"] if rest else None)
 
 
 def cosine(a, b) -> float:

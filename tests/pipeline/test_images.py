@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from encoders import FAMILIES
-from encoders.errors import error_code
+from encoders.core.errors import error_code
 from pipeline.cli import build_parser, config_from_flags
 from pipeline.cli import main as cli_main
 from tests.image_data import encode, real_photos, write_bad_files
@@ -29,7 +29,8 @@ def direct_vectors(model: str, values: list) -> np.ndarray:
 
     spec = plan_one(model)
     family = FAMILIES.get(spec.family)
-    vectors, valid = family.load(spec, torch.device("cpu"))("image", family.prepare(spec, "image", pa.array(values)).values)
+    result = family.load(spec, torch.device("cpu"))("image", family.prepare(spec, "image", pa.array(values)).values)
+    vectors, valid = result.vectors, result.valid
     assert valid.all()
     return vectors
 

@@ -12,7 +12,7 @@ Decode rules (README "Images"):
 - Resize (shorter side to ``resize``) and center crop (``crop``) come from the model's declared
   preprocessing, never from constants here. The result ships as ``crop*crop*3`` bytes, CHW.
 
-Normalization and the float conversion happen on the encoder's device (see ``to_model_input``).
+Normalization and the float conversion happen on the encoder's device (encoders/image/tensors.py).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from encoders.errors import error_value
-from encoders.files import RowError as ImageError, read_bytes as _read  # shared with audio
-from encoders.spec import Prepared
+from encoders.core.errors import error_value
+from encoders.core.files import RowError as ImageError, read_bytes as _read  # shared with audio
+from encoders.core.spec import Prepared
 
 IMAGE_TYPE = pa.binary()  # per row: uint8 CHW bytes, shape (3, crop, crop) from the spec
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -231,22 +231,11 @@ def resize_crop(image: torch.Tensor, prep: ImagePreprocess) -> torch.Tensor:
     return F.center_crop(image, [prep.crop, prep.crop]).contiguous()
 
 
-def images_to_tensor(values: pa.Array, crop: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Prepared bytes -> ((m, 3, crop, crop) uint8 of the non-null rows, (n,) valid mask)."""
-    rows = values.to_pylist()
-    valid = np.array([r is not None for r in rows], dtype=bool)
-    kept = [r for r in rows if r is not None]
-    if not kept:
-        return torch.empty((0, 3, crop, crop), dtype=torch.uint8), valid
-    flat = np.frombuffer(b"".join(kept), dtype=np.uint8)
-    return torch.from_numpy(flat.copy()).view(len(kept), 3, crop, crop), valid
-
-
-def to_model_input(images: torch.Tensor, prep: ImagePreprocess, device: torch.device,
-                   channels_last: bool = False) -> torch.Tensor:
-    """(n, 3, h, w) uint8 on CPU -> normalized float32 on ``device`` (the cast happens there)."""
-    x = images.to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def resolve_image_options(opts: dict[str, Any], declared: Mapping[str, Any] | None) -> None:
+    """An image family's ``preprocessing`` (the user's, else what the model declares) checked and
+    stored as plain data, and ``max_pixels`` checked."""
+    if opts["preprocessing"] is None:
+        opts["preprocessing"] = declared
+    opts["preprocessing"] = ImagePreprocess.from_options(opts).as_dict()
+    if opts["max_pixels"] < 1:
+        raise ValueError("option max_pixels: must be >= 1")

@@ -37,9 +37,20 @@ from typing import Any, Mapping
 
 import torch
 
+from encoders.audio.prepare import AUDIO_OPTIONS, DEFAULT_MIN_SECONDS, resolve_audio_options
+from encoders.core.device import check_runtime_options
+
 CLAP_PADDING = ("repeatpad", "repeat", "pad")
 CLAP_TRUNCATION = ("fusion", "rand_trunc")
 FBANK_FRAME_MS, FBANK_SHIFT_MS = 25.0, 10.0  # ASTFeatureExtractor keeps kaldi.fbank's defaults
+DEFAULT_WAVEFORM_WINDOW_S = 10.0  # wav2vec2 / HuBERT declare no length; 10 s as AST and CLAP
+
+# Options both Hugging Face audio families (hf-audio, hf-clap) take beside their own.
+HF_WINDOW_OPTIONS: dict[str, tuple[Any, Any]] = {
+    **AUDIO_OPTIONS,  # preprocessing, hop_seconds, max_windows, window_pooling
+    "precision": (str, "auto"),
+    "micro_batch": (int, 8),
+}
 
 
 @functools.lru_cache(maxsize=16)
@@ -194,3 +205,21 @@ def front_end_options(family_kind: str, fe: Any) -> dict[str, Any]:
 def front_end_from_options(family_kind: str, params: Mapping[str, Any]) -> Any:
     cls = {"ast": FbankFrontEnd, "waveform": WaveformFrontEnd, "clap": ClapFrontEnd}[family_kind]
     return cls(**params)
+
+
+def resolve_window_options(opts: dict[str, Any], rate: int, model_window_s: float | None, min_seconds: float) -> None:
+    """The ``preprocessing`` the model declares (its rate, its window length, the shortest clip it
+    can take), with the user's keys over it; then the window and batch options checked."""
+    declared = {"sample_rate": rate, "window_seconds": model_window_s or DEFAULT_WAVEFORM_WINDOW_S,
+                "min_seconds": max(DEFAULT_MIN_SECONDS, min_seconds)}
+    opts["preprocessing"] = {**declared, **(opts["preprocessing"] or {})}
+    prep = resolve_audio_options(opts)
+    if prep.sample_rate != rate:
+        raise ValueError(f"preprocessing.sample_rate {prep.sample_rate} is not the model's rate {rate}")
+    if model_window_s is not None and prep.window_seconds > model_window_s:
+        raise ValueError(f"preprocessing.window_seconds {prep.window_seconds} is longer than the model takes "
+                         f"({model_window_s:g} s)")
+    if prep.min_seconds < min_seconds:
+        raise ValueError(f"preprocessing.min_seconds {prep.min_seconds} is shorter than the model can take "
+                         f"({min_seconds:g} s)")
+    check_runtime_options(opts)

@@ -1,7 +1,7 @@
 """Reading a row's input file: a local path, ``file://``, any pyarrow/fsspec URI, or raw bytes.
 
 Shared by the image and audio prepare stages. Failures raise ``RowError`` carrying a closed
-error code (encoders/errors.py), which the prepare stage turns into the row's error value.
+error code (encoders/core/errors.py), which the prepare stage turns into the row's error value.
 """
 from __future__ import annotations
 

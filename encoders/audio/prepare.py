@@ -1,5 +1,5 @@
-"""Audio for the CPU prepare stage (decode, mono, resample, cap) and for the encoder (windows on
-its device, pooling per clip).
+"""Audio for the CPU prepare stage: decode, mono, resample, cap; and the options every audio
+family shares. The encoder's side (windows on its device, pooling per clip) is windows.py.
 
 Prepared value, one per row (``AUDIO_TYPE``, Arrow ``list<float32>``; null when absent or bad):
     the clip from its start, mono, float32, at the model's ``sample_rate``, cut to at most
@@ -39,15 +39,16 @@ whatever the file's length or channel count: a one-hour 48 kHz stereo file costs
 10 s windows) describe a clip while one row stays under ~10 MiB of samples and bounded compute.
 
 How an audio family uses this module:
-    - options: merge ``AUDIO_OPTIONS`` into its table; in ``build_spec`` store
-      ``AudioPreprocess.from_options(opts).as_dict()`` as ``preprocessing`` (declared data:
-      ``sample_rate``, ``window_seconds``, ``min_seconds``, ``min_coverage``) and check
-      ``validate_window_pooling(opts["window_pooling"])``;
+    - options: merge ``AUDIO_OPTIONS`` into its table; in ``build_spec`` call
+      ``resolve_audio_options(opts)``, which stores the declared data (``sample_rate``,
+      ``window_seconds``, ``min_seconds``, ``min_coverage``) as ``preprocessing`` and checks the
+      window options; a declared front end is read with ``declared_features``;
     - prepare: ``prepare_audio(values, AudioPreprocess.from_options(spec.options))``;
-    - encode: ``batch = audio_batch(values, prep, device)``; ``batch.windows(i, j, context)`` ->
-      (w, samples) float32 on the device for micro-batches of windows, ``batch.window_lengths()``
-      for masks; ``pool_windows(vectors, batch.window_rows, n, mode)`` -> (n, d); return
-      ``(vectors, batch.valid, {"windows": batch.counts})`` (``<output>_windows``).
+    - columns: ``extra_columns`` returns ``(WINDOWS,)`` (windows.py: ``<output>_windows``);
+    - encode (windows.py): ``batch = audio_batch(values, prep, device)``; ``batch.windows(i, j,
+      context)`` -> (w, samples) float32 on the device for micro-batches of windows,
+      ``batch.window_lengths()`` for masks; ``pool_windows(vectors, batch.window_rows, n, mode)``
+      -> (n, d); return ``EncodeResult(vectors, batch.valid, {"windows": batch.counts})``.
 """
 from __future__ import annotations
 
@@ -55,17 +56,16 @@ import functools
 import io
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from encoders.errors import error_value
-from encoders.files import RowError, open_input
-from encoders.spec import Prepared
+from encoders.core.errors import error_value
+from encoders.core.files import RowError, open_input
+from encoders.core.spec import EncoderFamily, EncoderSpec, ExtraColumn, Prepared
 
 AUDIO_TYPE = pa.list_(pa.float32())  # per row: mono float32 samples at the model's rate
 DEFAULT_MAX_WINDOWS = 16  # 16 x 10 s windows = 2.7 min per clip, 10 MiB of samples per row at 16 kHz
@@ -165,7 +165,44 @@ def validate_window_pooling(value: str) -> str:
     return value
 
 
-# --- prepare (CPU task) -----------------------------------------------------------------------
+# ``<output>_windows``: how many windows were pooled into each clip's vector (null without one).
+WINDOWS = ExtraColumn("windows", pa.int32())
+
+
+class AudioFamily(EncoderFamily):
+    """The prepare half and the extra column that every audio family shares."""
+
+    modalities: tuple[str, ...] = ("audio",)
+
+    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
+        return prepare_audio(values, AudioPreprocess.from_options(spec.options))
+
+    def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
+        return (WINDOWS,) if modality == "audio" else ()
+
+
+def resolve_audio_options(opts: dict[str, Any]) -> AudioPreprocess:
+    """The shared audio options of a family's table, checked: ``preprocessing`` stored as plain
+    data, ``hop_seconds`` and ``max_windows`` resolved (the metadata shows them), the pooling."""
+    prep = AudioPreprocess.from_options(opts)
+    opts["preprocessing"] = prep.as_dict()
+    opts["hop_seconds"], opts["max_windows"] = prep.hop_seconds, prep.max_windows
+    validate_window_pooling(opts["window_pooling"])
+    return prep
+
+
+def declared_features(options: Mapping[str, Any], keys: tuple[str, ...], int_keys: tuple[str, ...]) -> dict[str, Any]:
+    """A front end the model declares as data (option ``features``: exactly ``keys``), as numbers."""
+    raw = options.get("features")
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"option features: the model declares no front end ({', '.join(keys)})")
+    missing = [k for k in keys if k not in raw]
+    unknown = sorted(set(raw) - set(keys))
+    if missing or unknown:
+        problem = f"missing {missing[0]!r}" if missing else f"unknown key {unknown[0]!r}"
+        raise ValueError(f"option features: {problem}; valid keys: {', '.join(keys)}")
+    return {k: int(raw[k]) if k in int_keys else float(raw[k]) for k in keys}
+
 
 def prepare_audio(values: pa.Array, prep: AudioPreprocess) -> Prepared:
     """Paths/URIs (str) or encoded bytes -> per row the prepared waveform (see the module
@@ -310,135 +347,3 @@ def _read_mono(audio: Any, limit: int) -> np.ndarray:
     if declared and filled + max(2304, wanted // 100) < wanted:
         raise RowError("decode_failed", f"truncated: the file ends after {filled} of the {declared} frames its header declares")
     return out[:filled]
-
-
-# --- encoder side -----------------------------------------------------------------------------
-
-def plan_windows(n_samples: int, prep: AudioPreprocess) -> np.ndarray:
-    """The start sample of each window of a clip of ``n_samples`` (rule in the module docstring)."""
-    window, hop = prep.window_samples, prep.hop_samples
-    count = 1 + max(0, math.ceil((n_samples - window) / hop))
-    if count > 1 and n_samples - (count - 1) * hop < prep.min_window_samples:
-        count -= 1
-    return np.arange(min(count, prep.max_windows), dtype=np.int64) * hop
-
-
-@dataclass
-class AudioBatch:
-    """One encoder call's prepared clips on the encoder's device, with their window plan.
-    Windows are listed row by row, in time order."""
-
-    flat: torch.Tensor  # (T,) float32: the non-null clips end to end
-    offsets: np.ndarray  # (n + 1,) int64: row i is flat[offsets[i]:offsets[i + 1]]
-    valid: np.ndarray  # (n,) bool: rows that have a clip
-    counts: np.ndarray  # (n,) int64: windows per row (0 where not valid)
-    window_rows: np.ndarray  # (W,) int64: the row of each window
-    window_starts: np.ndarray  # (W,) int64: each window's first sample within its row
-    prep: AudioPreprocess
-    _layouts: dict = field(default_factory=dict, repr=False)  # (context, align) -> layout()
-
-    @property
-    def n_windows(self) -> int:
-        return len(self.window_rows)
-
-    def lengths(self) -> np.ndarray:
-        """(n,) int64 samples per row."""
-        return np.diff(self.offsets)
-
-    def window_lengths(self) -> np.ndarray:
-        """(W,) int64: samples of audio in each window (the rest of the window is zeros)."""
-        return np.clip(self.lengths()[self.window_rows] - self.window_starts, 0, self.prep.window_samples)
-
-    def row_reduce(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
-        """(T,) per-sample values (e.g. ``flat ** 2``) -> (n,) their ``sum`` or ``max`` per row
-        (0 for rows without samples), in segments: no per-sample row index is built."""
-        lengths = torch.from_numpy(self.lengths()).to(values.device)
-        return torch.segment_reduce(values, reduce, lengths=lengths, unsafe=True, initial=0)
-
-    def layout(self, context: tuple[int, int] = (0, 0), align: int = 1) -> tuple[torch.Tensor, np.ndarray]:
-        """The rows copied into one zero-filled tensor on the device, each with zeros around it:
-        -> ``(padded, bases)``, row r's sample 0 at ``padded[bases[r]]``, at least ``left`` zeros
-        before it and zeros after it for as far as its last window reaches (+ ``right``), and
-        ``(bases[r] - left) % align == 0`` (so frames of hop ``align`` fall on the same samples
-        in every row). Every window is then one contiguous slice. Cached per (context, align)."""
-        key = (context, align)
-        if key not in self._layouts:
-            left, right = context
-            lengths = self.lengths()
-            window_ends = np.zeros(len(lengths), dtype=np.int64)  # the furthest sample a row's windows reach
-            if self.n_windows:
-                np.maximum.at(window_ends, self.window_rows, self.window_starts + self.prep.window_samples)
-            spans = np.maximum(lengths, window_ends) + right  # a row's samples and trailing zeros
-            bases = np.zeros(len(lengths), dtype=np.int64)
-            position = 0
-            for r, span in enumerate(spans):
-                start = -(-position // align) * align  # the row's leading context starts here
-                bases[r] = start + left
-                position = bases[r] + span
-            padded = torch.zeros(max(position, left + self.prep.window_samples + right), dtype=self.flat.dtype,
-                                 device=self.flat.device)
-            for r in np.flatnonzero(lengths):
-                padded[bases[r]: bases[r] + lengths[r]] = self.flat[self.offsets[r]: self.offsets[r + 1]]
-            self._layouts[key] = (padded, bases)
-        return self._layouts[key]
-
-    def windows(self, start: int = 0, stop: int | None = None, context: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """Windows ``start:stop`` -> (w, left + window + right) float32 on the device. Each spans
-        its row's samples [s - left, s + window + right); samples outside the row are zeros.
-        ``context`` lets a centred STFT see the neighbours it would see over the whole clip."""
-        stop = self.n_windows if stop is None else min(stop, self.n_windows)
-        left, right = context
-        size = left + self.prep.window_samples + right
-        if stop <= start:
-            return torch.zeros((0, size), dtype=torch.float32, device=self.flat.device)
-        padded, bases = self.layout(context)
-        firsts = bases[self.window_rows[start:stop]] + self.window_starts[start:stop] - left
-        # Every window is a slice of ``padded``: one strided view, one copy of the rows asked for.
-        return padded.unfold(0, size, 1)[torch.from_numpy(firsts).to(padded.device)]
-
-    def scale_rows(self, factors: torch.Tensor) -> None:
-        """Multiply each row's samples by its factor ((n,) on the device), in place."""
-        lengths = torch.from_numpy(self.lengths()).to(self.flat.device)
-        self.flat = self.flat * torch.repeat_interleave(factors.to(self.flat.dtype), lengths, output_size=self.flat.numel())
-        self._layouts.clear()
-
-
-def audio_batch(values: pa.Array, prep: AudioPreprocess, device: torch.device | str = "cpu") -> AudioBatch:
-    """Prepared values (``AUDIO_TYPE``) -> an ``AudioBatch`` on ``device``: one copy of the samples
-    to the device, windows cut there on demand."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    valid = ~values.is_null().to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    plans = [plan_windows(int(n), prep) if ok else np.zeros(0, np.int64) for n, ok in zip(lengths, valid)]
-    counts = np.array([len(p) for p in plans], dtype=np.int64)
-    return AudioBatch(
-        # Arrow's buffers are read-only: one copy (as the device transfer would make anyway).
-        flat=torch.from_numpy(flat.copy() if not flat.flags.writeable else flat).to(device),
-        offsets=offsets, valid=valid, counts=counts,
-        window_rows=np.repeat(np.arange(len(values), dtype=np.int64), counts),
-        window_starts=np.concatenate(plans) if plans else np.zeros(0, np.int64),
-        prep=prep,
-    )
-
-
-def pool_windows(vectors: torch.Tensor, window_rows: np.ndarray, n_rows: int, mode: str = "mean") -> torch.Tensor:
-    """(W, d) window vectors -> (n_rows, d) clip vectors: ``mean``, ``max`` or ``first`` over each
-    row's windows. Rows without windows get zeros (their valid flag is False)."""
-    validate_window_pooling(mode)
-    rows = torch.from_numpy(window_rows).to(vectors.device)
-    out = torch.zeros((n_rows, vectors.shape[1]), dtype=vectors.dtype, device=vectors.device)
-    if vectors.shape[0] == 0:
-        return out
-    if mode == "max":
-        index = rows[:, None].expand_as(vectors)
-        return out.scatter_reduce_(0, index, vectors, reduce="amax", include_self=False)
-    if mode == "first":
-        first = np.flatnonzero(np.r_[True, window_rows[1:] != window_rows[:-1]])  # rows are grouped
-        out[torch.from_numpy(window_rows[first]).to(vectors.device)] = vectors[torch.from_numpy(first).to(vectors.device)]
-        return out
-    counts = torch.bincount(rows, minlength=n_rows).clamp_(min=1).to(vectors.dtype)
-    return out.index_add_(0, rows, vectors) / counts[:, None]

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
+import numpy as np
 import pyarrow as pa
 
-from encoders.weights import ResolvedWeights
+from encoders.core.weights import ResolvedWeights
 
 
 @dataclass(frozen=True)
@@ -54,31 +55,74 @@ class Prepared:
     errors: list[str | None]
 
 
+@dataclass(frozen=True)
+class ExtraColumn:
+    """A per-row output a family adds beside ``_embedding``/``_error``, named
+    ``<output>[_<modality>]_<name>``: ``arrow_type`` is ``list<float32>`` for (n, k) float rows
+    (the output's ``dtype`` applies, as to vectors) or an integer type for (n,) counts."""
+
+    name: str
+    arrow_type: pa.DataType
+
+
+@dataclass
+class EncodeResult:
+    """What an encoder returns for one batch of prepared values, in input order."""
+
+    vectors: np.ndarray  # (n, dim) float32; rows where ``valid`` is False are ignored
+    valid: np.ndarray  # (n,) bool: the row has a vector
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # ExtraColumn.name -> (n, k) or (n,)
+
+
 class Encoder(Protocol):
+    """The model half of a family: loaded once in the encoder actor, on its device."""
+
     dim: int
-    device: str
+    device: Any
     precision: str
 
-    def __call__(self, modality: str, values: pa.Array, max_tokens: int) -> tuple[Any, ...]:
-        """Prepared values -> ((n, dim) float32 vectors, (n,) bool valid mask), optionally with a
-        third item, a dict of extra per-row outputs: ``"patches"`` ((n, N*D) float32, pooling
-        ``patches``) or ``"windows"`` ((n,) int, audio: windows pooled per clip). The pipeline
-        writes them to ``<output>_patches`` / ``<output>_windows`` (pipeline/columns.py)."""
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int) -> EncodeResult:
+        """Prepared values (``Prepared.values``) -> vectors, a valid mask and the family's extras."""
+        ...
 
 
-class EncoderFamily(Protocol):
+class EncoderFamily:
+    """One way of turning a model folder into vectors. A family names its modalities, builds a
+    picklable spec on the driver (options checked, D known), prepares values in CPU tasks and
+    loads its ``Encoder`` in the actor. Subclasses set ``name`` and ``modalities``."""
+
     name: str
     modalities: tuple[str, ...]
-    # Optional: torch threads per CPU actor that measure best for this family; absent means
-    # one actor per encoder using all idle cores (pipeline/adapter.py).
-    # cpu_actor_threads: int
+    # Torch threads per CPU actor that measure best for this family, in as many actors as the
+    # cores allow; None: one actor per encoder using all idle cores (pipeline/adapter.py).
+    cpu_actor_threads: int | None = None
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec: ...
+    def build_spec(
+        self,
+        output: str,
+        columns: Mapping[str, str],
+        weights: ResolvedWeights,
+        options: Mapping[str, Any],
+        dim: int | None,
+    ) -> EncoderSpec:
+        raise NotImplementedError
 
-    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared: ...
+    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
+        raise NotImplementedError
 
-    def load(self, spec: EncoderSpec, device: Any) -> Encoder: ...
+    def load(self, spec: EncoderSpec, device: Any) -> Encoder:
+        raise NotImplementedError
+
+    def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
+        """The per-row outputs this spec adds for ``modality`` (patch grids, window counts)."""
+        return ()
+
+
+def check_dim(spec: EncoderSpec, dim: int) -> int:
+    """The loaded model's D against the plan's (the output schema was written with it)."""
+    if spec.dim and spec.dim != dim:
+        raise RuntimeError(f"encoder {spec.output!r}: model gives {dim}-d vectors, but the plan expected {spec.dim}")
+    return dim
 
 
 def validate_options(options: Mapping[str, Any], table: Mapping[str, tuple[Any, Any]], family: str) -> dict[str, Any]:

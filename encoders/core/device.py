@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import Any, ContextManager, Mapping
 
 import torch
 
@@ -24,6 +24,13 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def check_runtime_options(opts: Mapping[str, Any]) -> None:
+    """The options every family shares: ``precision`` a known name, ``micro_batch`` >= 1 where set."""
+    resolve_precision(torch.device("cpu"), opts["precision"])
+    if opts.get("micro_batch") is not None and opts["micro_batch"] < 1:
+        raise ValueError(f"option micro_batch: must be >= 1, got {opts['micro_batch']}")
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager[object]:

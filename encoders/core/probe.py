@@ -44,7 +44,7 @@ def spec_with_dim(family: Any, output: str, columns: Mapping[str, str], weights:
     the loaded model, cached under the family, weights hash, model and ``probe_key``."""
     import torch
 
-    from encoders.spec import EncoderSpec
+    from encoders.core.spec import EncoderSpec
 
     spec = EncoderSpec(output, family.name, dict(columns), weights, dim or 0, sha, options)
     if dim is None:

@@ -11,14 +11,14 @@ Windows are resemblyzer's partials. ``embed_utterance(wav, rate=1.3, min_coverag
 160-frame (1.6 s) partials every round(16000 / 1.3 / 160) = 77 frames (0.77 s), zero-pads the last,
 drops it when under 75% audio, computes the mel once over the whole utterance and averages the
 L2-normalized partial vectors, then L2-normalizes the mean. Here the declared window plan is the
-same (window 1.6 s, hop 0.77 s, min_coverage 0.75; encoders/audio.py): each window's mel is
+same (window 1.6 s, hop 0.77 s, min_coverage 0.75; encoders/audio/prepare.py): each window's mel is
 computed with the 200 / 40 samples of context a whole-clip centred STFT gives its edge frames, so
 a clip under ``max_windows`` (64 partials, 50 s) gets exactly ``embed_utterance``'s vector, and a
 longer one the vector of its first 50 s. ``<output>_windows`` counts the partials averaged.
 
 Differences from resemblyzer's ``preprocess_wav``, on purpose:
 - its webrtcvad silence trimming does not run (webrtcvad does not install here); resampling is
-  torchaudio's, not librosa's (prepare stage, encoders/audio.py);
+  torchaudio's, not librosa's (prepare stage, encoders/audio/prepare.py);
 - digital silence (RMS 0) gets no gain (resemblyzer would multiply 0 by infinity and return
   NaN): it gets the network's vector for an all-zero spectrogram, a finite constant vector.
 """
@@ -26,16 +26,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from encoders.audio import AUDIO_OPTIONS, AudioPreprocess, audio_batch, pool_windows, prepare_audio, validate_window_pooling
-from encoders.device import autocast, resolve_precision
-from encoders.probe import spec_with_dim
-from encoders.registry import FAMILIES
-from encoders.spec import EncoderSpec, Prepared, validate_options
-from encoders.weights import ResolvedWeights
+from encoders.audio.prepare import AUDIO_OPTIONS, AudioFamily, AudioPreprocess, declared_features, resolve_audio_options
+from encoders.audio.windows import audio_batch, pool_windows
+from encoders.core.device import autocast, check_runtime_options, resolve_precision
+from encoders.core.probe import spec_with_dim
+from encoders.core.spec import EncodeResult, EncoderSpec, check_dim, validate_options
+from encoders.core.weights import ResolvedWeights
 
 INT16_MAX = 2 ** 15 - 1
 # Windows per LSTM forward. On one CPU thread 32-48 windows keep the gates (b x 1024) in cache:
@@ -56,24 +55,14 @@ SPEAKER_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 
 def _features(options: Mapping[str, Any]) -> dict[str, Any]:
-    raw = options.get("features")
-    if not isinstance(raw, Mapping):
-        raise ValueError("option features: the model declares no front end (n_fft, hop_length, n_mels, target_dbfs)")
-    missing = [k for k in FEATURE_KEYS if k not in raw]
-    unknown = sorted(set(raw) - set(FEATURE_KEYS))
-    if missing or unknown:
-        raise ValueError(f"option features: {'missing ' + repr(missing[0]) if missing else 'unknown key ' + repr(unknown[0])}; "
-                         f"valid keys: {', '.join(FEATURE_KEYS)}")
-    features = {"n_fft": int(raw["n_fft"]), "hop_length": int(raw["hop_length"]), "n_mels": int(raw["n_mels"]),
-                "target_dbfs": float(raw["target_dbfs"])}
+    features = declared_features(options, FEATURE_KEYS, ("n_fft", "hop_length", "n_mels"))
     if features["hop_length"] < 1 or features["n_fft"] < features["hop_length"]:
         raise ValueError("option features: need 1 <= hop_length <= n_fft")
     return features
 
 
-class SpeakerFamily:
+class SpeakerFamily(AudioFamily):
     name = "audio-speaker"
-    modalities = ("audio",)
     # On CPU, one torch thread per actor in as many actors as there are cores: the LSTM's 160
     # small steps per window each end in a barrier, so a two-thread forward stalls whenever a
     # prepare task takes a core (pipeline/adapter.py).
@@ -81,22 +70,14 @@ class SpeakerFamily:
 
     def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
                    options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.weights import weights_sha256
+        from encoders.core.weights import weights_sha256
 
         opts = validate_options(options, SPEAKER_OPTIONS, self.name)
-        prep = AudioPreprocess.from_options(opts)
-        opts["preprocessing"] = prep.as_dict()
-        opts["hop_seconds"], opts["max_windows"] = prep.hop_seconds, prep.max_windows  # metadata shows them
+        resolve_audio_options(opts)
         opts["features"] = _features(opts)
-        validate_window_pooling(opts["window_pooling"])
-        resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
-        if opts["micro_batch"] is not None and opts["micro_batch"] < 1:
-            raise ValueError("option micro_batch: must be >= 1")
+        check_runtime_options(opts)
         sha = weights_sha256(weights.path)
         return spec_with_dim(self, output, columns, weights, sha, opts, dim)
-
-    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
-        return prepare_audio(values, AudioPreprocess.from_options(spec.options))
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "SpeakerEncoder":
         return SpeakerEncoder(spec, device)
@@ -152,13 +133,11 @@ class SpeakerEncoder:
         self.context = (n_fft // 2, n_fft // 2 - hop)
         # Windows that start on the frame grid share their frames with the clip's mel.
         self.shared_frames = self.prep.hop_samples % hop == 0
-        self.dim = int(self.net.linear.out_features)
-        if spec.dim and spec.dim != self.dim:
-            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+        self.dim = check_dim(spec, int(self.net.linear.out_features))
 
-    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> EncodeResult:
         batch = self.batch(values)
-        return self.forward(batch).cpu().numpy(), batch.valid, {"windows": batch.counts}
+        return EncodeResult(self.forward(batch).cpu().numpy(), batch.valid, {"windows": batch.counts})
 
     def batch(self, values: pa.Array) -> Any:
         """Prepared values -> an ``AudioBatch`` on the device (volume normalization happens in
@@ -221,5 +200,3 @@ class SpeakerEncoder:
         with autocast(self.device, self.precision):
             return self.net(mels).float()
 
-
-FAMILIES.register(SpeakerFamily.name, SpeakerFamily())

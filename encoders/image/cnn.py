@@ -13,7 +13,7 @@ Two weight forms, both loaded without executing pickled code:
   ``torch.load(weights_only=True)``; ``architecture`` and ``preprocessing`` come from the registry
   alias (``efficientnet-lite0``).
 
-Prepare (CPU task) decodes to uint8 CHW (encoders/images.py); the actor normalizes on its device.
+Prepare (CPU task) decodes to uint8 CHW (encoders/image/prepare.py); the actor normalizes on its device.
 """
 from __future__ import annotations
 
@@ -21,16 +21,15 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from encoders.device import autocast, resolve_precision
-from encoders.images import DEFAULT_MAX_PIXELS, ImagePreprocess, images_to_tensor, prepare_images, to_model_input
-from encoders.probe import spec_with_dim
-from encoders.registry import FAMILIES, MODEL_TYPE_FAMILIES
-from encoders.spec import EncoderSpec, Prepared, validate_options
-from encoders.weights import ResolvedWeights
+from encoders.core.device import autocast, check_runtime_options, resolve_precision
+from encoders.core.probe import spec_with_dim
+from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, ExtraColumn, Prepared, check_dim, validate_options
+from encoders.core.weights import ResolvedWeights
+from encoders.image.prepare import DEFAULT_MAX_PIXELS, ImagePreprocess, prepare_images, resolve_image_options
+from encoders.image.tensors import encode_images, patch_columns, to_model_input
 
 # Option name -> (type, default). None defaults come from the folder's config.json.
 CNN_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
@@ -56,7 +55,7 @@ def read_folder_config(path: str) -> dict[str, Any]:
         return {}
 
 
-class ImageCNNFamily:
+class ImageCNNFamily(EncoderFamily):
     name = "image-cnn"
     modalities = ("image",)
     # On CPU, one torch thread per actor in as many actors as there are cores: measured 0.80x
@@ -66,7 +65,7 @@ class ImageCNNFamily:
 
     def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
                    options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.weights import weights_sha256
+        from encoders.core.weights import weights_sha256
 
         folder = read_folder_config(weights.path)
         opts = validate_options(options, CNN_OPTIONS, self.name)
@@ -74,15 +73,11 @@ class ImageCNNFamily:
             opts["architecture"] = folder.get("architecture")
         if not opts["architecture"]:
             raise ValueError("the model declares no architecture (config.json 'architecture', or option architecture:)")
-        if opts["preprocessing"] is None:
-            opts["preprocessing"] = folder.get("preprocessing")
-        opts["preprocessing"] = ImagePreprocess.from_options(opts).as_dict()
+        resolve_image_options(opts, folder.get("preprocessing"))
         if opts["model_kwargs"] is None:
             opts["model_kwargs"] = dict(folder.get("model_kwargs") or {})
         _check_pooling(opts)
-        if opts["max_pixels"] < 1 or opts["micro_batch"] < 1:
-            raise ValueError("max_pixels and micro_batch must be >= 1")
-        resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
+        check_runtime_options(opts)
         sha = weights_sha256(weights.path)
         return spec_with_dim(self, output, columns, weights, sha, opts, dim, architecture=opts["architecture"])
 
@@ -92,6 +87,9 @@ class ImageCNNFamily:
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "ImageCNNEncoder":
         return ImageCNNEncoder(spec, device)
+
+    def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
+        return patch_columns(spec.options)
 
 
 VIT_POOLING = ("cls", "mean", "patches")
@@ -212,23 +210,11 @@ class ImageCNNEncoder:
         grid = spec.options.get("patch_grid") or [0, 0]
         self.patches = grid[0] * grid[1]
         probe = torch.zeros((1, 3, self.prep.crop, self.prep.crop), dtype=torch.uint8)
-        self.dim = int(self._forward(probe)[0].shape[1])
-        if spec.dim and spec.dim != self.dim:
-            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+        self.dim = check_dim(spec, int(self._forward(probe)[0].shape[1]))
 
-    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[Any, ...]:
-        images, valid = images_to_tensor(values, self.prep.crop)
-        out = np.zeros((len(valid), self.dim), dtype=np.float32)
-        step = self.options["micro_batch"]
-        results = [self._forward(images[s:s + step]) for s in range(0, images.shape[0], step)]
-        if results:
-            out[valid] = torch.cat([pooled for pooled, _ in results]).numpy()
-        if self.pooling != "patches":
-            return out, valid
-        grids = np.zeros((len(valid), self.patches * self.dim), dtype=np.float32)
-        if results:
-            grids[valid] = torch.cat([grid for _, grid in results]).reshape(int(valid.sum()), -1).numpy()
-        return out, valid, {"patches": grids}
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> EncodeResult:
+        patches = self.patches if self.pooling == "patches" else 0
+        return encode_images(values, self.prep.crop, self.options["micro_batch"], self._forward, self.dim, patches)
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(n, 3, h, w) uint8 -> ((n, d) pooled, (n, patches, d) patch tokens of a ViT or None),
@@ -244,6 +230,3 @@ class ImageCNNEncoder:
             features = torch.nn.functional.normalize(features, dim=1)
         return features.cpu(), (tokens.cpu() if self.pooling == "patches" else None)
 
-
-FAMILIES.register(ImageCNNFamily.name, ImageCNNFamily())
-MODEL_TYPE_FAMILIES["torchvision"] = ImageCNNFamily.name

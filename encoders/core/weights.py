@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoders.registry import MODELS, ModelAlias, alias_for_hub_id
+from encoders.core.registry import MODELS, ModelAlias, alias_for_hub_id
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 

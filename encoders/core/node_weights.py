@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from encoders.weights import ResolvedWeights, WeightsNotFoundError, resolve_weights
+from encoders.core.weights import ResolvedWeights, WeightsNotFoundError, resolve_weights
 
 # /tmp is per node; one lock file per model and revision.
 LOCK_DIR = Path(tempfile.gettempdir()) / "omniembed-weights"

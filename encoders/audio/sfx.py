@@ -34,12 +34,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from encoders.audio import AUDIO_OPTIONS, AudioPreprocess, audio_batch, pool_windows, prepare_audio, validate_window_pooling
-from encoders.device import autocast, resolve_precision
-from encoders.probe import spec_with_dim
-from encoders.registry import FAMILIES
-from encoders.spec import EncoderSpec, Prepared, validate_options
-from encoders.weights import ResolvedWeights
+from encoders.audio.prepare import AUDIO_OPTIONS, AudioFamily, AudioPreprocess, declared_features, resolve_audio_options
+from encoders.audio.windows import audio_batch, pool_windows
+from encoders.core.device import autocast, check_runtime_options, resolve_precision
+from encoders.core.probe import spec_with_dim
+from encoders.core.spec import EncodeResult, EncoderSpec, check_dim, validate_options
+from encoders.core.weights import ResolvedWeights
 
 FEATURE_KEYS = ("n_fft", "hop_length", "n_mels", "f_min", "f_max", "log_gain", "norm_min", "norm_max")
 
@@ -53,42 +53,25 @@ SFX_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 
 def _features(options: Mapping[str, Any]) -> dict[str, Any]:
-    raw = options.get("features")
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"option features: the model declares no front end ({', '.join(FEATURE_KEYS)})")
-    missing = [k for k in FEATURE_KEYS if k not in raw]
-    unknown = sorted(set(raw) - set(FEATURE_KEYS))
-    if missing or unknown:
-        raise ValueError(f"option features: {'missing ' + repr(missing[0]) if missing else 'unknown key ' + repr(unknown[0])}; "
-                         f"valid keys: {', '.join(FEATURE_KEYS)}")
-    features = {k: int(raw[k]) if k in ("n_fft", "hop_length", "n_mels") else float(raw[k]) for k in FEATURE_KEYS}
+    features = declared_features(options, FEATURE_KEYS, ("n_fft", "hop_length", "n_mels"))
     if not (1 <= features["hop_length"] <= features["n_fft"]) or features["norm_max"] <= features["norm_min"]:
         raise ValueError("option features: need 1 <= hop_length <= n_fft and norm_max > norm_min")
     return features
 
 
-class SFXFamily:
+class SFXFamily(AudioFamily):
     name = "audio-sfx"
-    modalities = ("audio",)
 
     def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
                    options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.weights import weights_sha256
+        from encoders.core.weights import weights_sha256
 
         opts = validate_options(options, SFX_OPTIONS, self.name)
-        prep = AudioPreprocess.from_options(opts)
-        opts["preprocessing"] = prep.as_dict()
-        opts["hop_seconds"], opts["max_windows"] = prep.hop_seconds, prep.max_windows
+        resolve_audio_options(opts)
         opts["features"] = _features(opts)
-        validate_window_pooling(opts["window_pooling"])
-        resolve_precision(torch.device("cpu"), opts["precision"])
-        if opts["micro_batch"] < 1:
-            raise ValueError("option micro_batch: must be >= 1")
+        check_runtime_options(opts)
         sha = weights_sha256(weights.path)
         return spec_with_dim(self, output, columns, weights, sha, opts, dim)
-
-    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
-        return prepare_audio(values, AudioPreprocess.from_options(spec.options))
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "SFXEncoder":
         return SFXEncoder(spec, device)
@@ -166,11 +149,9 @@ class SFXEncoder:
             self.prep.sample_rate, norm=None, mel_scale="htk")  # (freqs, mels)
         self.fbanks = (fbanks / fbanks.sum(0, keepdim=True).clamp(min=1e-30)).to(device)  # librosa norm=1
         self.context = (n_fft // 2, n_fft // 2 - hop)  # centred frames over the whole clip
-        self.dim = int(self.net.conv_block4.conv2.out_channels)
-        if spec.dim and spec.dim != self.dim:
-            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+        self.dim = check_dim(spec, int(self.net.conv_block4.conv2.out_channels))
 
-    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 0) -> EncodeResult:
         batch = audio_batch(values, self.prep, self.device)
         peaks = batch.row_reduce(batch.flat.abs(), "max")
         batch.scale_rows(1 / torch.where(peaks > 0, peaks, torch.ones_like(peaks)))
@@ -182,7 +163,7 @@ class SFXEncoder:
             vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
             if self.options["normalize"]:
                 vectors = F.normalize(vectors, dim=1)
-        return vectors.cpu().numpy(), batch.valid, {"windows": batch.counts}
+        return EncodeResult(vectors.cpu().numpy(), batch.valid, {"windows": batch.counts})
 
     def log_mels(self, windows: torch.Tensor) -> torch.Tensor:
         """(w, context + window samples) -> (w, frames, mels), scaled as the network expects."""
@@ -206,5 +187,3 @@ class SFXEncoder:
         with autocast(self.device, self.precision):
             return self.net(mels).float()
 
-
-FAMILIES.register(SFXFamily.name, SFXFamily())

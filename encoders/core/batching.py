@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None,
@@ -50,3 +51,14 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | 
         batches.append(order[start:end].tolist())
         end = start
     return batches[::-1]
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded (n, longest) ids and attention mask, int64 on CPU."""
+    n, longest = len(sequences), max(len(s) for s in sequences)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask

@@ -1,0 +1,168 @@
+"""Hugging Face text encoders (``AutoModel``), with sentence-transformers folder settings.
+
+Prepare (CPU task, encoders/text/tokenize.py): text -> token id chunks. Encode (actor): dynamic padding, forward,
+pooling, chunk pooling, L2 normalization. The vectors equal sentence-transformers' ``encode``
+for the same folder: same max_seq_length, pooling, Normalize, prompts and lowercasing.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from encoders.core.batching import pad_sequences, plan_micro_batches
+from encoders.core.device import autocast, resolve_precision
+from encoders.core.pooling import check_pooling, pool_tokens
+from encoders.core.probe import spec_with_dim
+from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, Prepared, validate_options
+from encoders.core.weights import ResolvedWeights
+from encoders.text.tokenize import FolderSettings, load_tokenizer, read_folder_settings, resolve_max_length, tokenize_texts
+
+LONG_TEXT_MODES = ("truncate", "chunk")
+
+# Option name -> (type, default). A default of None is filled from the model folder.
+TEXT_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "pooling": (str, None),
+    "normalize": (bool, None),
+    "max_length": (int, None),
+    "prefix": (str, None),
+    "prompt_name": (str, None),
+    "lowercase": (bool, None),
+    "long_text": (str, "truncate"),
+    "chunk_overlap": (int, 32),
+    "max_chunks": (int, 8),
+    "max_chars": (int, 16_000_000),
+    "precision": (str, "auto"),
+    "trust_remote_code": (bool, False),
+}
+
+
+class HFTextFamily(EncoderFamily):
+    name = "hf-text"
+    modalities = ("text",)
+
+    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
+                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+        from encoders.core.weights import weights_sha256
+
+        folder = read_folder_settings(weights.path)
+        opts = validate_options(options, TEXT_OPTIONS, self.name)
+        tokenizer = load_tokenizer(folder.model_dir, opts["trust_remote_code"])
+        if opts["pooling"] is None:
+            opts["pooling"] = folder.pooling or "mean"
+        check_pooling(opts["pooling"])
+        if opts["normalize"] is None:
+            opts["normalize"] = folder.normalize
+        if opts["lowercase"] is None:
+            opts["lowercase"] = folder.lowercase
+        limit = _model_max_length(folder.model_dir, tokenizer)
+        resolve_max_length(opts, limit, min(folder.max_length or limit, limit))
+        opts["prefix"] = _resolve_prefix(opts.pop("prefix"), opts.pop("prompt_name"), folder)
+        if opts["long_text"] not in LONG_TEXT_MODES:
+            raise ValueError(f"long_text {opts['long_text']!r} is not valid; valid values: {', '.join(LONG_TEXT_MODES)}")
+        if opts["long_text"] == "chunk" and not 0 <= opts["chunk_overlap"] < opts["max_length"] // 2:
+            raise ValueError(f"chunk_overlap must be between 0 and half of max_length ({opts['max_length']})")
+        if opts["max_chunks"] < 1:
+            raise ValueError("max_chunks must be >= 1")
+        resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
+        sha = weights_sha256(folder.model_dir)
+        return spec_with_dim(self, output, columns, weights, sha, opts, dim, pooling=opts["pooling"])
+
+    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
+        folder = read_folder_settings(spec.weights.path)
+        tokenizer = load_tokenizer(folder.model_dir, spec.options["trust_remote_code"])
+        return tokenize_texts(tokenizer, values.to_pylist(), spec.options)
+
+    def load(self, spec: EncoderSpec, device: torch.device) -> "HFTextEncoder":
+        return HFTextEncoder(spec, device)
+
+
+def _model_max_length(model_dir: str, tokenizer: Any) -> int:
+    from transformers import AutoConfig
+
+    candidates = [getattr(tokenizer, "model_max_length", None)]
+    try:
+        candidates.append(getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None))
+    except (OSError, ValueError):
+        pass
+    usable = [c for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]
+    return min(usable) if usable else 512
+
+
+def _resolve_prefix(prefix: str | None, prompt_name: str | None, folder: FolderSettings) -> str:
+    if prefix is not None and prompt_name is not None:
+        raise ValueError("give either prefix or prompt_name, not both")
+    if prompt_name is not None:
+        if prompt_name not in folder.prompts:
+            raise ValueError(f"prompt_name {prompt_name!r} is not declared by the model; declared: {', '.join(folder.prompts) or '(none)'}")
+        return folder.prompts[prompt_name]
+    if prefix is not None:
+        return prefix
+    if folder.default_prompt_name:
+        return folder.prompts.get(folder.default_prompt_name, "")
+    return ""
+
+
+class HFTextEncoder:
+    """The model half of hf-text: runs in the encoder actor."""
+
+    def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
+        from transformers import AutoModel
+
+        folder = read_folder_settings(spec.weights.path)
+        trust = spec.options["trust_remote_code"]
+        tokenizer = load_tokenizer(folder.model_dir, trust)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pass_token_types = "token_type_ids" in tokenizer.model_input_names
+        self.options = spec.options
+        self.device = device
+        self.precision = resolve_precision(device, spec.options["precision"])
+        self.model = AutoModel.from_pretrained(folder.model_dir, trust_remote_code=trust, dtype=torch.float32)
+        self.model.eval().to(device)
+        probe_ids = tokenizer("probe", truncation=True, max_length=spec.options["max_length"])["input_ids"]
+        self.dim = int(self._forward([probe_ids]).shape[1])
+        if spec.dim and spec.dim != self.dim:
+            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+
+    def __call__(self, modality: str, values: pa.Array, max_tokens: int = 8192) -> EncodeResult:
+        rows = values.to_pylist()
+        valid = np.array([r is not None for r in rows], dtype=bool)
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        sequences = [seq for r in rows if r is not None for seq in r]
+        owners = np.array([i for i, r in enumerate(rows) if r is not None for _ in r], dtype=np.int64)
+        if not sequences:
+            return EncodeResult(out, valid)
+        lengths = [len(s) for s in sequences]
+        pooled = np.zeros((len(sequences), self.dim), dtype=np.float32)
+        for batch in plan_micro_batches(lengths, max_tokens):
+            pooled[batch] = self._forward([sequences[i] for i in batch]).numpy()
+        # A row's chunks are averaged as the vectors each chunk alone would get (normalized
+        # when the model normalizes), and the mean is normalized again.
+        if self.options["normalize"]:
+            pooled = _l2_normalize(pooled)
+        counts = np.bincount(owners, minlength=len(rows)).astype(np.float32)
+        np.add.at(out, owners, pooled)
+        out[valid] /= counts[valid, None]
+        if self.options["normalize"]:
+            out[valid] = _l2_normalize(out[valid])
+        return EncodeResult(out, valid)
+
+    def _forward(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Right-padded micro-batch -> (n, d) float32 pooled vectors on CPU."""
+        ids, mask = pad_sequences(sequences, self.pad_id)
+        lengths = mask.sum(1)
+        ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self.pass_token_types:
+            inputs["token_type_ids"] = torch.zeros_like(ids)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            hidden = self.model(**inputs).last_hidden_state  # (n, t, d)
+            pooled = pool_tokens(hidden, mask, lengths, self.options["pooling"])
+        return pooled.float().cpu()
+
+
+def _l2_normalize(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+

@@ -1,0 +1,103 @@
+"""What the cluster offers: the resources it has now, the GPUs its autoscaler can add, and this
+driver's own Ray processes. The one place that touches Ray's private API.
+
+Ray publishes the autoscaler's limits and a node's processes only through private modules. Each
+use here is guarded by the Ray versions it was checked against (``PRIVATE_API_RAY``); on any
+other Ray, or if the private name moved, it falls back to the public API and files (the
+launcher's config on the head; a plain ``ray.shutdown``), and says so in the debug log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+# Ray release lines whose private API below was read and tested (tests/cluster, tests/pipeline).
+PRIVATE_API_RAY = ("2.60.",)
+# Where `ray up` puts the autoscaling config on the head, where a submitted job's driver runs.
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the cluster offers now, plus whether GPU nodes can be autoscaled in."""
+
+    cpus: float
+    gpus: float
+    gpu_autoscale: bool = False
+
+
+def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any = None) -> ClusterShape:
+    """What the cluster has now, and whether the autoscaler can add GPU nodes. A GPU group
+    that starts at zero shows no GPUs in ``cluster_resources()`` until something asks for one,
+    so ``gpus: auto`` also looks at the autoscaler's node types (the cluster config it
+    publishes to the GCS; absent on a local Ray)."""
+    import ray
+
+    resources = ray.cluster_resources() if resources is None else resources
+    return ClusterShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
+                        gpu_autoscale=can_autoscale_gpus(autoscaler))
+
+
+def can_autoscale_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> bool:
+    """True when some autoscaled node type offers GPUs and may have nodes. Two sources: the
+    cluster config the autoscaler publishes to the GCS (KubeRay and autoscaler v2; what Ray
+    Data's own autoscaler reads), then the cluster launcher's config on the head (``ray up``).
+    Tests pass fakes for both; ``autoscaler`` has ``get_max_resources_from_cluster_config()``."""
+    autoscaler = autoscaler if autoscaler is not None else _autoscaler_state()
+    limits = autoscaler.get_max_resources_from_cluster_config() if autoscaler is not None else None
+    if limits and float(limits.get("GPU", 0) or 0) > 0:
+        return True
+    return launcher_has_gpu_nodes(Path(launcher_config).expanduser())
+
+
+def launcher_has_gpu_nodes(path: Path) -> bool:
+    import yaml
+
+    if not path.is_file():
+        return False
+    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    return any(float((t.get("resources") or {}).get("GPU", 0) or 0) > 0 and t.get("max_workers", 1) != 0
+               for t in node_types.values())
+
+
+def own_monitor_processes() -> list[Any]:
+    """The autoscaler monitor process(es) of the Ray this process started (``subprocess.Popen``),
+    or none: a driver that joined a cluster has none of its own."""
+    if not _private_api_checked():
+        return []
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        infos = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
+        return [info.process for info in infos]
+    except (ImportError, AttributeError):  # a private record, moved or renamed in another Ray
+        log.debug("Ray's node record has changed; shutting down the plain way", exc_info=True)
+        return []
+
+
+def _autoscaler_state() -> Any:
+    """``ray._private.state.state``: the GCS client that reads the published cluster config."""
+    if not _private_api_checked():
+        return None
+    try:
+        from ray._private.state import state
+    except ImportError:  # a private module; the launcher's file still tells
+        log.debug("ray._private.state is gone; reading only the launcher's config", exc_info=True)
+        return None
+    return state
+
+
+def _private_api_checked() -> bool:
+    import ray
+
+    if ray.__version__.startswith(PRIVATE_API_RAY):
+        return True
+    log.debug("Ray %s is not a version omniembed's private-API uses were checked on (%s); using the public "
+              "fallbacks", ray.__version__, ", ".join(PRIVATE_API_RAY))
+    return False
