@@ -21,6 +21,7 @@ the same window count. Target: c/a >= 0.8 (see benchmarks/README.md).
     python benchmarks/audio_throughput.py [--clips 7200] [--small 2400] [--folder DIR] [--skip-ray] [--skip-omniembed]
     python benchmarks/audio_throughput.py --one-hour     # only: peak RSS of prepare on a 1 h file
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from encoders import FAMILIES, MODELS  # noqa: E402
 from encoders.audio.prepare import AudioPreprocess, decode_audio, waveforms_to_arrow  # noqa: E402
-from encoders.audio.windows import pool_windows  # noqa: E402
 from encoders.audio.speaker import INT16_MAX, load_speaker_net  # noqa: E402
+from encoders.audio.windows import pool_windows  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.plan import plan_encoders  # noqa: E402
 from tests.audio_data import SENTENCES, VOICES, write_long_wav  # noqa: E402
@@ -64,6 +65,7 @@ FLOOR_MICRO_BATCHES = (32, 64, 128, 256, 512)
 
 
 # --- clips ----------------------------------------------------------------------------------
+
 
 def build_clips(folder: Path, count: int, seed: int, max_sentences: int) -> list[Path]:
     """``count`` clips: a voice in turn, 1..max_sentences random sentences, speed 140-200 wpm,
@@ -78,8 +80,24 @@ def build_clips(folder: Path, count: int, seed: int, max_sentences: int) -> list
     for i in range(count):
         text = " ".join(rng.choice(SENTENCES, int(rng.integers(1, max_sentences + 1)), replace=False))
         speed, pitch, amplitude = (int(rng.integers(lo, hi)) for lo, hi in ((140, 201), (25, 76), (60, 181)))
-        subprocess.run(["espeak-ng", "-v", VOICES[i % len(VOICES)], "-s", str(speed), "-p", str(pitch),
-                        "-a", str(amplitude), "-w", str(raw), text], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "espeak-ng",
+                "-v",
+                VOICES[i % len(VOICES)],
+                "-s",
+                str(speed),
+                "-p",
+                str(pitch),
+                "-a",
+                str(amplitude),
+                "-w",
+                str(raw),
+                text,
+            ],
+            check=True,
+            capture_output=True,
+        )
         path = folder / f"clip-{i:04d}.{AUDIO_EXTENSIONS[int(rng.integers(0, 2))]}"
         subprocess.run(["sox", str(raw), "-r", str(RATES[i % len(RATES)]), str(path)], check=True, capture_output=True)
         paths.append(path)
@@ -93,10 +111,16 @@ def list_clips(folder: Path) -> list[Path]:
 
 # --- (a) compute floor ----------------------------------------------------------------------
 
+
 def plan_speaker():
     """The spec and loaded encoder omniembed itself uses for ``--audio-model resemblyzer``."""
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"},
-                               "encoders": [{"output": "audio", "column": "audio", "model": MODEL}]})
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "audio", "column": "audio", "model": MODEL}],
+        }
+    )
     spec = plan_encoders(config.encoders)[0]
     return spec, FAMILIES.get(spec.family).load(spec, torch.device("cpu"))
 
@@ -120,7 +144,7 @@ def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, 
     hop = spec.options["features"]["hop_length"]
     batches, counts, audio_seconds = [], [], 0.0
     for start in range(0, len(paths), group):
-        waves = [decode_audio(str(p), prep) for p in paths[start: start + group]]
+        waves = [decode_audio(str(p), prep) for p in paths[start : start + group]]
         audio_seconds += sum(len(w) for w in waves) / prep.sample_rate
         batch = encoder.batch(waveforms_to_arrow(waves))
         batch.layout(encoder.context, align=hop)  # the padded samples the mel reads, built now
@@ -135,9 +159,13 @@ def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, 
             encoder.forward(batch, size)
         trial[size] = time.perf_counter() - t0
     step = min(trial, key=trial.get)
-    print(f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {int(counts.sum())} windows of "
-          f"{prep.window_seconds} s; micro-batch {step} (trial on {2 * group} clips: "
-          + ", ".join(f"{k}: {v:.2f} s" for k, v in trial.items()) + ")", flush=True)
+    print(
+        f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {int(counts.sum())} windows of "
+        f"{prep.window_seconds} s; micro-batch {step} (trial on {2 * group} clips: "
+        + ", ".join(f"{k}: {v:.2f} s" for k, v in trial.items())
+        + ")",
+        flush=True,
+    )
     t0 = time.perf_counter()
     vectors = torch.cat([encoder.forward(batch, step) for batch in batches])
     seconds = time.perf_counter() - t0
@@ -145,6 +173,7 @@ def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, 
 
 
 # --- (b) hand-written Ray Data pipeline -----------------------------------------------------
+
 
 class Embedder:
     """The map_batches actor a user writes: resemblyzer's VoiceEncoder.embed_utterance (partials
@@ -158,8 +187,16 @@ class Embedder:
 
         self.net = load_speaker_net(weights)
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=16000, n_fft=400, hop_length=self.HOP, n_mels=40, power=2.0, center=True,
-            pad_mode="constant", mel_scale="slaney", norm="slaney")  # librosa >= 0.10's padding
+            sample_rate=16000,
+            n_fft=400,
+            hop_length=self.HOP,
+            n_mels=40,
+            power=2.0,
+            center=True,
+            pad_mode="constant",
+            mel_scale="slaney",
+            norm="slaney",
+        )  # librosa >= 0.10's padding
 
     def partial_starts(self, n_samples: int) -> list[int]:
         """resemblyzer's compute_partial_slices, as mel-frame starts."""
@@ -176,9 +213,9 @@ class Embedder:
                 starts = self.partial_starts(len(wave))
                 wave = np.pad(wave, (0, max(0, (starts[-1] + self.PARTIAL_FRAMES) * self.HOP - len(wave))))
                 mel = self.mel(torch.from_numpy(wave)).T  # (frames, 40)
-                partials += [mel[s: s + self.PARTIAL_FRAMES] for s in starts]
+                partials += [mel[s : s + self.PARTIAL_FRAMES] for s in starts]
                 counts.append(len(starts))
-            embeds = torch.cat([self.net(torch.stack(partials[s: s + 256])) for s in range(0, len(partials), 256)])
+            embeds = torch.cat([self.net(torch.stack(partials[s : s + 256])) for s in range(0, len(partials), 256)])
             rows = np.repeat(np.arange(len(counts)), counts)
             vectors = torch.nn.functional.normalize(pool_windows(embeds, rows, len(counts), "mean"), dim=1)
         return {"path": batch["path"], "embedding": vectors.numpy(), "windows": np.array(counts)}
@@ -209,8 +246,13 @@ def bench_ray(folder: Path, outdir: str, weights: str, batch_size: int) -> tuple
     (
         ray.data.read_binary_files(str(folder), include_paths=True, file_extensions=list(AUDIO_EXTENSIONS))
         .map(decode)
-        .map_batches(Embedder, fn_constructor_kwargs={"weights": weights},
-                     compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=1)
+        .map_batches(
+            Embedder,
+            fn_constructor_kwargs={"weights": weights},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=batch_size,
+            num_cpus=1,
+        )
         .write_parquet(outdir)
     )
     seconds = time.perf_counter() - t0
@@ -219,6 +261,7 @@ def bench_ray(folder: Path, outdir: str, weights: str, batch_size: int) -> tuple
 
 
 # --- (c) omniembed, end to end --------------------------------------------------------------
+
 
 def bench_omniembed(folder: Path, outdir: str, verbose: bool) -> float:
     exe = Path(sys.executable).parent / "omniembed"
@@ -233,12 +276,19 @@ def bench_omniembed(folder: Path, outdir: str, verbose: bool) -> float:
     return time.perf_counter() - t0
 
 
-def run_omniembed(name: str, folder: Path, out: Path, verbose: bool, reference: dict[str, tuple[np.ndarray, int]]) -> float:
+def run_omniembed(
+    name: str, folder: Path, out: Path, verbose: bool, reference: dict[str, tuple[np.ndarray, int]]
+) -> float:
     seconds = bench_omniembed(folder, str(out), verbose)
     table = pq.read_table(out, columns=["id", "audio_embedding", "audio_error", "audio_windows"])
     assert table.column("audio_error").null_count == table.num_rows, f"{name}: rows with errors"
-    check(name, table.column("id").to_pylist(), np.array(table.column("audio_embedding").to_pylist(), dtype=np.float32),
-          table.column("audio_windows").to_numpy(), reference)
+    check(
+        name,
+        table.column("id").to_pylist(),
+        np.array(table.column("audio_embedding").to_pylist(), dtype=np.float32),
+        table.column("audio_windows").to_numpy(),
+        reference,
+    )
     return seconds
 
 
@@ -254,16 +304,20 @@ def link_clips(paths: list[Path], folder: Path) -> Path:
     return folder
 
 
-def check(name: str, ids: list[str], vectors: np.ndarray, windows: np.ndarray,
-          reference: dict[str, tuple[np.ndarray, int]]) -> None:
+def check(
+    name: str, ids: list[str], vectors: np.ndarray, windows: np.ndarray, reference: dict[str, tuple[np.ndarray, int]]
+) -> None:
     """Every clip once, same window count, same vector as the floor (cosine per clip)."""
-    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(reference), \
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(reference), (
         f"{name}: {len(ids)} rows ({len(set(ids))} distinct ids) for {len(reference)} clips"
+    )
     ref = np.stack([reference[i][0] for i in ids])
     cos = (vectors * ref).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(ref, axis=1)).clip(1e-12)
     wrong_counts = sum(int(w) != reference[i][1] for i, w in zip(ids, windows))
-    print(f"check {name}: {len(ids)} rows, min cosine vs floor {cos.min():.6f}, "
-          f"{wrong_counts} clips with another window count")
+    print(
+        f"check {name}: {len(ids)} rows, min cosine vs floor {cos.min():.6f}, "
+        f"{wrong_counts} clips with another window count"
+    )
     assert cos.min() >= MIN_COSINE and wrong_counts == 0, f"{name}: embeddings differ from the floor's"
 
 
@@ -296,21 +350,27 @@ def one_hour_memory(work: Path) -> None:
     t0 = time.perf_counter()
     write_long_wav(path, 3600, rate=48_000, channels=2, source=short)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f}s", flush=True)
-    cases = {f"{MODEL} (64 x 1.6 s windows, hop 0.77 s)": {**MODELS.get(MODEL).defaults},
-             "10 s windows, default cap (16)": {"preprocessing": {"sample_rate": 16000, "window_seconds": 10.0}}}
+    cases = {
+        f"{MODEL} (64 x 1.6 s windows, hop 0.77 s)": {**MODELS.get(MODEL).defaults},
+        "10 s windows, default cap (16)": {"preprocessing": {"sample_rate": 16000, "window_seconds": 10.0}},
+    }
     for name, options in cases.items():
         options = {k: v for k, v in options.items() if k in ("preprocessing", "hop_seconds", "max_windows")}
         code = RSS_PROBE.format(repo=str(REPO), options=options, short=str(short), long=str(path))
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"one hour, {name}: ru_maxrss {r['before_kib'] / 1024:.0f} MiB before the call, "
-              f"{r['after_kib'] / 1024:.0f} MiB after (+{(r['after_kib'] - r['before_kib']) / 1024:.0f} MiB); "
-              f"{r['samples'] / 16000:.1f} s kept, {r['seconds']:.2f}s")
+        print(
+            f"one hour, {name}: ru_maxrss {r['before_kib'] / 1024:.0f} MiB before the call, "
+            f"{r['after_kib'] / 1024:.0f} MiB after (+{(r['after_kib'] - r['before_kib']) / 1024:.0f} MiB); "
+            f"{r['samples'] / 16000:.1f} s kept, {r['seconds']:.2f}s"
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=7200, help="16.6 h of speech: (c) pays ~12-24 s per run before its rate counts")
+    ap.add_argument(
+        "--clips", type=int, default=7200, help="16.6 h of speech: (c) pays ~12-24 s per run before its rate counts"
+    )
     ap.add_argument("--max-sentences", type=int, default=3, help="sentences per clip: 1..N (4 s each)")
     ap.add_argument("--batch-size", type=int, default=64, help="(b): clips per actor batch")
     ap.add_argument("--folder", help="reuse/write the clips here instead of a temp folder")
@@ -348,15 +408,24 @@ def main() -> int:
             out = str(work / "ray")
             seconds, ray_threads = bench_ray(folder, out, str(plan_speaker()[0].weights.path), args.batch_size)
             table = pq.read_table(out)
-            check("ray-naive", [Path(p).name for p in table.column("path").to_pylist()],
-                  np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
-                  table.column("windows").to_numpy(), reference)
+            check(
+                "ray-naive",
+                [Path(p).name for p in table.column("path").to_pylist()],
+                np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                table.column("windows").to_numpy(),
+                reference,
+            )
             results.append(("(b) ray-naive", len(paths), seconds))
         small = len(paths) // 3 if args.small is None else args.small
         if not args.skip_omniembed and 0 < small < len(paths):
             subset = link_clips(paths[:small], work / "small")
-            seconds = run_omniembed("omniembed-small", subset, work / "omniembed-small", args.verbose,
-                                    {p.name: reference[p.name] for p in paths[:small]})
+            seconds = run_omniembed(
+                "omniembed-small",
+                subset,
+                work / "omniembed-small",
+                args.verbose,
+                {p.name: reference[p.name] for p in paths[:small]},
+            )
             results.append(("(c) omniembed", small, seconds))
         if not args.skip_omniembed:
             seconds = run_omniembed("omniembed", folder, work / "omniembed", args.verbose, reference)
@@ -364,11 +433,15 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nmachine: nproc={os.cpu_count()}; torch threads: floor {torch.get_num_threads()} "
-          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'})"
-          + (f", ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1)" if ray_threads else ""))
-    print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
-          + ("  (CPU was busy: numbers may be pessimistic)" if load_start > 0.5 else ""))
+    print(
+        f"\nmachine: nproc={os.cpu_count()}; torch threads: floor {torch.get_num_threads()} "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'})"
+        + (f", ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1)" if ray_threads else "")
+    )
+    print(
+        f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+        + ("  (CPU was busy: numbers may be pessimistic)" if load_start > 0.5 else "")
+    )
     floor = len(paths) / results[0][2]
     print(f"{'pipeline':<16}{'clips':>7}{'seconds':>9}{'clips/s':>9}{'x floor':>9}")
     for name, clips, seconds in results:
@@ -377,11 +450,13 @@ def main() -> int:
     if len(runs) == 2:  # (c) on n and on N clips: a fixed cost per run and a rate once running
         (n, t_n), (big, t_big) = sorted(runs.items())
         rate = (big - n) / (t_big - t_n)
-        print(f"(c) once running: {big - n} more clips in {t_big - t_n:.1f} s more = {rate:.2f} clips/s = "
-              f"{rate / floor:.2f}x floor; fixed cost per run {t_n - n / rate:.1f} s; "
-              f"end to end reaches 0.8x floor from {0.8 * (t_n - n / rate) / (1 - 0.8 * floor / rate) * floor:.0f} clips"
-              if rate > 0.8 * floor else
-              f"(c) once running: {rate:.2f} clips/s = {rate / floor:.2f}x floor")
+        print(
+            f"(c) once running: {big - n} more clips in {t_big - t_n:.1f} s more = {rate:.2f} clips/s = "
+            f"{rate / floor:.2f}x floor; fixed cost per run {t_n - n / rate:.1f} s; "
+            f"end to end reaches 0.8x floor from {0.8 * (t_n - n / rate) / (1 - 0.8 * floor / rate) * floor:.0f} clips"
+            if rate > 0.8 * floor
+            else f"(c) once running: {rate:.2f} clips/s = {rate / floor:.2f}x floor"
+        )
     return 0
 
 

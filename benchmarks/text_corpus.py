@@ -9,6 +9,7 @@ the model's 256-token window and get truncated.
 
     python benchmarks/text_corpus.py corpus.parquet --rows 10000 --seed 0 [--stats MODEL]
 """
+
 from __future__ import annotations
 
 import argparse

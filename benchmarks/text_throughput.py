@@ -12,6 +12,7 @@ Target: c/a >= 0.85 on a 2-core machine (see benchmarks/README.md).
     python benchmarks/text_throughput.py [--rows 10000] [--baseline-rows 2000]
                                          [--model PATH_OR_ID] [--skip-omniembed]
 """
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # --- (a) compute floor --------------------------------------------------------------------
 
+
 def bench_floor(texts: list[str], model_path: str, token_budget: int) -> tuple[float, np.ndarray]:
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModel.from_pretrained(model_path).eval()
@@ -103,6 +105,7 @@ def bench_floor(texts: list[str], model_path: str, token_budget: int) -> tuple[f
 
 # --- (b) hand-written Ray Data pipeline ---------------------------------------------------
 
+
 class Embedder:
     """The map_batches actor a user writes: load once in __init__, embed in __call__."""
 
@@ -111,8 +114,9 @@ class Embedder:
         self.model = AutoModel.from_pretrained(model_path).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(list(batch["text"]), padding=True, truncation=True,
-                             max_length=MAX_LEN, return_tensors="pt")
+        enc = self.tokenizer(
+            list(batch["text"]), padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt"
+        )
         with torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state
             emb = mean_pool(hidden, enc["attention_mask"])
@@ -148,11 +152,23 @@ def bench_ray(corpus: str, model_path: str, outdir: str, batch_size: int) -> tup
 
 # --- (c) omniembed, end to end ------------------------------------------------------------
 
+
 def bench_omniembed(corpus: str, outdir: str, model_ref: str) -> float:
     exe = Path(sys.executable).parent / "omniembed"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    cmd += ["embed", corpus, "--output", outdir, "--id-column", "id", "--text-column", "text",
-            "--text-model", model_ref, "--overwrite"]
+    cmd += [
+        "embed",
+        corpus,
+        "--output",
+        outdir,
+        "--id-column",
+        "id",
+        "--text-column",
+        "text",
+        "--text-model",
+        model_ref,
+        "--overwrite",
+    ]
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1")
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()  # wall clock: interpreter, imports, Ray, model load, writing
@@ -174,8 +190,7 @@ def read_embeddings(outdir: str, column: str) -> tuple[list[str], np.ndarray]:
     return table.column("id").to_pylist(), col.flatten().to_numpy().reshape(-1, DIM)
 
 
-def check_against_floor(name: str, outdir: str, column: str, ids: list[str],
-                        ref: np.ndarray, expect_rows: int) -> None:
+def check_against_floor(name: str, outdir: str, column: str, ids: list[str], ref: np.ndarray, expect_rows: int) -> None:
     """Same rows, same vectors (cosine) as the floor: a fast wrong answer is no answer."""
     got_ids, emb = read_embeddings(outdir, column)
     assert len(got_ids) == expect_rows, f"{name}: {len(got_ids)} rows, expected {expect_rows}"
@@ -215,8 +230,10 @@ def main() -> int:
         pq.write_table(table, corpus_used)
         ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
         st = token_stats(texts, AutoTokenizer.from_pretrained(model_path), MAX_LEN)
-        print(f"corpus: {st['rows']} rows, tokens mean {st['mean']:.1f} median {st['median']:.0f}"
-              f" max {st['max']}, {st[f'over_{MAX_LEN}']} over {MAX_LEN} (truncated)")
+        print(
+            f"corpus: {st['rows']} rows, tokens mean {st['mean']:.1f} median {st['median']:.0f}"
+            f" max {st['max']}, {st[f'over_{MAX_LEN}']} over {MAX_LEN} (truncated)"
+        )
 
         results: list[tuple[str, int, float]] = []
         secs, ref = bench_floor(texts, model_path, args.token_budget)
@@ -242,10 +259,14 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nmachine: nproc={nproc}; torch threads: floor {torch.get_num_threads()}, "
-          f"ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1); model {args.model}")
-    print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
-          + ("  (CPU was busy just before: numbers may be pessimistic)" if load_start > 0.5 else ""))
+    print(
+        f"\nmachine: nproc={nproc}; torch threads: floor {torch.get_num_threads()}, "
+        f"ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1); model {args.model}"
+    )
+    print(
+        f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+        + ("  (CPU was busy just before: numbers may be pessimistic)" if load_start > 0.5 else "")
+    )
     print(f"{'name':<14}{'rows':>8}{'seconds':>10}{'rows/s':>10}")
     rate = {}
     for name, rows, secs in results:

@@ -13,6 +13,7 @@ Metric: vectors the encoder L2-normalized (``normalize: true`` in the metadata) 
 by inner product, which is then the cosine; other vectors are normalized here and searched by
 cosine. ``ip`` forces a raw inner product.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,9 @@ class ExactIndex:
         scores, rows = [], []
         with torch.inference_mode():
             for start in range(0, len(queries), self.chunk):
-                q = torch.tensor(queries[start:start + self.chunk], dtype=torch.float32)  # a copy: queries may be read-only
+                q = torch.tensor(
+                    queries[start : start + self.chunk], dtype=torch.float32
+                )  # a copy: queries may be read-only
                 top = torch.topk(q @ self.vectors.T, k, dim=1)  # (c, n) -> (c, k)
                 scores.append(top.values.numpy())
                 rows.append(top.indices.numpy())

@@ -4,6 +4,7 @@ Ray start (an embedded Ray on 127.0.0.1, or the cluster a ``ray job submit`` run
 Exit codes, as ``omniembed``'s: 0 done; 2 usage error (missing file, missing column, wrong
 dimension, ...), one line on stderr and no traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, as inside `ray job submit`, "
-                                          "else an embedded Ray on 127.0.0.1)")
+    parser.add_argument(
+        "--address",
+        help="join this Ray cluster (default: RAY_ADDRESS, as inside `ray job submit`, "
+        "else an embedded Ray on 127.0.0.1)",
+    )
 
 
 def start_ray(address: str | None) -> None:
@@ -35,12 +39,14 @@ def start_ray(address: str | None) -> None:
     init_ray(address)
 
 
-def run_job(name: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
-            argv: Sequence[str] | None) -> int:
+def run_job(
+    name: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: Sequence[str] | None
+) -> int:
     """Parse, run ``body`` and turn user errors into one line and exit code 2."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     from pipeline.ray_env import prepare_environment
 
     prepare_environment(getattr(args, "address", None))  # before anything imports Ray

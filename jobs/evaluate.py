@@ -11,6 +11,7 @@ Written to ``--output`` (default ``<dataset>.report/``, beside the dataset):
   with their nearest neighbours.
 Neighbours are exact (cosine, or inner product for normalized vectors), the row itself left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def tsne_points(vectors: np.ndarray, perplexity: float, seed: int) -> np.ndarray
     if len(vectors) < 5:
         raise JobError(f"t-SNE needs at least 5 vectors, got {len(vectors)}")
     perplexity = min(perplexity, (len(vectors) - 1) / 3)
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine").fit_transform(vectors)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine").fit_transform(
+        vectors
+    )
 
 
 def plot_tsne(points: np.ndarray, labels: Sequence[str], title: str, label_name: str) -> Any:
@@ -57,11 +60,15 @@ def plot_tsne(points: np.ndarray, labels: Sequence[str], title: str, label_name:
     colours = plt.get_cmap("tab20")
     for i, label in enumerate(sorted(set(names.tolist()), key=lambda x: (x == "other", x))):
         rows = names == label
-        axes.scatter(points[rows, 0], points[rows, 1], s=10, alpha=0.8, color=colours(i % 20), label=f"{label} ({rows.sum()})")
+        axes.scatter(
+            points[rows, 0], points[rows, 1], s=10, alpha=0.8, color=colours(i % 20), label=f"{label} ({rows.sum()})"
+        )
     axes.set_title(title)
     axes.set_xlabel("t-SNE 1")
     axes.set_ylabel("t-SNE 2")
-    axes.legend(title=label_name, fontsize=8, title_fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    axes.legend(
+        title=label_name, fontsize=8, title_fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False
+    )
     figure.tight_layout()
     return figure
 
@@ -73,14 +80,27 @@ def label_metrics(neighbours: np.ndarray, labels: np.ndarray, k: int) -> dict[st
     out = {}
     for label in sorted(set(labels.tolist())):
         rows = labels == label
-        out[str(label)] = {"rows": int(rows.sum()), f"recall@{k}": float(same[rows].any(1).mean()),
-                           f"precision@{k}": float(same[rows].mean())}
+        out[str(label)] = {
+            "rows": int(rows.sum()),
+            f"recall@{k}": float(same[rows].any(1).mean()),
+            f"precision@{k}": float(same[rows].mean()),
+        }
     out["(all)"] = {"rows": len(labels), f"recall@{k}": float(same.any(1).mean()), f"precision@{k}": float(same.mean())}
     return out
 
 
-def evaluate(dataset: str, column: str, label: str, output: str | None = None, k: int = 10, sample: int = 2000,
-             show: str | None = None, examples: int = 5, perplexity: float = 30.0, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    dataset: str,
+    column: str,
+    label: str,
+    output: str | None = None,
+    k: int = 10,
+    sample: int = 2000,
+    show: str | None = None,
+    examples: int = 5,
+    perplexity: float = 30.0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Writes tsne.png, report.md and report.json; returns the report (and the figure under "figure")."""
     output = output or dataset.rstrip("/") + ".report"
     _, out_root = open_filesystem(output)
@@ -106,27 +126,42 @@ def evaluate(dataset: str, column: str, label: str, output: str | None = None, k
     title = f"{column} of {dataset.rstrip('/').rpartition('/')[2]}: t-SNE of {len(picked):,} vectors by {label}"
     figure = plot_tsne(points, labels[picked].tolist(), title, label)
     texts = vectors.extra.get(show) if show else None
-    example_rows = [_example(int(q), neighbours[q][:5], space, vectors.ids, labels, texts)
-                    for q in rng.choice(len(space), size=min(examples, len(space)), replace=False)]
-    report = {"dataset": dataset, "column": column, "label": label, "k": k, "metric": metric,
-              "vectors": len(vectors.ids), "null_rows_skipped": vectors.nulls, "tsne_points": len(picked),
-              "per_label": per_label, "examples": example_rows, "seconds": time.perf_counter() - started}
+    example_rows = [
+        _example(int(q), neighbours[q][:5], space, vectors.ids, labels, texts)
+        for q in rng.choice(len(space), size=min(examples, len(space)), replace=False)
+    ]
+    report = {
+        "dataset": dataset,
+        "column": column,
+        "label": label,
+        "k": k,
+        "metric": metric,
+        "vectors": len(vectors.ids),
+        "null_rows_skipped": vectors.nulls,
+        "tsne_points": len(picked),
+        "per_label": per_label,
+        "examples": example_rows,
+        "seconds": time.perf_counter() - started,
+    }
     _write(output, figure, report)
     report["output"] = output
     report["figure"] = figure
     return report
 
 
-def _example(row: int, neighbours: np.ndarray, space: np.ndarray, ids: np.ndarray, labels: np.ndarray,
-             texts: list[Any] | None) -> dict[str, Any]:
+def _example(
+    row: int, neighbours: np.ndarray, space: np.ndarray, ids: np.ndarray, labels: np.ndarray, texts: list[Any] | None
+) -> dict[str, Any]:
     def entry(r: int) -> dict[str, Any]:
         item = {"id": str(ids[r]), "label": str(labels[r])}
         if texts is not None:
             item["text"] = _short(texts[r])
         return item
 
-    return {"query": entry(row), "neighbours": [{**entry(int(n)), "score": float(space[row] @ space[n])}
-                                                 for n in neighbours if n >= 0]}
+    return {
+        "query": entry(row),
+        "neighbours": [{**entry(int(n)), "score": float(space[row] @ space[n])} for n in neighbours if n >= 0],
+    }
 
 
 def _short(value: Any, width: int = 100) -> str:
@@ -151,13 +186,23 @@ def _write(output: str, figure: Any, report: dict[str, Any]) -> None:
 
 def _markdown(report: dict[str, Any]) -> str:
     k = report["k"]
-    lines = [f"# {report['column']} of {report['dataset']}", "",
-             f"{report['vectors']:,} vectors ({report['null_rows_skipped']:,} null rows skipped), {report['metric']} "
-             f"neighbours, labels from `{report['label']}`.", "", "![t-SNE](tsne.png)", "",
-             f"## Recall@{k} by {report['label']}", "", f"| {report['label']} | rows | recall@{k} | precision@{k} |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {m['rows']} | {m[f'recall@{k}']:.3f} | {m[f'precision@{k}']:.3f} |"
-              for name, m in report["per_label"].items()]
+    lines = [
+        f"# {report['column']} of {report['dataset']}",
+        "",
+        f"{report['vectors']:,} vectors ({report['null_rows_skipped']:,} null rows skipped), {report['metric']} "
+        f"neighbours, labels from `{report['label']}`.",
+        "",
+        "![t-SNE](tsne.png)",
+        "",
+        f"## Recall@{k} by {report['label']}",
+        "",
+        f"| {report['label']} | rows | recall@{k} | precision@{k} |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {m['rows']} | {m[f'recall@{k}']:.3f} | {m[f'precision@{k}']:.3f} |"
+        for name, m in report["per_label"].items()
+    ]
     lines += ["", "## Nearest neighbours", ""]
     for example in report["examples"]:
         q = example["query"]
@@ -167,11 +212,16 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit codes: 0 done; 2 usage error (one line).")
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: 0 done; 2 usage error (one line).",
+    )
     parser.add_argument("dataset", help="omniembed output folder (or URI)")
     parser.add_argument("--column", required=True, help="vector column, e.g. text_embedding")
-    parser.add_argument("--label", required=True, help="a passthrough column to colour by and score against (e.g. topic)")
+    parser.add_argument(
+        "--label", required=True, help="a passthrough column to colour by and score against (e.g. topic)"
+    )
     parser.add_argument("--output", help="report folder (default: <dataset>.report, beside the dataset)")
     parser.add_argument("--show", help="a text column to print in the neighbour examples")
     parser.add_argument("-k", type=int, default=10, help="k of recall@k (default 10)")
@@ -186,15 +236,34 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(args: argparse.Namespace) -> int:
     if args.k < 1 or args.sample < 5:
         raise JobError("-k must be >= 1 and --sample >= 5")
-    report = evaluate(args.dataset, args.column, args.label, args.output, args.k, args.sample, args.show,
-                      args.examples, args.perplexity, args.seed)
+    report = evaluate(
+        args.dataset,
+        args.column,
+        args.label,
+        args.output,
+        args.k,
+        args.sample,
+        args.show,
+        args.examples,
+        args.perplexity,
+        args.seed,
+    )
     k = report["k"]
-    print_table(f"jobs.evaluate: {report['column']} by {report['label']} ({report['vectors']:,} vectors, k={k})",
-                [report["label"], "rows", f"recall@{k}", f"precision@{k}"],
-                [[name, m["rows"], m[f"recall@{k}"], m[f"precision@{k}"]] for name, m in report["per_label"].items()])
-    print_facts("summary", [("null rows skipped", report["null_rows_skipped"]), ("t-SNE points", report["tsne_points"]),
-                            ("plot", join(report["output"], "tsne.png")), ("report", join(report["output"], "report.md")),
-                            ("seconds", f"{report['seconds']:.1f}")])
+    print_table(
+        f"jobs.evaluate: {report['column']} by {report['label']} ({report['vectors']:,} vectors, k={k})",
+        [report["label"], "rows", f"recall@{k}", f"precision@{k}"],
+        [[name, m["rows"], m[f"recall@{k}"], m[f"precision@{k}"]] for name, m in report["per_label"].items()],
+    )
+    print_facts(
+        "summary",
+        [
+            ("null rows skipped", report["null_rows_skipped"]),
+            ("t-SNE points", report["tsne_points"]),
+            ("plot", join(report["output"], "tsne.png")),
+            ("report", join(report["output"], "report.md")),
+            ("seconds", f"{report['seconds']:.1f}"),
+        ],
+    )
     return EXIT_OK
 
 

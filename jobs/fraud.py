@@ -14,6 +14,7 @@
 - Reported on a held-out test split: ROC-AUC and PR-AUC (average precision) of each; the
   positive rate is PR-AUC's chance level. ``--output`` gets test scores and ``metrics.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, add_ray_flags, run_job, start_ray
+from jobs.entrypoint import EXIT_OK, JobError, run_job, start_ray
 from jobs.fraud_model import build_model, predict, train_loop
 from jobs.summary import print_facts, print_table
 from jobs.tables import read_table
-from jobs.trainer import TrainSettings, add_train_flags, fit
+from jobs.trainer import TrainSettings, add_fit_flags, fit
 from jobs.vectors import read_vectors
 
 log = logging.getLogger(__name__)
@@ -41,21 +42,23 @@ def _names(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
 
 
-def split_rows(labels: np.ndarray, times: np.ndarray | None, val_share: float, test_share: float, seed: int) -> np.ndarray:
+def split_rows(
+    labels: np.ndarray, times: np.ndarray | None, val_share: float, test_share: float, seed: int
+) -> np.ndarray:
     """0 train, 1 validation, 2 test: the latest rows by time, else a seeded split stratified by label."""
     part = np.zeros(len(labels), dtype=np.int8)
     if times is not None:
         order = np.argsort(times, kind="stable")
         n_test, n_val = int(round(test_share * len(order))), int(round(val_share * len(order)))
-        part[order[len(order) - n_test:]] = 2
-        part[order[len(order) - n_test - n_val:len(order) - n_test]] = 1
+        part[order[len(order) - n_test :]] = 2
+        part[order[len(order) - n_test - n_val : len(order) - n_test]] = 1
         return part
     rng = np.random.default_rng(seed)
     for value in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == value))
         n_test, n_val = int(round(test_share * len(rows))), int(round(val_share * len(rows)))
         part[rows[:n_test]] = 2
-        part[rows[n_test:n_test + n_val]] = 1
+        part[rows[n_test : n_test + n_val]] = 1
     return part
 
 
@@ -104,19 +107,40 @@ def _body(args: argparse.Namespace) -> int:
     part = split_rows(labels, times, args.val_share, args.test_share, args.seed)
     train = part == 0
     codes, sizes = encode_categorical([table.column(c).to_pylist() for c in categorical], train)
-    num = encode_numeric([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in numeric], train)
-    arrays = {"categorical": codes, "numeric": num, "content": content, "has_content": has_content.astype(np.float32),
-              "label": labels.astype(np.float32)}
+    num = encode_numeric(
+        [np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in numeric], train
+    )
+    arrays = {
+        "categorical": codes,
+        "numeric": num,
+        "content": content,
+        "has_content": has_content.astype(np.float32),
+        "label": labels.astype(np.float32),
+    }
     splits = {name: {k: v[part == p] for k, v in arrays.items()} for p, name in enumerate(("train", "val", "test"))}
 
     start_ray(args.address)
     import ray
 
-    model_spec = {"cardinalities": sizes, "numeric": num.shape[1], "content_dim": vectors.dim,
-                  "hidden": args.hidden, "dropout": args.dropout}
-    config = {"data": [ray.put({"train": splits["train"], "val": splits["val"]})], "model": model_spec,
-              "variants": {WITH: True, WITHOUT: False}, "lr": args.lr, "l2": args.l2, "batch_size": args.batch_size,
-              "epochs": args.epochs, "patience": args.patience, "seed": args.seed, "max_pos_weight": 20.0}
+    model_spec = {
+        "cardinalities": sizes,
+        "numeric": num.shape[1],
+        "content_dim": vectors.dim,
+        "hidden": args.hidden,
+        "dropout": args.dropout,
+    }
+    config = {
+        "data": [ray.put({"train": splits["train"], "val": splits["val"]})],
+        "model": model_spec,
+        "variants": {WITH: True, WITHOUT: False},
+        "lr": args.lr,
+        "l2": args.l2,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "seed": args.seed,
+        "max_pos_weight": 20.0,
+    }
     _, payload = fit(train_loop, config, TrainSettings.from_args(args), "omniembed-fraud")
     test = splits["test"]
     scores: dict[str, np.ndarray] = {}
@@ -130,22 +154,32 @@ def _body(args: argparse.Namespace) -> int:
     if args.output:
         ids = table.column(args.id_column).to_pylist() if args.id_column in table.column_names else None
         _write_outputs(args.output, ids, part, test, scores, metrics, payload)
-    print_table(f"jobs.fraud: held-out test, {len(test['label']):,} transactions, "
-                f"{int(test['label'].sum()):,} fraud (positive rate {test['label'].mean():.4f})",
-                ["method", "ROC-AUC", "PR-AUC"], [[m, v["roc_auc"], v["pr_auc"]] for m, v in metrics.items()])
+    print_table(
+        f"jobs.fraud: held-out test, {len(test['label']):,} transactions, "
+        f"{int(test['label'].sum()):,} fraud (positive rate {test['label'].mean():.4f})",
+        ["method", "ROC-AUC", "PR-AUC"],
+        [[m, v["roc_auc"], v["pr_auc"]] for m, v in metrics.items()],
+    )
     margin = metrics[f"classifier, {WITH}"]["pr_auc"] - metrics[f"classifier, {WITHOUT}"]["pr_auc"]
-    print_facts("summary", [
-        ("transactions train / val / test", " / ".join(f"{int((part == p).sum()):,}" for p in range(3))),
-        ("categorical fields (cardinality)", ", ".join(f"{c} ({s})" for c, s in zip(categorical, sizes)) or "-"),
-        ("numeric fields", ", ".join(numeric) or "-"),
-        ("content vectors", f"{args.column} ({vectors.dim}-d) by {args.vectors_key}"),
-        ("transactions without a vector", int((~has_content).sum())),
-        ("PR-AUC gain from content vectors", margin),
-        ("output", args.output or "-"), ("seconds", f"{time.perf_counter() - started:.1f}")])
+    print_facts(
+        "summary",
+        [
+            ("transactions train / val / test", " / ".join(f"{int((part == p).sum()):,}" for p in range(3))),
+            ("categorical fields (cardinality)", ", ".join(f"{c} ({s})" for c, s in zip(categorical, sizes)) or "-"),
+            ("numeric fields", ", ".join(numeric) or "-"),
+            ("content vectors", f"{args.column} ({vectors.dim}-d) by {args.vectors_key}"),
+            ("transactions without a vector", int((~has_content).sum())),
+            ("PR-AUC gain from content vectors", margin),
+            ("output", args.output or "-"),
+            ("seconds", f"{time.perf_counter() - started:.1f}"),
+        ],
+    )
     return EXIT_OK
 
 
-def anomaly_scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], with_content: bool, seed: int) -> np.ndarray:
+def anomaly_scores(
+    train: dict[str, np.ndarray], test: dict[str, np.ndarray], with_content: bool, seed: int
+) -> np.ndarray:
     """Isolation forest fit without labels; a higher score is more anomalous."""
     from sklearn.ensemble import IsolationForest
 
@@ -160,12 +194,21 @@ def anomaly_scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], wi
 def score_metrics(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    return {name: {"roc_auc": float(roc_auc_score(labels, s)), "pr_auc": float(average_precision_score(labels, s))}
-            for name, s in scores.items()}
+    return {
+        name: {"roc_auc": float(roc_auc_score(labels, s)), "pr_auc": float(average_precision_score(labels, s))}
+        for name, s in scores.items()
+    }
 
 
-def _write_outputs(output: str, ids: list[Any] | None, part: np.ndarray, test: dict[str, np.ndarray],
-                   scores: dict[str, np.ndarray], metrics: dict[str, Any], payload: dict[str, Any]) -> None:
+def _write_outputs(
+    output: str,
+    ids: list[Any] | None,
+    part: np.ndarray,
+    test: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    payload: dict[str, Any],
+) -> None:
     import pyarrow.parquet as pq
 
     from pipeline.filesystems import join, open_filesystem
@@ -185,15 +228,22 @@ def _write_outputs(output: str, ids: list[Any] | None, part: np.ndarray, test: d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.fraud", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit codes: 0 done; 2 usage error (one line).")
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.fraud",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: 0 done; 2 usage error (one line).",
+    )
     parser.add_argument("--transactions", required=True, help="Parquet/JSONL/CSV file or folder of transactions")
     parser.add_argument("--label", default="label", help="label column, 1 = fraud (default label)")
-    parser.add_argument("--categorical", default="", help="comma-separated categorical fields (merchant, device, country, ...)")
+    parser.add_argument(
+        "--categorical", default="", help="comma-separated categorical fields (merchant, device, country, ...)"
+    )
     parser.add_argument("--numeric", default="", help="comma-separated numeric fields (amount, hour, ...)")
     parser.add_argument("--vectors", required=True, help="omniembed output folder with the content vectors")
     parser.add_argument("--column", required=True, help="vector column, e.g. text_embedding")
-    parser.add_argument("--vectors-key", required=True, help="transaction column that holds the vectors' id (e.g. merchant_id)")
+    parser.add_argument(
+        "--vectors-key", required=True, help="transaction column that holds the vectors' id (e.g. merchant_id)"
+    )
     parser.add_argument("--id-column", default="tx_id", help="transaction id, for the test scores (default tx_id)")
     parser.add_argument("--time-column", help="hold out the latest transactions (default: a stratified random split)")
     parser.add_argument("--val-share", type=float, default=0.15, help="(default 0.15)")
@@ -202,15 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--hidden", type=int, default=64, help="MLP width (default 64)")
     model.add_argument("--dropout", type=float, default=0.2, help="(default 0.2)")
-    model.add_argument("--l2", type=float, default=1e-4, help="L2 penalty, as the optimizer's weight decay (default 1e-4)")
-    model.add_argument("--lr", type=float, default=3e-3, help="(default 3e-3)")
-    model.add_argument("--batch-size", type=int, default=256, help="(default 256)")
-    model.add_argument("--epochs", type=int, default=30, help="at most (default 30)")
-    model.add_argument("--patience", type=int, default=4, help="epochs without a better validation PR-AUC before stopping (default 4)")
-    model.add_argument("--seed", type=int, default=0)
-    add_train_flags(parser)
-    add_ray_flags(parser)
-    add_common_flags(parser)
+    model.add_argument(
+        "--l2", type=float, default=1e-4, help="L2 penalty, as the optimizer's weight decay (default 1e-4)"
+    )
+    add_fit_flags(parser, model, lr="3e-3", epochs=30, metric="PR-AUC")
     return parser
 
 

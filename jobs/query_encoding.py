@@ -6,6 +6,7 @@ The model reference comes from, in order: ``--model``; the run's config in ``_ma
 ``local:<name>`` model needs one of the first two. Whatever resolves must have the weights
 hash the metadata records, or the query would land in another space: that is refused.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,10 @@ class QueryEncoder:
 
     def check_modality(self, modality: str) -> None:
         if modality not in self.modalities():
-            raise JobError(f"encoder {self.spec.output!r} ({self.spec.family}) embeds {', '.join(self.modalities())}, "
-                           f"not {modality}; query this column with a {' or '.join(self.modalities())} query or an --id")
+            raise JobError(
+                f"encoder {self.spec.output!r} ({self.spec.family}) embeds {', '.join(self.modalities())}, "
+                f"not {modality}; query this column with a {' or '.join(self.modalities())} query or an --id"
+            )
 
     def encode(self, modality: str, values: Sequence[Any]) -> np.ndarray:
         """Texts, or image paths/bytes -> (n, D) float32, as the pipeline would have embedded them."""
@@ -73,8 +76,10 @@ def query_encoder(dataset: Dataset, entry: EncoderEntry, model: str | None = Non
         raise JobError(str(exc).splitlines()[0]) from None
     recorded = entry.meta.get("weights_sha256")
     if recorded and spec.weights_sha256 != recorded:
-        raise JobError(f"model {config.model!r} has weights sha256 {spec.weights_sha256[:12]}..., but column "
-                       f"{entry.output!r} was embedded with {recorded[:12]}...; pass --model with the same weights")
+        raise JobError(
+            f"model {config.model!r} has weights sha256 {spec.weights_sha256[:12]}..., but column "
+            f"{entry.output!r} was embedded with {recorded[:12]}...; pass --model with the same weights"
+        )
     if spec.dim != entry.dim:
         raise JobError(f"model {config.model!r} gives {spec.dim}-d vectors, but the dataset's are {entry.dim}-d")
     log.info("query encoder %s: %s (%s)", entry.output, config.model, spec.family)
@@ -96,8 +101,10 @@ def _encoder_config(dataset: Dataset, entry: EncoderEntry, model: str | None) ->
         family = meta.get("family")
         reference = model or meta["model"]
     if reference.startswith("local:") or (meta["model"].startswith("local:") and not model and not _exists(reference)):
-        raise JobError(f"column {entry.output!r} was embedded with a local model folder ({meta['model']}); "
-                       f"pass --model PATH to that folder")
+        raise JobError(
+            f"column {entry.output!r} was embedded with a local model folder ({meta['model']}); "
+            f"pass --model PATH to that folder"
+        )
     return EncoderConfig(entry.output, reference, columns, family, options)
 
 

@@ -4,6 +4,7 @@ A user's candidates are all items but the ones already seen (``exclude``, as CSR
 recall@k = hits / |held-out items|; NDCG@k with binary relevance, normalized by the ideal
 ranking of min(k, |held-out|) hits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,14 +27,16 @@ class UserItems:
         return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items[order].astype(np.int64))
 
     def of(self, user: int) -> np.ndarray:
-        return self.items[self.indptr[user]:self.indptr[user + 1]]
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
 
     def users_with_items(self) -> np.ndarray:
         return np.flatnonzero(np.diff(self.indptr) > 0)
 
     def merged(self, other: "UserItems") -> "UserItems":
         n = len(self.indptr) - 1
-        users = np.concatenate([np.repeat(np.arange(n), np.diff(self.indptr)), np.repeat(np.arange(n), np.diff(other.indptr))])
+        users = np.concatenate(
+            [np.repeat(np.arange(n), np.diff(self.indptr)), np.repeat(np.arange(n), np.diff(other.indptr))]
+        )
         return UserItems.from_pairs(users, np.concatenate([self.items, other.items]), n)
 
 
@@ -61,12 +64,13 @@ def recall_ndcg(ranked: np.ndarray, users: np.ndarray, held_out: UserItems, k: i
     return float(np.mean(recalls)), float(np.mean(ndcgs))
 
 
-def evaluate_scores(score_fn, users: np.ndarray, exclude: UserItems, held_out: UserItems, k: int,
-                    batch: int = 1024) -> tuple[float, float]:
+def evaluate_scores(
+    score_fn, users: np.ndarray, exclude: UserItems, held_out: UserItems, k: int, batch: int = 1024
+) -> tuple[float, float]:
     """``score_fn(users) -> (u, n_items)`` tensor, ranked and scored in batches of users."""
     ranked = []
     for start in range(0, len(users), batch):
-        chunk = users[start:start + batch]
+        chunk = users[start : start + batch]
         ranked.append(top_k(score_fn(chunk), chunk, exclude, k)[0])
     if not ranked:
         return float("nan"), float("nan")
@@ -84,8 +88,12 @@ def content_scorer(seen: UserItems, content: np.ndarray):
     unit = torch.from_numpy(content / np.maximum(np.linalg.norm(content, axis=1, keepdims=True), 1e-12)).float()
 
     def score(users: np.ndarray) -> torch.Tensor:
-        profiles = torch.stack([unit[torch.from_numpy(seen.of(int(u)))].mean(0) if len(seen.of(int(u)))
-                                else torch.zeros(unit.shape[1]) for u in users])  # (u, D)
+        profiles = torch.stack(
+            [
+                unit[torch.from_numpy(seen.of(int(u)))].mean(0) if len(seen.of(int(u))) else torch.zeros(unit.shape[1])
+                for u in users
+            ]
+        )  # (u, D)
         return profiles @ unit.T  # (u, n_items)
 
     return score

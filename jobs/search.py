@@ -11,6 +11,7 @@ where Parquet readers would take it for data. ``build`` reports the ANN index's 
 against exact search on a sample of the dataset's own vectors (each query's own row left out).
 Queries are embedded with the encoder the dataset's metadata names (jobs/query_encoding.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.ann import (ANN_KINDS, METRICS, AnnParams, ExactIndex, ann_search, build_ann, deserialize,
-                      neighbours_without_self, recall_at_k, resolve_metric, search_space, serialize)
+from jobs.ann import (
+    ANN_KINDS,
+    METRICS,
+    AnnParams,
+    ExactIndex,
+    ann_search,
+    build_ann,
+    deserialize,
+    neighbours_without_self,
+    recall_at_k,
+    resolve_metric,
+    search_space,
+    serialize,
+)
 from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, run_job
 from jobs.summary import print_facts, print_table
 from jobs.vectors import Dataset, VectorColumn, encoder_for_column, open_dataset, read_vectors
@@ -41,8 +54,10 @@ def check_outside(index_path: str, dataset: str) -> None:
     _, index_root = open_filesystem(index_path)
     _, data_root = open_filesystem(dataset)
     if (index_root.rstrip("/") + "/").startswith(data_root.rstrip("/") + "/"):
-        raise JobError(f"--index {index_path!r} is inside the dataset folder {dataset!r}, where Parquet readers "
-                       f"would trip over it; put it beside the dataset (default {default_index_path(dataset)!r})")
+        raise JobError(
+            f"--index {index_path!r} is inside the dataset folder {dataset!r}, where Parquet readers "
+            f"would trip over it; put it beside the dataset (default {default_index_path(dataset)!r})"
+        )
 
 
 @dataclass
@@ -53,8 +68,16 @@ class BuiltIndex:
     params: AnnParams = field(default_factory=AnnParams)
 
 
-def build_index(dataset_path: str, column: str, index_path: str | None = None, metric: str = "auto",
-                params: AnnParams = AnnParams(), recall_queries: int = 1000, k: int = 10, seed: int = 0) -> BuiltIndex:
+def build_index(
+    dataset_path: str,
+    column: str,
+    index_path: str | None = None,
+    metric: str = "auto",
+    params: AnnParams = AnnParams(),
+    recall_queries: int = 1000,
+    k: int = 10,
+    seed: int = 0,
+) -> BuiltIndex:
     """Build, measure and save the ANN index of one column; returns it with its info."""
     from tqdm import tqdm
 
@@ -63,7 +86,9 @@ def build_index(dataset_path: str, column: str, index_path: str | None = None, m
     check_outside(index_path, dataset_path)
     column_data = read_vectors(dataset_path, column)
     if len(column_data.ids) == 0:
-        raise JobError(f"column {column!r} of {dataset_path!r} has no vectors (all {column_data.total_rows} rows are null)")
+        raise JobError(
+            f"column {column!r} of {dataset_path!r} has no vectors (all {column_data.total_rows} rows are null)"
+        )
     metric = resolve_metric(metric, column_data.encoder.normalized)
     space = search_space(column_data.vectors, metric)
     started = time.perf_counter()
@@ -71,18 +96,26 @@ def build_index(dataset_path: str, column: str, index_path: str | None = None, m
     build_seconds = time.perf_counter() - started
     measured = measure_recall(space, index, params, k, recall_queries, seed, tqdm)
     info = {
-        "dataset": dataset_path, "column": column, "metric": metric, "dim": column_data.dim,
-        "vectors": len(column_data.ids), "nulls_skipped": column_data.nulls, "ann": params.as_dict(),
-        "encoder": dict(column_data.encoder.meta), "dataset_files": column_data.dataset.fingerprint(),
-        "build_seconds": build_seconds, **measured,
+        "dataset": dataset_path,
+        "column": column,
+        "metric": metric,
+        "dim": column_data.dim,
+        "vectors": len(column_data.ids),
+        "nulls_skipped": column_data.nulls,
+        "ann": params.as_dict(),
+        "encoder": dict(column_data.encoder.meta),
+        "dataset_files": column_data.dataset.fingerprint(),
+        "build_seconds": build_seconds,
+        **measured,
     }
     save_index(index_path, column, info, index, column_data.ids)
     info["index"] = index_path
     return BuiltIndex(info, index, column_data.ids, params)
 
 
-def measure_recall(space: np.ndarray, index: Any, params: AnnParams, k: int, queries: int, seed: int,
-                   progress: Any) -> dict[str, Any]:
+def measure_recall(
+    space: np.ndarray, index: Any, params: AnnParams, k: int, queries: int, seed: int, progress: Any
+) -> dict[str, Any]:
     """ANN vs exact top-k on a sample of the indexed vectors, each query's own row left out."""
     n = len(space)
     k = min(k, n - 1)
@@ -92,7 +125,7 @@ def measure_recall(space: np.ndarray, index: Any, params: AnnParams, k: int, que
     exact = ExactIndex(space)
     found, truth, exact_s, ann_s = [], [], 0.0, 0.0
     for start in progress(range(0, len(sample), 256), desc="recall vs exact", unit="batch", disable=None):
-        rows = sample[start:start + 256]
+        rows = sample[start : start + 256]
         t0 = time.perf_counter()
         _, exact_rows = exact.search(space[rows], k + 1)
         t1 = time.perf_counter()
@@ -101,9 +134,13 @@ def measure_recall(space: np.ndarray, index: Any, params: AnnParams, k: int, que
         exact_s, ann_s = exact_s + t1 - t0, ann_s + t2 - t1
         truth.append(neighbours_without_self(exact_rows, rows, k))
         found.append(neighbours_without_self(ann_rows, rows, k))
-    return {"recall_k": k, "recall": recall_at_k(np.concatenate(found), np.concatenate(truth)),
-            "recall_queries": len(sample), "exact_ms_per_query": 1000 * exact_s / len(sample),
-            "ann_ms_per_query": 1000 * ann_s / len(sample)}
+    return {
+        "recall_k": k,
+        "recall": recall_at_k(np.concatenate(found), np.concatenate(truth)),
+        "recall_queries": len(sample),
+        "exact_ms_per_query": 1000 * exact_s / len(sample),
+        "ann_ms_per_query": 1000 * ann_s / len(sample),
+    }
 
 
 def save_index(index_path: str, column: str, info: dict[str, Any], index: Any, ids: np.ndarray) -> None:
@@ -128,11 +165,15 @@ def load_index(index_path: str, column: str, dataset: Dataset) -> BuiltIndex:
         with fs.open_input_stream(join(root, f"{column}.json")) as stream:
             info = json.loads(stream.read())
     except FileNotFoundError:
-        raise JobError(f"no index of column {column!r} in {index_path!r}; build it first: "
-                       f"python -m jobs.search build {dataset.path} --column {column}") from None
+        raise JobError(
+            f"no index of column {column!r} in {index_path!r}; build it first: "
+            f"python -m jobs.search build {dataset.path} --column {column}"
+        ) from None
     if info["dataset_files"] != dataset.fingerprint():
-        raise JobError(f"the index in {index_path!r} was built on other part files than {dataset.path!r} now holds; "
-                       f"rebuild it: python -m jobs.search build {dataset.path} --column {column}")
+        raise JobError(
+            f"the index in {index_path!r} was built on other part files than {dataset.path!r} now holds; "
+            f"rebuild it: python -m jobs.search build {dataset.path} --column {column}"
+        )
     with fs.open_input_stream(join(root, f"{column}.faiss")) as stream:
         index = deserialize(stream.read())
     with fs.open_input_file(join(root, f"{column}.ids.parquet")) as handle:
@@ -147,11 +188,18 @@ class Query:
     id: str | None = None
 
     def describe(self) -> str:
-        return f"text {self.text!r}" if self.text is not None else f"image {self.image!r}" if self.image else f"id {self.id!r}"
+        return (
+            f"text {self.text!r}"
+            if self.text is not None
+            else f"image {self.image!r}"
+            if self.image
+            else f"id {self.id!r}"
+        )
 
 
-def query_vector(dataset: Dataset, column: str, query: Query, metric: str, model: str | None,
-                 vectors: VectorColumn | None) -> np.ndarray:
+def query_vector(
+    dataset: Dataset, column: str, query: Query, metric: str, model: str | None, vectors: VectorColumn | None
+) -> np.ndarray:
     """The query in the column's search space: (1, D). An id query takes that row's vector."""
     if query.id is not None:
         assert vectors is not None
@@ -170,9 +218,18 @@ def query_vector(dataset: Dataset, column: str, query: Query, metric: str, model
     return search_space(encoder.encode(modality, [value]), metric)
 
 
-def run_query(dataset_path: str, column: str, query: Query, k: int = 10, exact: bool = False,
-              index_path: str | None = None, metric: str = "auto", model: str | None = None,
-              show: Sequence[str] = (), ef_search: int | None = None) -> list[dict[str, Any]]:
+def run_query(
+    dataset_path: str,
+    column: str,
+    query: Query,
+    k: int = 10,
+    exact: bool = False,
+    index_path: str | None = None,
+    metric: str = "auto",
+    model: str | None = None,
+    show: Sequence[str] = (),
+    ef_search: int | None = None,
+) -> list[dict[str, Any]]:
     """Top-k results as rows {rank, id, score, *show}; the query's own id is left out."""
     dataset = open_dataset(dataset_path)
     entry = encoder_for_column(dataset, column)
@@ -199,8 +256,10 @@ def run_query(dataset_path: str, column: str, query: Query, k: int = 10, exact: 
         ids = built.ids
     results = [(ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0 and ids[r] != query.id][:k]
     shown = _shown_columns(dataset, show, [i for i, _ in results])
-    return [{"rank": rank, "id": id_, "score": score, **{c: shown[c].get(id_) for c in show}}
-            for rank, (id_, score) in enumerate(results, 1)]
+    return [
+        {"rank": rank, "id": id_, "score": score, **{c: shown[c].get(id_) for c in show}}
+        for rank, (id_, score) in enumerate(results, 1)
+    ]
 
 
 def _shown_columns(dataset: Dataset, show: Sequence[str], ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -217,17 +276,27 @@ def _shown_columns(dataset: Dataset, show: Sequence[str], ids: list[str]) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit codes: 0 done; 2 usage error (one line).")
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.search",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: 0 done; 2 usage error (one line).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,query}")
-    build = sub.add_parser("build", help="build the ANN index of a vector column and report its recall@k",
-                           description="Build a FAISS index of one vector column in <dataset>.index/ and report "
-                                       "its recall@k against exact search.")
+    build = sub.add_parser(
+        "build",
+        help="build the ANN index of a vector column and report its recall@k",
+        description="Build a FAISS index of one vector column in <dataset>.index/ and report "
+        "its recall@k against exact search.",
+    )
     build.add_argument("dataset", help="omniembed output folder (or URI)")
     build.add_argument("--column", required=True, help="vector column, e.g. text_embedding or clip_image_embedding")
     build.add_argument("--index", help="index folder (default: <dataset>.index, beside the dataset)")
-    build.add_argument("--metric", choices=METRICS, default="auto",
-                       help="auto (default): inner product for vectors the encoder normalized, else cosine")
+    build.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="auto",
+        help="auto (default): inner product for vectors the encoder normalized, else cosine",
+    )
     build.add_argument("--ann", choices=ANN_KINDS, default="hnsw", help="FAISS index type (default hnsw)")
     build.add_argument("--m", type=int, default=32, help="HNSW graph degree (default 32)")
     build.add_argument("--ef-construction", type=int, default=200, help="HNSW build beam (default 200)")
@@ -239,8 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seed of the recall sample")
     add_common_flags(build)
 
-    query = sub.add_parser("query", help="top-k neighbours of a text, an image or an id",
-                           description="Top-k neighbours of a query, embedded with the encoder the metadata names.")
+    query = sub.add_parser(
+        "query",
+        help="top-k neighbours of a text, an image or an id",
+        description="Top-k neighbours of a query, embedded with the encoder the metadata names.",
+    )
     query.add_argument("dataset", help="omniembed output folder (or URI)")
     query.add_argument("--column", required=True, help="vector column to search")
     given = query.add_mutually_exclusive_group(required=True)
@@ -248,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--image", help="an image file or URI")
     given.add_argument("--id", help="the vector of this row of the dataset")
     query.add_argument("-k", type=int, default=10, help="results (default 10)")
-    query.add_argument("--exact", action="store_true", help="brute-force search instead of the ANN index (needs no index)")
+    query.add_argument(
+        "--exact", action="store_true", help="brute-force search instead of the ANN index (needs no index)"
+    )
     query.add_argument("--index", help="index folder (default: <dataset>.index)")
     query.add_argument("--metric", choices=METRICS, default="auto", help="with --exact: as for build")
     query.add_argument("--ef-search", type=int, help="HNSW query beam (default: the one saved with the index)")
@@ -261,31 +335,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _body(args: argparse.Namespace) -> int:
     if args.command == "build":
-        built = build_index(args.dataset, args.column, args.index, args.metric,
-                            AnnParams(args.ann, args.m, args.ef_construction, args.ef_search, args.nlist, args.nprobe),
-                            args.recall_queries, args.k, args.seed)
+        built = build_index(
+            args.dataset,
+            args.column,
+            args.index,
+            args.metric,
+            AnnParams(args.ann, args.m, args.ef_construction, args.ef_search, args.nlist, args.nprobe),
+            args.recall_queries,
+            args.k,
+            args.seed,
+        )
         info = built.info
-        print_facts("jobs.search build", [
-            ("dataset", info["dataset"]), ("column", info["column"]), ("index", info["index"]),
-            ("vectors", info["vectors"]), ("null rows skipped", info["nulls_skipped"]), ("dim", info["dim"]),
-            ("metric", info["metric"]), ("ann", _describe(built.params)), ("build seconds", round(info["build_seconds"], 2)),
-            (f"recall@{info['recall_k']} vs exact", info["recall"]), ("recall queries", info["recall_queries"]),
-            ("exact ms/query", round(info.get("exact_ms_per_query", 0.0), 3)),
-            ("ann ms/query", round(info.get("ann_ms_per_query", 0.0), 3))])
+        print_facts(
+            "jobs.search build",
+            [
+                ("dataset", info["dataset"]),
+                ("column", info["column"]),
+                ("index", info["index"]),
+                ("vectors", info["vectors"]),
+                ("null rows skipped", info["nulls_skipped"]),
+                ("dim", info["dim"]),
+                ("metric", info["metric"]),
+                ("ann", _describe(built.params)),
+                ("build seconds", round(info["build_seconds"], 2)),
+                (f"recall@{info['recall_k']} vs exact", info["recall"]),
+                ("recall queries", info["recall_queries"]),
+                ("exact ms/query", round(info.get("exact_ms_per_query", 0.0), 3)),
+                ("ann ms/query", round(info.get("ann_ms_per_query", 0.0), 3)),
+            ],
+        )
         return EXIT_OK
     show = [c for c in args.show.split(",") if c]
     query = Query(args.text, args.image, args.id)
     started = time.perf_counter()
-    results = run_query(args.dataset, args.column, query, args.k, args.exact, args.index, args.metric, args.model,
-                        show, args.ef_search)
+    results = run_query(
+        args.dataset, args.column, query, args.k, args.exact, args.index, args.metric, args.model, show, args.ef_search
+    )
     seconds = time.perf_counter() - started
     if args.json:
         json.dump({"query": query.describe(), "exact": args.exact, "results": results}, sys.stdout, default=str)
         print()
         return EXIT_OK
     rows = [[r["rank"], r["id"], r["score"], *[_short(r[c]) for c in show]] for r in results]
-    print_table(f"jobs.search: {query.describe()} in {args.column} ({'exact' if args.exact else 'ann'}, "
-                f"{len(results)} results, {seconds:.2f}s)", ["rank", "id", "score", *show], rows)
+    print_table(
+        f"jobs.search: {query.describe()} in {args.column} ({'exact' if args.exact else 'ann'}, "
+        f"{len(results)} results, {seconds:.2f}s)",
+        ["rank", "id", "score", *show],
+        rows,
+    )
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
 """The summary table each job prints at the end: aligned columns, one header row."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -15,8 +16,11 @@ def format_value(value: Any) -> str:
 def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[format_value(v) for v in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(header)]
-    lines = [title, "  " + "  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
-             "  " + "  ".join("-" * w for w in widths)]
+    lines = [
+        title,
+        "  " + "  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
+        "  " + "  ".join("-" * w for w in widths),
+    ]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Reading the jobs' own inputs (interactions, transactions): a Parquet, JSONL or CSV file or
 folder, or any URI, through the pipeline's own readers."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -22,5 +23,7 @@ def read_table(path: str, flag: str, required: Sequence[str] = ()) -> pa.Table:
     table = pa.concat_tables(tables, promote_options="permissive")
     missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise JobError(f"{flag}: column {missing[0]!r} is not in {path!r}; its columns: {', '.join(table.column_names)}")
+        raise JobError(
+            f"{flag}: column {missing[0]!r} is not in {path!r}; its columns: {', '.join(table.column_names)}"
+        )
     return table

@@ -8,6 +8,7 @@
 - ``EarlyStopping`` keeps the best weights by a validation metric and stops after
   ``patience`` epochs without improvement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from jobs.entrypoint import JobError
+from jobs.entrypoint import JobError, add_common_flags, add_ray_flags
 
 PAYLOAD = "model.pt"
 log = logging.getLogger(__name__)
@@ -44,12 +45,37 @@ class TrainSettings:
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Train")
     group.add_argument("--workers", type=int, default=1, help="training workers (default 1)")
-    group.add_argument("--use-gpu", choices=("auto", "yes", "no"), default="auto",
-                       help="a GPU per worker: auto (default) when the cluster has GPUs")
+    group.add_argument(
+        "--use-gpu",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="a GPU per worker: auto (default) when the cluster has GPUs",
+    )
     group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     group.add_argument("--threads", type=int, help="torch threads per worker (default: one per reserved CPU)")
-    group.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default: Ray's, ~/ray_results); "
-                                              "shared storage such as s3://... on a multi-node cluster")
+    group.add_argument(
+        "--storage-path",
+        help="where Ray Train keeps checkpoints (default: Ray's, ~/ray_results); "
+        "shared storage such as s3://... on a multi-node cluster",
+    )
+
+
+def add_fit_flags(parser: argparse.ArgumentParser, model: Any, *, lr: str, epochs: int, metric: str) -> None:
+    """The training-loop flags both trained jobs share (into their ``model`` group), then Ray
+    Train's, Ray's and the common ones."""
+    model.add_argument("--lr", type=float, default=float(lr), help=f"(default {lr})")
+    model.add_argument("--batch-size", type=int, default=256, help="(default 256)")
+    model.add_argument("--epochs", type=int, default=epochs, help=f"at most (default {epochs})")
+    model.add_argument(
+        "--patience",
+        type=int,
+        default=4,
+        help=f"epochs without a better validation {metric} before stopping (default 4)",
+    )
+    model.add_argument("--seed", type=int, default=0)
+    add_train_flags(parser)
+    add_ray_flags(parser)
+    add_common_flags(parser)
 
 
 def _wants_gpu(setting: str) -> bool:
@@ -60,8 +86,9 @@ def _wants_gpu(setting: str) -> bool:
     return setting == "yes"
 
 
-def fit(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any], settings: TrainSettings,
-        name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def fit(
+    loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any], settings: TrainSettings, name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``loop`` on the workers; returns (final metrics, the payload rank 0 saved)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -69,9 +96,11 @@ def fit(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any], setti
     use_gpu = _wants_gpu(settings.use_gpu)
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
-        loop, train_loop_config={**config, "threads": settings.threads},
+        loop,
+        train_loop_config={**config, "threads": settings.threads},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=settings.storage_path and _absolute(settings.storage_path)))
+        run_config=RunConfig(name=name, storage_path=settings.storage_path and _absolute(settings.storage_path)),
+    )
     log.info("training %s on %d worker(s), gpu=%s", name, settings.workers, use_gpu)
     result = trainer.fit()
     if result.error is not None:

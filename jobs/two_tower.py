@@ -11,6 +11,7 @@ Item tower modes (``--item-tower``):
 Both towers end L2-normalized; a score is the cosine over a temperature. The softmax over all
 items is exact for catalogs up to ~1e5 items (a (batch, items) score matrix per step).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,16 @@ log = logging.getLogger(__name__)
 
 
 class TwoTower(nn.Module):
-    def __init__(self, n_users: int, n_items: int, dim: int, mode: str, dropout: float,
-                 content: torch.Tensor | None, temperature: float = 0.1) -> None:
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        dim: int,
+        mode: str,
+        dropout: float,
+        content: torch.Tensor | None,
+        temperature: float = 0.1,
+    ) -> None:
         super().__init__()
         if mode not in ITEM_TOWERS:
             raise ValueError(f"item tower {mode!r} is not valid; valid modes: {', '.join(ITEM_TOWERS)}")
@@ -56,7 +65,9 @@ class TwoTower(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         ids = self.dropout(self.items.weight)  # (n_items, dim)
         if self.mode == "concat":
-            ids = self.mix(torch.cat([ids, self.dropout(self.project(self.content))], dim=1))  # (n_items, 2*dim) -> (n_items, dim)
+            ids = self.mix(
+                torch.cat([ids, self.dropout(self.project(self.content))], dim=1)
+            )  # (n_items, 2*dim) -> (n_items, dim)
         return F.normalize(ids, dim=-1)
 
     def forward(self, users: torch.Tensor) -> torch.Tensor:
@@ -75,8 +86,14 @@ def principal_init(content: torch.Tensor, dim: int, std: float) -> torch.Tensor:
 
 
 def build_model(spec: Mapping[str, Any], content: np.ndarray | None) -> TwoTower:
-    return TwoTower(spec["n_users"], spec["n_items"], spec["dim"], spec["mode"], spec["dropout"],
-                    None if content is None else torch.tensor(content, dtype=torch.float32))
+    return TwoTower(
+        spec["n_users"],
+        spec["n_items"],
+        spec["dim"],
+        spec["mode"],
+        spec["dropout"],
+        None if content is None else torch.tensor(content, dtype=torch.float32),
+    )
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -108,7 +125,7 @@ def train_loop(config: dict[str, Any]) -> None:
         order = torch.randperm(len(users), generator=generator)
         total = 0.0
         for start in range(0, len(order), config["batch_size"]):
-            batch = order[start:start + config["batch_size"]]
+            batch = order[start : start + config["batch_size"]]
             logits = model(users[batch].to(device))  # (b, n_items)
             loss = F.cross_entropy(logits, items[batch].to(device))
             optimizer.zero_grad()
@@ -119,14 +136,36 @@ def train_loop(config: dict[str, Any]) -> None:
         net = unwrap(model)
         with torch.no_grad():
             item_vectors = net.item_vectors()
-            recall, ndcg = evaluate_scores(lambda u: (net.user_vectors(torch.from_numpy(u).to(device)) @ item_vectors.T).cpu(),
-                                           val_users, seen, held, k)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(len(order), 1), f"val_recall@{k}": recall,
-                        f"val_ndcg@{k}": ndcg, "seconds": time.perf_counter() - started})
+            recall, ndcg = evaluate_scores(
+                lambda u: (net.user_vectors(torch.from_numpy(u).to(device)) @ item_vectors.T).cpu(),
+                val_users,
+                seen,
+                held,
+                k,
+            )
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / max(len(order), 1),
+                f"val_recall@{k}": recall,
+                f"val_ndcg@{k}": ndcg,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         if rank == 0:
-            log.info("two-tower epoch %d/%d: loss %.4f, val recall@%d %.4f, ndcg@%d %.4f", epoch + 1, config["epochs"],
-                     history[-1]["train_loss"], k, recall, k, ndcg)
+            log.info(
+                "two-tower epoch %d/%d: loss %.4f, val recall@%d %.4f, ndcg@%d %.4f",
+                epoch + 1,
+                config["epochs"],
+                history[-1]["train_loss"],
+                k,
+                recall,
+                k,
+                ndcg,
+            )
         if stopper.step(recall, epoch + 1, model):
             break
-    report_final({f"val_recall@{k}": stopper.best, "best_epoch": stopper.best_epoch, "epochs_run": len(history)},
-                 {"state": stopper.best_state, "history": history})
+    report_final(
+        {f"val_recall@{k}": stopper.best, "best_epoch": stopper.best_epoch, "epochs_run": len(history)},
+        {"state": stopper.best_state, "history": history},
+    )

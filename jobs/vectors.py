@@ -6,6 +6,7 @@
 - Vectors are nullable: a null row (absent or failed input) is skipped and counted.
 - Every non-null vector must have exactly D values; anything else is a user error naming the row.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ class Dataset:
     def read(self, columns: Sequence[str]) -> pa.Table:
         missing = [c for c in columns if c not in self.schema.names]
         if missing:
-            raise JobError(f"column {missing[0]!r} is not in dataset {self.path!r}; its columns: {', '.join(self.schema.names)}")
+            raise JobError(
+                f"column {missing[0]!r} is not in dataset {self.path!r}; its columns: {', '.join(self.schema.names)}"
+            )
         tables = [pq.read_table(f, columns=list(columns), filesystem=self.fs) for f in self.files]
         return pa.concat_tables(tables) if tables else self.schema.empty_table().select(list(columns))
 
@@ -66,7 +69,7 @@ def open_dataset(path: str) -> Dataset:
             log.warning("dataset %s: its run has not finished (status running); reading the committed parts", path)
         files = tuple(join(root, f["name"]) for f in manifest.get("files", []))
     else:
-        files = tuple(p for p, _ in list_files(fs, root, (".parquet",)) if "/" not in p[len(root.rstrip('/')) + 1:])
+        files = tuple(p for p, _ in list_files(fs, root, (".parquet",)) if "/" not in p[len(root.rstrip("/")) + 1 :])
     if not files:
         raise JobError(f"dataset {path!r} holds no Parquet part files; run omniembed on it first")
     try:
@@ -107,8 +110,10 @@ class EncoderEntry:
 def encoder_for_column(dataset: Dataset, column: str) -> EncoderEntry:
     """``<output>_embedding`` (one input) or ``<output>_<modality>_embedding`` (CLIP-like)."""
     if column not in dataset.schema.names:
-        raise JobError(f"column {column!r} is not in dataset {dataset.path!r}; vector columns: "
-                       f"{', '.join(dataset.vector_columns) or '(none)'}")
+        raise JobError(
+            f"column {column!r} is not in dataset {dataset.path!r}; vector columns: "
+            f"{', '.join(dataset.vector_columns) or '(none)'}"
+        )
     for output, meta in dataset.metadata.get("encoders", {}).items():
         modalities = list(meta.get("columns") or {})
         if column == f"{output}_embedding" and len(modalities) <= 1:
@@ -116,8 +121,10 @@ def encoder_for_column(dataset: Dataset, column: str) -> EncoderEntry:
         for modality in modalities:
             if len(modalities) > 1 and column == f"{output}_{modality}_embedding":
                 return EncoderEntry(output, modality, meta)
-    raise JobError(f"column {column!r} of {dataset.path!r} is not a vector column of any encoder in its metadata; "
-                   f"vector columns: {', '.join(dataset.vector_columns) or '(none)'}")
+    raise JobError(
+        f"column {column!r} of {dataset.path!r} is not a vector column of any encoder in its metadata; "
+        f"vector columns: {', '.join(dataset.vector_columns) or '(none)'}"
+    )
 
 
 @dataclass
@@ -156,8 +163,15 @@ def read_vectors(path: str | Dataset, column: str, extra_columns: Sequence[str] 
     kept = table.filter(present)
     vectors = vectors_to_numpy(kept.column(column).combine_chunks(), encoder.dim, column, kept.column("id"))
     extra = {c: kept.column(c).to_pylist() for c in extra_columns if c not in ("id", column)}
-    result = VectorColumn(dataset, column, encoder, np.asarray(kept.column("id").to_pylist(), dtype=object),
-                          vectors, table.num_rows, extra)
+    result = VectorColumn(
+        dataset,
+        column,
+        encoder,
+        np.asarray(kept.column("id").to_pylist(), dtype=object),
+        vectors,
+        table.num_rows,
+        extra,
+    )
     if result.nulls:
         log.info("%s: %d of %d rows have no vector (null) and are skipped", column, result.nulls, table.num_rows)
     return result
@@ -176,8 +190,10 @@ def vectors_to_numpy(values: pa.Array, dim: int, column: str, ids: Any) -> np.nd
         lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(lengths != dim)
         if len(bad):
-            raise JobError(f"column {column!r}: row {ids[int(bad[0])]!s} has {int(lengths[bad[0]])} values, "
-                           f"but the metadata says dim {dim}; re-run omniembed or fix the file")
+            raise JobError(
+                f"column {column!r}: row {ids[int(bad[0])]!s} has {int(lengths[bad[0]])} values, "
+                f"but the metadata says dim {dim}; re-run omniembed or fix the file"
+            )
         flat = values.flatten()
     else:
         raise JobError(f"column {column!r} is {values.type}, not a vector column (list<float32>)")

@@ -2,6 +2,7 @@
 
 Ray is imported lazily, so that entry points can bind a local Ray to loopback first.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -2,6 +2,7 @@
 
 Stages are plain functions and classes that never import Ray; this adapter applies them.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,13 @@ class ResolvedStage:
 
 
 def resolve_task_stage(res: StageResources, default_batch: int) -> ResolvedStage:
-    return ResolvedStage(num_cpus=res.cpus if res.cpus is not None else 1.0, num_gpus=0.0,
-                         batch_size=res.batch_rows or default_batch, memory=res.memory,
-                         resources=res.resources)
+    return ResolvedStage(
+        num_cpus=res.cpus if res.cpus is not None else 1.0,
+        num_gpus=0.0,
+        batch_size=res.batch_rows or default_batch,
+        memory=res.memory,
+        resources=res.resources,
+    )
 
 
 def wants_gpu(res: StageResources, shape: ClusterShape) -> bool:
@@ -42,14 +47,27 @@ def wants_gpu(res: StageResources, shape: ClusterShape) -> bool:
     return float(res.gpus) > 0
 
 
-def resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
-                         cpu_encoders: int = 1, actor_threads: int | None = None) -> ResolvedStage:
-    return replace(_resolve_encode_stage(res, shape, default_batch, where, cpu_encoders, actor_threads),
-                   resources=res.resources)
+def resolve_encode_stage(
+    res: StageResources,
+    shape: ClusterShape,
+    default_batch: int,
+    where: str,
+    cpu_encoders: int = 1,
+    actor_threads: int | None = None,
+) -> ResolvedStage:
+    return replace(
+        _resolve_encode_stage(res, shape, default_batch, where, cpu_encoders, actor_threads), resources=res.resources
+    )
 
 
-def _resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batch: int, where: str,
-                          cpu_encoders: int, actor_threads: int | None) -> ResolvedStage:
+def _resolve_encode_stage(
+    res: StageResources,
+    shape: ClusterShape,
+    default_batch: int,
+    where: str,
+    cpu_encoders: int,
+    actor_threads: int | None,
+) -> ResolvedStage:
     """GPU actors when asked for or when ``auto`` finds GPUs; otherwise CPU actors that never
     reserve every CPU (read and prepare tasks must still run), with torch using the cores the
     reservation leaves idle. ``cpu_encoders`` CPU encoder pools share the spare CPUs.
@@ -67,18 +85,24 @@ def _resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batc
         return ResolvedStage(cpus, gpus, batch, pool, res.memory, res.threads or 2, res.max_tokens)
     spare = (shape.cpus - 1.0) / max(1, cpu_encoders)  # one logical CPU stays free for tasks
     if spare <= 0:
-        raise ConfigError(f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and prepare tasks)")
+        raise ConfigError(
+            f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and prepare tasks)"
+        )
     if actor_threads and res.cpus is None and res.pool is None and res.threads is None:
         actors = max(1, math.floor(shape.cpus / max(1, cpu_encoders) / actor_threads))
         return ResolvedStage(spare / actors, 0.0, batch, (actors, actors), res.memory, actor_threads, res.max_tokens)
     cpus = res.cpus if res.cpus is not None else min(1.0, spare)
     if cpus > spare:
-        raise ConfigError(f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g} shared by "
-                          f"{cpu_encoders} encoder(s)); use at most {spare:g}")
+        raise ConfigError(
+            f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g} shared by "
+            f"{cpu_encoders} encoder(s)); use at most {spare:g}"
+        )
     fit = max(1, math.floor(spare / cpus)) if cpus > 0 else 1
     pool = res.pool or (1, fit)
     if pool[0] * cpus > spare:
-        raise ConfigError(f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or cpus")
+        raise ConfigError(
+            f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or cpus"
+        )
     pool = (pool[0], min(pool[1], fit)) if cpus > 0 else pool
     threads = res.threads or max(1, math.floor(shape.cpus / (pool[1] * max(1, cpu_encoders))))
     return ResolvedStage(cpus, 0.0, batch, pool, res.memory, threads, res.max_tokens)
@@ -87,8 +111,7 @@ def _resolve_encode_stage(res: StageResources, shape: ClusterShape, default_batc
 def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
     import ray.data
 
-    kwargs: dict[str, Any] = {"batch_size": stage.batch_size, "batch_format": "pyarrow",
-                              "num_cpus": stage.num_cpus}
+    kwargs: dict[str, Any] = {"batch_size": stage.batch_size, "batch_format": "pyarrow", "num_cpus": stage.num_cpus}
     if stage.num_gpus:
         kwargs["num_gpus"] = stage.num_gpus
     if stage.resources:
@@ -123,9 +146,15 @@ def named(fn: Callable[..., Any] | type, name: str) -> Callable[..., Any] | type
     return stage
 
 
-def apply_stage(dataset: Any, fn: Callable[..., Any] | type, stage: ResolvedStage, *, name: str | None = None,
-                fn_kwargs: dict[str, Any] | None = None,
-                fn_constructor_kwargs: dict[str, Any] | None = None) -> Any:
+def apply_stage(
+    dataset: Any,
+    fn: Callable[..., Any] | type,
+    stage: ResolvedStage,
+    *,
+    name: str | None = None,
+    fn_kwargs: dict[str, Any] | None = None,
+    fn_constructor_kwargs: dict[str, Any] | None = None,
+) -> Any:
     kwargs = map_batches_kwargs(stage)
     if fn_kwargs:
         kwargs["fn_kwargs"] = fn_kwargs

@@ -3,6 +3,7 @@
 Exit codes: 0 done; 2 usage or config error (one line, nothing written); 3 done, but the
 error rate went past max_error_rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,58 +22,131 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omniembed",
         description="Embed text, images and audio with Ray Data into aligned Parquet vectors.",
-        epilog="Exit codes: 0 done; 2 usage or config error; 3 done, but the error rate went past --max-error-rate.")
+        epilog="Exit codes: 0 done; 2 usage or config error; 3 done, but the error rate went past --max-error-rate.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,embed}")
 
-    run = sub.add_parser("run", help="run a YAML config", description="Run the pipeline described by a YAML config (see README).")
+    run = sub.add_parser(
+        "run", help="run a YAML config", description="Run the pipeline described by a YAML config (see README)."
+    )
     run.add_argument("config", help="path to the YAML config")
     _common(run)
 
-    embed = sub.add_parser("embed", help="embed one input from flags",
-                           description="Embed one input (file, folder or URI) from flags; builds the same config as the YAML.")
-    embed.add_argument("input", help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files")
+    embed = sub.add_parser(
+        "embed",
+        help="embed one input from flags",
+        description="Embed one input (file, folder or URI) from flags; builds the same config as the YAML.",
+    )
+    embed.add_argument(
+        "input", help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files"
+    )
     embed.add_argument("--output", required=True, help="output folder or object-store URI")
-    embed.add_argument("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
-    embed.add_argument("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
-    embed.add_argument("--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell")
-    embed.add_argument("--kind", choices=("table", "text", "image", "audio"), default=None,
-                       help="'text', 'image' or 'audio' for a folder of such files (id = relative path); default: table")
+    embed.add_argument(
+        "--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids"
+    )
+    embed.add_argument(
+        "--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column"
+    )
+    embed.add_argument(
+        "--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell"
+    )
+    embed.add_argument(
+        "--kind",
+        choices=("table", "text", "image", "audio"),
+        default=None,
+        help="'text', 'image' or 'audio' for a folder of such files (id = relative path); default: table",
+    )
     embed.add_argument("--text-column", help="column with the text to embed ('text' for a folder of .txt files)")
     embed.add_argument("--text-model", help="model reference: registry alias, hub id or local folder")
-    embed.add_argument("--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)")
+    embed.add_argument(
+        "--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)"
+    )
     embed.add_argument("--image-column", help="column with image paths/URIs or bytes ('image' for a folder of images)")
     embed.add_argument("--image-model", help="image model: registry alias (e.g. efficientnet-lite0) or local folder")
-    embed.add_argument("--image-output-name", help="output name of the image encoder (default: the image column's name)")
-    embed.add_argument("--max-pixels", type=int, help="images with more pixels are too_large errors (default 100000000)")
-    embed.add_argument("--audio-column", help="column with audio paths/URIs or bytes ('audio' for a folder of audio files)")
-    embed.add_argument("--audio-model", help="audio model: registry alias (e.g. resemblyzer) or local folder (AST, wav2vec2, HuBERT, CLAP)")
-    embed.add_argument("--audio-output-name", help="output name of the audio encoder (default: the audio column's name)")
-    embed.add_argument("--hop-seconds", type=float, help="audio: seconds between window starts (default: the window length)")
-    embed.add_argument("--max-windows", type=int, help="audio: windows per clip at most; the rest of a long clip is not read")
+    embed.add_argument(
+        "--image-output-name", help="output name of the image encoder (default: the image column's name)"
+    )
+    embed.add_argument(
+        "--max-pixels", type=int, help="images with more pixels are too_large errors (default 100000000)"
+    )
+    embed.add_argument(
+        "--audio-column", help="column with audio paths/URIs or bytes ('audio' for a folder of audio files)"
+    )
+    embed.add_argument(
+        "--audio-model",
+        help="audio model: registry alias (e.g. resemblyzer) or local folder (AST, wav2vec2, HuBERT, CLAP)",
+    )
+    embed.add_argument(
+        "--audio-output-name", help="output name of the audio encoder (default: the audio column's name)"
+    )
+    embed.add_argument(
+        "--hop-seconds", type=float, help="audio: seconds between window starts (default: the window length)"
+    )
+    embed.add_argument(
+        "--max-windows", type=int, help="audio: windows per clip at most; the rest of a long clip is not read"
+    )
     embed.add_argument("--pooling", choices=("mean", "cls", "max", "last"), help="override the model folder's pooling")
-    embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                       help="L2-normalize vectors (default: as the model folder declares)")
+    embed.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalize vectors (default: as the model folder declares)",
+    )
     embed.add_argument("--prefix", help="text prepended to every input, e.g. 'passage: ' for E5")
-    embed.add_argument("--long-text", choices=("truncate", "chunk"), help="text past max length: truncate (default) or pool overlapping chunks")
-    embed.add_argument("--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)")
-    embed.add_argument("--batch-rows", type=int, help="rows per encoder batch (default 1024 for text; sorted by length inside)")
+    embed.add_argument(
+        "--long-text",
+        choices=("truncate", "chunk"),
+        help="text past max length: truncate (default) or pool overlapping chunks",
+    )
+    embed.add_argument(
+        "--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)"
+    )
+    embed.add_argument(
+        "--batch-rows", type=int, help="rows per encoder batch (default 1024 for text; sorted by length inside)"
+    )
     embed.add_argument("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
     embed.add_argument("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
     embed.add_argument("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
-    embed.add_argument("--vector-type", choices=("list", "fixed_size_list"), default="list", help="Arrow type of vectors (default list)")
-    embed.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="vector element type (default float32)")
-    embed.add_argument("--on-duplicate-id", choices=("error", "keep-first"), default="error", help="what duplicate ids do (default error)")
-    embed.add_argument("--max-error-rate", type=float, default=0.01, help="fraction of rows allowed to fail before exit code 3 (default 0.01)")
+    embed.add_argument(
+        "--vector-type",
+        choices=("list", "fixed_size_list"),
+        default="list",
+        help="Arrow type of vectors (default list)",
+    )
+    embed.add_argument(
+        "--dtype", choices=("float32", "float16"), default="float32", help="vector element type (default float32)"
+    )
+    embed.add_argument(
+        "--on-duplicate-id",
+        choices=("error", "keep-first"),
+        default="error",
+        help="what duplicate ids do (default error)",
+    )
+    embed.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="fraction of rows allowed to fail before exit code 3 (default 0.01)",
+    )
     embed.add_argument("--rows-per-file", type=int, default=100_000, help="rows per output part file (default 100000)")
     _common(embed)
     return parser
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's output instead of resuming it")
-    parser.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-vv: also Ray Data's per-operator time at the end)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's output instead of resuming it"
+    )
+    parser.add_argument(
+        "--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-vv: also Ray Data's per-operator time at the end)",
+    )
 
 
 def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,7 +156,9 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     wants_image = bool(args.image_column or args.image_model or args.kind == "image")
     wants_audio = bool(args.audio_column or args.audio_model or args.kind == "audio")
     if not (wants_text or wants_image or wants_audio):
-        raise ConfigError("--text-column/--text-model, --image-column/--image-model or --audio-column/--audio-model is required")
+        raise ConfigError(
+            "--text-column/--text-model, --image-column/--image-model or --audio-column/--audio-model is required"
+        )
     encoders: list[dict[str, Any]] = []
     if wants_text:
         encoders.append(_text_encoder(args))
@@ -108,35 +184,67 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         "sources": [source],
         "encoders": encoders,
         "resources": {"encode": encode} if encode else {},
-        "output": {"path": args.output, "vector_type": args.vector_type, "dtype": args.dtype,
-                   "on_duplicate_id": args.on_duplicate_id, "max_error_rate": args.max_error_rate,
-                   "rows_per_file": args.rows_per_file},
+        "output": {
+            "path": args.output,
+            "vector_type": args.vector_type,
+            "dtype": args.dtype,
+            "on_duplicate_id": args.on_duplicate_id,
+            "max_error_rate": args.max_error_rate,
+            "rows_per_file": args.rows_per_file,
+        },
     }
 
 
 def _text_encoder(args: argparse.Namespace) -> dict[str, Any]:
     options = {key: getattr(args, key) for key in ("pooling", "normalize", "prefix", "long_text", "max_length")}
-    return _modality_encoder(args, "text", args.text_column, args.text_model, args.output_name,
-                             "the column holding the text", "a registry alias, hub id or local folder", options)
+    return _modality_encoder(
+        args,
+        "text",
+        args.text_column,
+        args.text_model,
+        args.output_name,
+        "the column holding the text",
+        "a registry alias, hub id or local folder",
+        options,
+    )
 
 
 def _image_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    return _modality_encoder(args, "image", args.image_column, args.image_model, args.image_output_name,
-                             "the column holding image paths, URIs or bytes",
-                             "a registry alias such as efficientnet-lite0, or a local folder",
-                             {"max_pixels": args.max_pixels})
+    return _modality_encoder(
+        args,
+        "image",
+        args.image_column,
+        args.image_model,
+        args.image_output_name,
+        "the column holding image paths, URIs or bytes",
+        "a registry alias such as efficientnet-lite0, or a local folder",
+        {"max_pixels": args.max_pixels},
+    )
 
 
 def _audio_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    return _modality_encoder(args, "audio", args.audio_column, args.audio_model, args.audio_output_name,
-                             "the column holding audio paths, URIs or bytes",
-                             "a registry alias such as resemblyzer, or a local folder",
-                             {"hop_seconds": args.hop_seconds, "max_windows": args.max_windows})
+    return _modality_encoder(
+        args,
+        "audio",
+        args.audio_column,
+        args.audio_model,
+        args.audio_output_name,
+        "the column holding audio paths, URIs or bytes",
+        "a registry alias such as resemblyzer, or a local folder",
+        {"hop_seconds": args.hop_seconds, "max_windows": args.max_windows},
+    )
 
 
-def _modality_encoder(args: argparse.Namespace, modality: str, column: str | None, model: str | None,
-                      output_name: str | None, column_hint: str, model_hint: str,
-                      options: dict[str, Any]) -> dict[str, Any]:
+def _modality_encoder(
+    args: argparse.Namespace,
+    modality: str,
+    column: str | None,
+    model: str | None,
+    output_name: str | None,
+    column_hint: str,
+    model_hint: str,
+    options: dict[str, Any],
+) -> dict[str, Any]:
     """One encoder entry from a modality's flags; a folder of that kind names its own column."""
     from pipeline.config import ConfigError
 
@@ -161,8 +269,9 @@ def _number(value: str, flag: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     if args.verbose >= 2:
         logging.getLogger("pipeline").setLevel(logging.DEBUG)
     return execute(args)
@@ -194,12 +303,12 @@ def execute(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         config = load_config(args.config) if args.command == "run" else config_from_dict(config_from_flags(args))
-        from pipeline.ray_env import init_ray
-
         # torch, the encoder families and Ray Data (~2 s of imports) load while Ray starts its
         # processes: ray.init mostly waits for them. Ray itself is imported here first, so the
         # two threads never import the same package at once.
         import ray  # noqa: F401
+
+        from pipeline.ray_env import init_ray
 
         loader = threading.Thread(target=_preload, daemon=True)
         loader.start()

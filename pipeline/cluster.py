@@ -39,8 +39,11 @@ def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any 
     import ray
 
     resources = ray.cluster_resources() if resources is None else resources
-    return ClusterShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)),
-                        gpu_autoscale=can_autoscale_gpus(autoscaler))
+    return ClusterShape(
+        cpus=float(resources.get("CPU", 0)),
+        gpus=float(resources.get("GPU", 0)),
+        gpu_autoscale=can_autoscale_gpus(autoscaler),
+    )
 
 
 def can_autoscale_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> bool:
@@ -61,8 +64,10 @@ def launcher_has_gpu_nodes(path: Path) -> bool:
     if not path.is_file():
         return False
     node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
-    return any(float((t.get("resources") or {}).get("GPU", 0) or 0) > 0 and t.get("max_workers", 1) != 0
-               for t in node_types.values())
+    return any(
+        float((t.get("resources") or {}).get("GPU", 0) or 0) > 0 and t.get("max_workers", 1) != 0
+        for t in node_types.values()
+    )
 
 
 def own_monitor_processes() -> list[Any]:
@@ -98,6 +103,9 @@ def _private_api_checked() -> bool:
 
     if ray.__version__.startswith(PRIVATE_API_RAY):
         return True
-    log.debug("Ray %s is not a version omniembed's private-API uses were checked on (%s); using the public "
-              "fallbacks", ray.__version__, ", ".join(PRIVATE_API_RAY))
+    log.debug(
+        "Ray %s is not a version omniembed's private-API uses were checked on (%s); using the public fallbacks",
+        ray.__version__,
+        ", ".join(PRIVATE_API_RAY),
+    )
     return False

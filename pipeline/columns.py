@@ -27,8 +27,9 @@ def extra_columns(spec: EncoderSpec, modality: str, dtype: str = "float32") -> l
     audio window counts): (key in ``EncodeResult.extras``, column name, Arrow type in the
     output's ``dtype``)."""
     declared: tuple[ExtraColumn, ...] = FAMILIES.get(spec.family).extra_columns(spec, modality)
-    return [(extra.name, f"{_base(spec, modality)}_{extra.name}", _in_dtype(extra.arrow_type, dtype))
-            for extra in declared]
+    return [
+        (extra.name, f"{_base(spec, modality)}_{extra.name}", _in_dtype(extra.arrow_type, dtype)) for extra in declared
+    ]
 
 
 def _in_dtype(arrow_type: pa.DataType, dtype: str) -> pa.DataType:

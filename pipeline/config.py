@@ -3,6 +3,7 @@
 Every error is a ``ConfigError`` whose message is one line naming the field, the bad value
 and the fix. The CLI flags build the same objects.
 """
+
 from __future__ import annotations
 
 import re
@@ -145,8 +146,14 @@ def _no_unknown(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
             raise ConfigError(f"{where}: unknown field {key!r}; valid fields: {', '.join(allowed)}")
 
 
-def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None,
-         choices: tuple[str, ...] | None = None) -> Any:
+def _get(
+    data: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    default: Any = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     value = data.get(key, default)
     if value is None:
         return default
@@ -222,7 +229,12 @@ def _resources(data: Any, where: str) -> StageResources:
     if pool is not None:
         if isinstance(pool, int) and not isinstance(pool, bool):
             pool = [pool, pool]
-        if not (isinstance(pool, list) and len(pool) == 2 and all(isinstance(p, int) for p in pool) and 1 <= pool[0] <= pool[1]):
+        if not (
+            isinstance(pool, list)
+            and len(pool) == 2
+            and all(isinstance(p, int) for p in pool)
+            and 1 <= pool[0] <= pool[1]
+        ):
             raise ConfigError(f"{where}.pool: expected [min, max] with 1 <= min <= max, got {pool!r}")
         pool = (pool[0], pool[1])
     result = StageResources(

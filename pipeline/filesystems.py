@@ -1,4 +1,5 @@
 """Local paths and URIs (anything pyarrow or fsspec reads) as one pyarrow filesystem."""
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,7 @@ def list_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> lis
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if entry.type != pafs.FileType.File:
             continue
-        rel = entry.path[len(root.rstrip("/")) + 1:]
+        rel = entry.path[len(root.rstrip("/")) + 1 :]
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
         if entry.path.lower().endswith(suffixes):

@@ -3,6 +3,7 @@
 ``embed`` adds vector and error columns to any Ray Dataset; ``run`` reads the configured
 sources and writes the output folder, resuming where an earlier run of the same config stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,9 +48,14 @@ def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
     cpu_encoders = sum(not wants_gpu(config.stage("encode", e), shape) for e in config.encoders)
     for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
         default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
-        encode = resolve_encode_stage(config.stage("encode", encoder), shape, default_batch,
-                                      f"encoders[{i}].resources", cpu_encoders,
-                                      FAMILIES.get(spec.family).cpu_actor_threads)
+        encode = resolve_encode_stage(
+            config.stage("encode", encoder),
+            shape,
+            default_batch,
+            f"encoders[{i}].resources",
+            cpu_encoders,
+            FAMILIES.get(spec.family).cpu_actor_threads,
+        )
         prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
         plans.append(EncoderPlan(spec, prepare, encode))
     return plans
@@ -57,9 +63,16 @@ def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
 
 def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
     for p in plans:
-        dataset = apply_stage(dataset, prepare_batch, p.prepare, name=f"Prepare[{p.spec.output}]", fn_kwargs={"spec": p.spec})
-        dataset = apply_stage(dataset, EncodeActor, p.encode, name=f"Encode[{p.spec.output}]", fn_constructor_kwargs={
-            "spec": p.spec, "threads": p.encode.threads, "max_tokens": p.encode.max_tokens})
+        dataset = apply_stage(
+            dataset, prepare_batch, p.prepare, name=f"Prepare[{p.spec.output}]", fn_kwargs={"spec": p.spec}
+        )
+        dataset = apply_stage(
+            dataset,
+            EncodeActor,
+            p.encode,
+            name=f"Encode[{p.spec.output}]",
+            fn_constructor_kwargs={"spec": p.spec, "threads": p.encode.threads, "max_tokens": p.encode.max_tokens},
+        )
     return dataset
 
 
@@ -78,9 +91,15 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
 def encoders_metadata(plans: list[EncoderPlan], config: Config) -> dict[str, Any]:
     from encoders.core.device import planned_precision
 
-    return {p.spec.output: {**p.spec.metadata(p.encode.device, planned_precision(p.encode.device, p.spec.options.get("precision", "auto"))),
-                            "dtype": config.output.dtype}
-            for p in plans}
+    return {
+        p.spec.output: {
+            **p.spec.metadata(
+                p.encode.device, planned_precision(p.encode.device, p.spec.options.get("precision", "auto"))
+            ),
+            "dtype": config.output.dtype,
+        }
+        for p in plans
+    }
 
 
 def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -99,8 +118,9 @@ def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False
 
     items = [chunk_row(c, sources.drops.get(c.index, [])) for c in chunks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset = dataset.map_batches(named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow",
-                                  fn_kwargs={"schema": sources.schema})
+    dataset = dataset.map_batches(
+        named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs={"schema": sources.schema}
+    )
     # A chunk (256 files, or a Parquet row-group range) becomes blocks of an encoder batch, cut
     # inside the read task. Without it Ray Data fuses read with the first prepare and bundles
     # `batch_size` *chunks* into one task: no overlap with the encoder, and no read parallelism.
@@ -108,8 +128,13 @@ def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False
     dataset = add_encoders(dataset, plans)
     error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
     write = resolve_task_stage(config.stage("write"), config.output.rows_per_file)
-    parts = apply_stage(dataset, write_part, write, name="Write", fn_kwargs={
-        "output": config.output.path, "schema": schema, "error_columns": error_columns})
+    parts = apply_stage(
+        dataset,
+        write_part,
+        write,
+        name="Write",
+        fn_kwargs={"output": config.output.path, "schema": schema, "error_columns": error_columns},
+    )
     for part in parts.iter_rows():
         sink.record(part)
     if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator

@@ -1,9 +1,10 @@
 """Config encoders -> picklable encoder specs, with D known before anything is written."""
+
 from __future__ import annotations
 
 from encoders import FAMILIES
 from encoders.core.registry import MissingDependencyError, UnknownNameError, detect_family
-from encoders.core.spec import EncoderSpec
+from encoders.core.spec import EncoderSpec, SpecRequest
 from encoders.core.weights import WeightsNotFoundError, lookup_alias, resolve_weights
 from pipeline.config import ConfigError, EncoderConfig
 
@@ -21,14 +22,18 @@ def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
     columns = dict(encoder.columns)
     if "*" in columns:
         if len(family.modalities) != 1:
-            raise ConfigError(f"{where}: family {family.name!r} takes {', '.join(family.modalities)}; use columns: {{modality: column}}")
+            raise ConfigError(
+                f"{where}: family {family.name!r} takes {', '.join(family.modalities)}; use columns: {{modality: column}}"
+            )
         columns = {family.modalities[0]: columns["*"]}
     wrong = sorted(set(columns) - set(family.modalities))
     if wrong:
-        raise ConfigError(f"{where}.columns: family {family.name!r} takes {', '.join(family.modalities)}, not {wrong[0]!r}")
+        raise ConfigError(
+            f"{where}.columns: family {family.name!r} takes {', '.join(family.modalities)}, not {wrong[0]!r}"
+        )
     options = {**(alias.defaults if alias else {}), **encoder.options}
     try:
-        return family.build_spec(encoder.output, columns, weights, options, alias.dim if alias else None)
+        return family.build_spec(SpecRequest(encoder.output, columns, weights, options, alias.dim if alias else None))
     except (ValueError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{where}: {message}") from None

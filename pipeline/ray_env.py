@@ -1,4 +1,5 @@
 """Starting or joining Ray, only from entry points (CLI, jobs), never at import time."""
+
 from __future__ import annotations
 
 import logging

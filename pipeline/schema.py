@@ -16,15 +16,18 @@ from pipeline.sink import FORMAT_VERSION
 from pipeline.sources import FOLDER_KINDS
 
 
-def plan_output_schema(config: Config, specs: Sequence[EncoderSpec], read_schema: pa.Schema,
-                       encoders_meta: Mapping[str, Any]) -> pa.Schema:
+def plan_output_schema(
+    config: Config, specs: Sequence[EncoderSpec], read_schema: pa.Schema, encoders_meta: Mapping[str, Any]
+) -> pa.Schema:
     """The schema of every part file, after checking that the encoders' input columns and the
     passthrough columns are source columns (a ``ConfigError`` naming the field otherwise)."""
     read_names = read_schema.names
     for i, spec in enumerate(specs):
         for column in spec.columns.values():
             if column not in read_names:
-                raise ConfigError(f"encoders[{i}].column: {column!r} is not a source column; columns: {', '.join(read_names)}")
+                raise ConfigError(
+                    f"encoders[{i}].column: {column!r} is not a source column; columns: {', '.join(read_names)}"
+                )
     keep = [n for n in read_names if n != "id"]
     for source in config.sources:
         if source.passthrough is not None:
@@ -41,10 +44,15 @@ def plan_output_schema(config: Config, specs: Sequence[EncoderSpec], read_schema
     for spec in specs:
         vtype = vector_type(spec.dim, config.output.vector_type, config.output.dtype)
         for modality in spec.columns:
-            fields += [pa.field(embedding_column(spec, modality), vtype), pa.field(error_column(spec, modality), pa.string())]
+            fields += [
+                pa.field(embedding_column(spec, modality), vtype),
+                pa.field(error_column(spec, modality), pa.string()),
+            ]
     for spec in specs:  # patch grids and audio window counts come last
         for modality in spec.columns:
-            fields += [pa.field(column, arrow_type)
-                       for _, column, arrow_type in extra_columns(spec, modality, config.output.dtype)]
+            fields += [
+                pa.field(column, arrow_type)
+                for _, column, arrow_type in extra_columns(spec, modality, config.output.dtype)
+            ]
     metadata = {"version": FORMAT_VERSION, "encoders": dict(encoders_meta)}
     return pa.schema(fields, metadata={"omniembed": json.dumps(metadata, sort_keys=True)})

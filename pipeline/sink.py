@@ -6,6 +6,7 @@ instead of adding a duplicate. The driver records each committed part in the man
 arrives: the manifest's file list is the truth (on object stores, rename is not atomic), and
 a re-run of the same config skips the ids of committed parts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.core.errors import error_code
-from pipeline.config import ConfigError, Config
+from pipeline.config import Config, ConfigError
 from pipeline.filesystems import join, open_filesystem, parent_and_name
 
 MANIFEST = "_manifest.json"
@@ -57,8 +58,14 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: l
         present = pc.is_valid(values)
         with_error = present if with_error is None else pc.or_(with_error, present)
     rows_with_errors = int(pc.sum(with_error).as_py() or 0) if with_error is not None else 0
-    return pa.table({"name": [name], "rows": [table.num_rows], "rows_with_errors": [rows_with_errors],
-                     "errors": [json.dumps(dict(errors))]})
+    return pa.table(
+        {
+            "name": [name],
+            "rows": [table.num_rows],
+            "rows_with_errors": [rows_with_errors],
+            "errors": [json.dumps(dict(errors))],
+        }
+    )
 
 
 def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -93,15 +100,24 @@ class ParquetSink:
         existing = self._read_manifest()
         listing = self._listing()
         if existing is None and listing and (not overwrite or not all(self._ours(p) for p in listing)):
-            raise ConfigError(f"output.path: {self.config.output.path!r} exists and is not an omniembed output; choose another path")
+            raise ConfigError(
+                f"output.path: {self.config.output.path!r} exists and is not an omniembed output; choose another path"
+            )
         if existing is not None and existing.get("fingerprint") != self.fingerprint and not overwrite:
-            raise ConfigError(f"output.path: {self.config.output.path!r} holds a run of a different config or model; pass --overwrite to replace it")
+            raise ConfigError(
+                f"output.path: {self.config.output.path!r} holds a run of a different config or model; pass --overwrite to replace it"
+            )
         self.resumed_files = [] if overwrite or existing is None else list(existing.get("files", []))
         if not self.resumed_files:
             return None
-        return pa.concat_arrays([
-            pq.read_table(join(self.root, f["name"]), columns=["id"], filesystem=self.fs).column("id").combine_chunks()
-            for f in self.resumed_files])
+        return pa.concat_arrays(
+            [
+                pq.read_table(join(self.root, f["name"]), columns=["id"], filesystem=self.fs)
+                .column("id")
+                .combine_chunks()
+                for f in self.resumed_files
+            ]
+        )
 
     def begin(self) -> None:
         """The first write: clear an overwritten run, drop parts no manifest recorded, and
@@ -150,9 +166,14 @@ class ParquetSink:
         names = {f["name"] for f in self.manifest["files"]}
         if part["name"] in names:
             return  # a retried write task rewrote the same part
-        self.manifest["files"].append({"name": part["name"], "rows": int(part["rows"]),
-                                       "rows_with_errors": int(part["rows_with_errors"]),
-                                       "errors": json.loads(part["errors"])})
+        self.manifest["files"].append(
+            {
+                "name": part["name"],
+                "rows": int(part["rows"]),
+                "rows_with_errors": int(part["rows_with_errors"]),
+                "errors": json.loads(part["errors"]),
+            }
+        )
         self._write_manifest()
 
     def close(self, input_rows: int, max_error_rate: float) -> dict[str, Any]:
@@ -165,16 +186,23 @@ class ParquetSink:
         rate = rows_with_errors / input_rows if input_rows else 0.0
         seconds = time.time() - self.started
         new_rows = rows - sum(f["rows"] for f in files[: self.manifest.get("resumed_from") or 0])
-        self.manifest.update({
-            "status": "failed_error_rate" if rate > max_error_rate else "complete",
-            "rows": rows,
-            "input_rows": input_rows,
-            "rows_with_errors": rows_with_errors,
-            "error_rate": rate,
-            "errors": dict(sorted(errors.items())),
-            "timing": {"started": _iso(self.started), "finished": _iso(time.time()), "seconds": round(seconds, 3),
-                       "rows_this_run": new_rows, "rows_per_second": round(new_rows / seconds, 2) if seconds else None},
-        })
+        self.manifest.update(
+            {
+                "status": "failed_error_rate" if rate > max_error_rate else "complete",
+                "rows": rows,
+                "input_rows": input_rows,
+                "rows_with_errors": rows_with_errors,
+                "error_rate": rate,
+                "errors": dict(sorted(errors.items())),
+                "timing": {
+                    "started": _iso(self.started),
+                    "finished": _iso(time.time()),
+                    "seconds": round(seconds, 3),
+                    "rows_this_run": new_rows,
+                    "rows_per_second": round(new_rows / seconds, 2) if seconds else None,
+                },
+            }
+        )
         self._write_manifest()
         staging = staging_path(self.root)
         if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
@@ -210,6 +238,8 @@ def fingerprint(config: Config, encoders_meta: Mapping[str, Any]) -> str:
     for encoder in plain["encoders"]:
         encoder.pop("resources", None)
     plain["output"] = {k: plain["output"][k] for k in ("vector_type", "dtype", "on_duplicate_id")}
-    models = {k: {f: v.get(f) for f in ("model", "weights_sha256", "dim", "pooling", "normalize", "max_length", "options")}
-              for k, v in encoders_meta.items()}
+    models = {
+        k: {f: v.get(f) for f in ("model", "weights_sha256", "dim", "pooling", "normalize", "max_length", "options")}
+        for k, v in encoders_meta.items()
+    }
     return hashlib.sha256(json.dumps([plain, models], sort_keys=True, default=str).encode()).hexdigest()

@@ -6,6 +6,7 @@ group of files in a folder) so that every row has a stable position: derived ids
 ``<relative path>:<row>``, ``keep-first`` means first by source, file and row, and resume can
 skip committed ids. A pre-pass reads only the ids to find duplicates and count rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,10 +79,20 @@ def plan_chunks(sources: Iterable[SourceConfig]) -> list[ReadChunk]:
                 raise ConfigError(f"{where}.path: a {source.kind} source must be a folder, got a file {source.path!r}")
             files = list_files(fs, root, FOLDER_KINDS[source.kind][0])
             if not files:
-                raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(FOLDER_KINDS[source.kind][0])}) in {source.path!r}")
+                raise ConfigError(
+                    f"{where}.path: no {source.kind} files ({', '.join(FOLDER_KINDS[source.kind][0])}) in {source.path!r}"
+                )
             for start in range(0, len(files), FILES_PER_CHUNK):
-                chunks.append(ReadChunk(len(chunks), s_index, source.path, "folder",
-                                        files=tuple(files[start:start + FILES_PER_CHUNK]), kind=source.kind))
+                chunks.append(
+                    ReadChunk(
+                        len(chunks),
+                        s_index,
+                        source.path,
+                        "folder",
+                        files=tuple(files[start : start + FILES_PER_CHUNK]),
+                        kind=source.kind,
+                    )
+                )
             continue
         if source.id_column is None and not source.derive_ids:
             raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
@@ -98,7 +109,9 @@ def plan_chunks(sources: Iterable[SourceConfig]) -> list[ReadChunk]:
                 chunks.append(ReadChunk(len(chunks), s_index, source.path, fmt, path, rel, id_column=source.id_column))
                 continue
             for groups in _row_group_ranges(fs, path, where):
-                chunks.append(ReadChunk(len(chunks), s_index, source.path, fmt, path, rel, groups, id_column=source.id_column))
+                chunks.append(
+                    ReadChunk(len(chunks), s_index, source.path, fmt, path, rel, groups, id_column=source.id_column)
+                )
     return chunks
 
 
@@ -107,13 +120,17 @@ def _format_of(path: str, where: str) -> str:
     for fmt, suffixes in FORMAT_SUFFIXES.items():
         if lower.endswith(suffixes):
             return fmt
-    raise ConfigError(f"{where}.format: cannot tell the format of {path!r}; set format: to one of {', '.join(FORMAT_SUFFIXES)}")
+    raise ConfigError(
+        f"{where}.format: cannot tell the format of {path!r}; set format: to one of {', '.join(FORMAT_SUFFIXES)}"
+    )
 
 
 def _folder_format(fs: pafs.FileSystem, root: str, where: str) -> str:
     found = [fmt for fmt, suffixes in FORMAT_SUFFIXES.items() if list_files(fs, root, suffixes)]
     if len(found) != 1:
-        raise ConfigError(f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of {', '.join(FORMAT_SUFFIXES)}")
+        raise ConfigError(
+            f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of {', '.join(FORMAT_SUFFIXES)}"
+        )
     return found[0]
 
 
@@ -148,13 +165,19 @@ def read_chunk(chunk: ReadChunk, columns: list[str] | None = None) -> pa.Table:
     else:
         try:
             with fs.open_input_stream(chunk.path, compression="detect") as stream:
-                table = pajson.read_json(stream) if chunk.format == "jsonl" else pacsv.read_csv(
-                    stream, parse_options=pacsv.ParseOptions(delimiter="\t" if chunk.path.endswith(".tsv") else ","))
+                table = (
+                    pajson.read_json(stream)
+                    if chunk.format == "jsonl"
+                    else pacsv.read_csv(
+                        stream, parse_options=pacsv.ParseOptions(delimiter="\t" if chunk.path.endswith(".tsv") else ",")
+                    )
+                )
         except pa.ArrowInvalid as exc:
             # e.g. a JSON field that is a string in one row and a number in another: Arrow
             # columns have one type. Say where, rather than guess a type for the user.
-            raise ConfigError(f"sources[{chunk.source}]: cannot read {chunk.relpath!r} as {chunk.format}: "
-                              f"{str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"sources[{chunk.source}]: cannot read {chunk.relpath!r} as {chunk.format}: {str(exc).splitlines()[0]}"
+            ) from None
         if wanted is not None:
             table = table.select([c for c in wanted if c in table.column_names])
     return _with_ids(table, chunk)
@@ -173,7 +196,9 @@ def _with_ids(table: pa.Table, chunk: ReadChunk) -> pa.Table:
         ids = pa.array([f"{chunk.relpath}:{first + i}" for i in range(table.num_rows)], pa.string())
         return table.add_column(0, "id", ids)
     if chunk.id_column not in table.column_names:
-        raise ConfigError(f"sources[{chunk.source}].id_column: {chunk.id_column!r} is not a column of {chunk.relpath!r}; columns: {', '.join(table.column_names)}")
+        raise ConfigError(
+            f"sources[{chunk.source}].id_column: {chunk.id_column!r} is not a column of {chunk.relpath!r}; columns: {', '.join(table.column_names)}"
+        )
     column = table.column(chunk.id_column)
     try:
         ids = column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
@@ -181,7 +206,9 @@ def _with_ids(table: pa.Table, chunk: ReadChunk) -> pa.Table:
         ids = pa.chunked_array([pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())])
     if ids.null_count:
         row = pc.index(pc.is_null(ids), True).as_py() + _first_row(chunk)
-        raise ConfigError(f"sources[{chunk.source}].id_column: {chunk.id_column!r} is null in {chunk.relpath!r} row {row}; ids must be present")
+        raise ConfigError(
+            f"sources[{chunk.source}].id_column: {chunk.id_column!r} is null in {chunk.relpath!r} row {row}; ids must be present"
+        )
     table = table.drop_columns([chunk.id_column])
     if "id" in table.column_names:
         table = table.drop_columns(["id"])
@@ -219,8 +246,12 @@ def needs_reading(chunk: ReadChunk) -> bool:
     return chunk.format != "folder"
 
 
-def prepass(chunks: list[ReadChunk], committed_ids: pa.Array | None, on_duplicate_id: str,
-            run_tasks: Callable[[Callable[[ReadChunk], Any], list[ReadChunk]], list[Any]]) -> SourcePlan:
+def prepass(
+    chunks: list[ReadChunk],
+    committed_ids: pa.Array | None,
+    on_duplicate_id: str,
+    run_tasks: Callable[[Callable[[ReadChunk], Any], list[ReadChunk]], list[Any]],
+) -> SourcePlan:
     """Read the ids (and schemas) of every chunk: count rows, find duplicates, skip committed
     ids. ``run_tasks`` maps a function over chunks (Ray tasks in a run, a loop in tests)."""
     results = run_tasks(_ids_and_schema, chunks)
@@ -232,15 +263,16 @@ def prepass(chunks: list[ReadChunk], committed_ids: pa.Array | None, on_duplicat
     ids = pa.chunked_array([r[0] for r in results], pa.string())
     chunk_of = pa.chunked_array([pa.array([i] * len(r[0]), pa.int64()) for i, r in enumerate(results)], pa.int64())
     local = pa.chunked_array([pa.array(range(len(r[0])), pa.int64()) for r in results], pa.int64())
-    table = pa.table({"id": ids, "chunk": chunk_of, "row": local,
-                      "pos": pc.add(pc.multiply(chunk_of, 1 << 32), local)})
+    table = pa.table({"id": ids, "chunk": chunk_of, "row": local, "pos": pc.add(pc.multiply(chunk_of, 1 << 32), local)})
     counts = table.group_by("id").aggregate([("pos", "min"), ("pos", "count")])
     duplicated = counts.filter(pc.greater(counts["pos_count"], 1))
     duplicates = int(pc.sum(duplicated["pos_count"]).as_py() or 0) - duplicated.num_rows
     if duplicated.num_rows and on_duplicate_id == "error":
         sample = ", ".join(repr(i) for i in duplicated["id"].to_pylist()[:3])
-        raise ConfigError(f"sources: {duplicated.num_rows} ids occur more than once (e.g. {sample}); "
-                          "fix the input or set output.on_duplicate_id: keep-first")
+        raise ConfigError(
+            f"sources: {duplicated.num_rows} ids occur more than once (e.g. {sample}); "
+            "fix the input or set output.on_duplicate_id: keep-first"
+        )
     drop_mask = pc.invert(pc.is_in(table["pos"], value_set=counts["pos_min"]))  # later duplicates
     skipped = 0
     if committed_ids is not None and len(committed_ids):
@@ -261,7 +293,9 @@ def _ids_and_schema(chunk: ReadChunk) -> tuple[pa.Array, pa.Schema]:
     if chunk.format == "folder":  # ids are the listing: nothing to open
         _, column = FOLDER_KINDS[chunk.kind]
         content = pa.string() if chunk.kind in REFERENCE_KINDS else pa.binary()
-        return read_chunk(chunk, columns=[]).column("id").combine_chunks(), pa.schema([("id", pa.string()), (column, content)])
+        return read_chunk(chunk, columns=[]).column("id").combine_chunks(), pa.schema(
+            [("id", pa.string()), (column, content)]
+        )
     if chunk.format == "parquet":
         fs, _ = open_filesystem(chunk.root)
         with fs.open_input_file(chunk.path) as handle:
@@ -289,7 +323,9 @@ def read_chunk_rows(batch: pa.Table, schema: pa.Schema) -> pa.Table:
         data["files"] = tuple(tuple(f) for f in data["files"])
         table = read_chunk(ReadChunk(**data))
         if drops:
-            keep = pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=pa.array(drops, pa.int64())))
+            keep = pc.invert(
+                pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=pa.array(drops, pa.int64()))
+            )
             table = table.filter(keep)
         tables.append(conform(table, schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()

@@ -1,5 +1,6 @@
 """The per-encoder stages: prepare (a CPU task) and encode (an actor). No Ray imports: the
 adapter applies them with ``map_batches``."""
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,14 @@ from encoders import FAMILIES
 from encoders.core.node_weights import weights_on_this_node
 from encoders.core.spec import EncoderSpec
 from encoders.core.weights import ResolvedWeights
-from pipeline.columns import embedding_column, error_column, extra_columns, extra_to_arrow, prepared_column, vectors_to_arrow
+from pipeline.columns import (
+    embedding_column,
+    error_column,
+    extra_columns,
+    extra_to_arrow,
+    prepared_column,
+    vectors_to_arrow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +70,21 @@ class EncodeActor:
         self.max_tokens = max_tokens
         self.model = FAMILIES.get(spec.family).load(spec, device)
         self.extras = {modality: extra_columns(spec, modality) for modality in spec.columns}
-        log.info("encoder %s loaded on %s (%s, %d threads)", spec.output, device, self.model.precision, torch.get_num_threads())
+        log.info(
+            "encoder %s loaded on %s (%s, %d threads)",
+            spec.output,
+            device,
+            self.model.precision,
+            torch.get_num_threads(),
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for modality in self.spec.columns:
             name = prepared_column(self.spec, modality)
             result = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
-            batch = batch.drop_columns([name]).append_column(embedding_column(self.spec, modality),
-                                                             vectors_to_arrow(result.vectors, result.valid))
+            batch = batch.drop_columns([name]).append_column(
+                embedding_column(self.spec, modality), vectors_to_arrow(result.vectors, result.valid)
+            )
             for key, column, arrow_type in self.extras[modality]:  # patch grids, window counts
                 batch = batch.append_column(column, extra_to_arrow(result.extras[key], result.valid, arrow_type))
         return batch

@@ -1,5 +1,6 @@
 """Real audio for the audio tests: espeak-ng speech in several voices, the ALSA voice clips,
 conversions made with sox, and the bad files the prepare stage must turn into error values."""
+
 from __future__ import annotations
 
 import shutil
@@ -39,8 +40,13 @@ def speak(path: Path, text: str, voice: str = "en+m3") -> Path:
 
 def speech_corpus(folder: Path, voices: tuple[str, ...] = VOICES[:4], sentences: int = 5) -> dict[str, list[Path]]:
     """voice -> one WAV per sentence."""
-    return {voice: [speak(folder / f"{voice.replace('+', '_')}_{i}.wav", text, voice)
-                    for i, text in enumerate(SENTENCES[:sentences])] for voice in voices}
+    return {
+        voice: [
+            speak(folder / f"{voice.replace('+', '_')}_{i}.wav", text, voice)
+            for i, text in enumerate(SENTENCES[:sentences])
+        ]
+        for voice in voices
+    }
 
 
 def sox(source: Path, target: Path, *effects: str, rate: int | None = None, channels: int | None = None) -> Path:
@@ -51,7 +57,9 @@ def sox(source: Path, target: Path, *effects: str, rate: int | None = None, chan
     return target
 
 
-def write_long_wav(path: Path, seconds: float, rate: int = 48_000, channels: int = 2, source: Path | None = None) -> Path:
+def write_long_wav(
+    path: Path, seconds: float, rate: int = 48_000, channels: int = 2, source: Path | None = None
+) -> Path:
     """A long 16-bit WAV, written block by block (never whole in memory): real speech repeated
     (``source``) or a slow chirp."""
     import soundfile as sf
@@ -95,7 +103,19 @@ def write_bad_files(folder: Path) -> dict[str, str | None]:
     sf.write(folder / "voice.flac", mono, rate)
     sf.write(folder / "voice.ogg", mono, rate, format="OGG")
     sf.write(folder / "voice.mp3", mono, rate, format="MP3")
-    return {"zero.wav": "decode_failed", "truncated.wav": "decode_failed", "header_only.wav": "decode_failed",
-            "text.wav": "decode_failed", "missing.wav": "missing_file", "short.wav": "too_short",
-            "silence.wav": None, "8k.wav": None, "48k_stereo.wav": None, "6ch.wav": None, "voice.wav": None,
-            "voice.flac": None, "voice.ogg": None, "voice.mp3": None}
+    return {
+        "zero.wav": "decode_failed",
+        "truncated.wav": "decode_failed",
+        "header_only.wav": "decode_failed",
+        "text.wav": "decode_failed",
+        "missing.wav": "missing_file",
+        "short.wav": "too_short",
+        "silence.wav": None,
+        "8k.wav": None,
+        "48k_stereo.wav": None,
+        "6ch.wav": None,
+        "voice.wav": None,
+        "voice.flac": None,
+        "voice.ogg": None,
+        "voice.mp3": None,
+    }

@@ -1,5 +1,6 @@
 """Shared fixtures: one Ray per session on loopback, tiny models saved through
 ``save_pretrained`` and loaded through the real path, the bundled MiniLM, real text."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,8 +17,12 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-TINY_WORDS = ("the a an and of to in is it on for with red blue green shoe mug cup coffee tea cat dog "
-              "ray data text model vector query passage hello world running fast slow big small").split()
+# The size every tiny transformer in the tests shares (BERT, ViT, CLIP, AST, wav2vec2, CLAP text).
+TINY_LAYERS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48}
+TINY_WORDS = (
+    "the a an and of to in is it on for with red blue green shoe mug cup coffee tea cat dog "
+    "ray data text model vector query passage hello world running fast slow big small"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +48,24 @@ def _save_tiny_bert(folder: Path, seed: int = 0) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS, *letters, *[f"##{c}" for c in letters], ".", ",", "!", "?"]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *TINY_WORDS,
+        *letters,
+        *[f"##{c}" for c in letters],
+        ".",
+        ",",
+        "!",
+        "?",
+    ]
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=48, max_position_embeddings=128)
+    config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), **TINY_LAYERS, max_position_embeddings=128)
     BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
 
 
@@ -66,18 +83,31 @@ def tiny_st(tmp_path_factory) -> str:
     'query' prompt, declared in the folder's own files."""
     folder = tmp_path_factory.mktemp("tiny-st")
     _save_tiny_bert(folder, seed=1)
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ]
+        )
+    )
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
-    (folder / "config_sentence_transformers.json").write_text(json.dumps({
-        "prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "query"}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": True,
+                "pooling_mode_mean_tokens": False,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "query"})
+    )
     return str(folder)
 
 

@@ -1,5 +1,6 @@
 """Real photos for the image tests (scikit-image and scikit-learn sample images), and the
 bad files the decode stage must turn into error values."""
+
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,19 @@ from pathlib import Path
 import numpy as np
 
 # Distinct real photographs: color and grayscale, several scenes. All ship inside the wheels.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "camera", "moon", "coins", "clock")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "moon",
+    "coins",
+    "clock",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,5 +67,11 @@ def write_bad_files(folder: Path) -> dict[str, str | None]:
     Image.new("L", (20_000, 20_000)).save(folder / "bomb.png", optimize=True)
     (folder / "tiny.png").write_bytes(encode(np.full((1, 1, 3), 200, np.uint8), "PNG"))
     (folder / "strip.png").write_bytes(encode(np.tile(photo[:100, :1, :], (1, 10_000 // 1, 1))[:, :10_000], "PNG"))
-    return {"zero.jpg": "decode_failed", "truncated.jpg": "decode_failed", "text.jpg": "decode_failed",
-            "bomb.png": "too_large", "tiny.png": None, "strip.png": None}
+    return {
+        "zero.jpg": "decode_failed",
+        "truncated.jpg": "decode_failed",
+        "text.jpg": "decode_failed",
+        "bomb.png": "too_large",
+        "tiny.png": None,
+        "strip.png": None,
+    }

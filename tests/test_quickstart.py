@@ -1,5 +1,6 @@
 """The README's first command: the shipped sample config runs offline and writes text, image and
 audio vectors side by side (into a temporary folder instead of examples/out)."""
+
 from __future__ import annotations
 
 import importlib.util

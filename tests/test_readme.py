@@ -1,4 +1,5 @@
 """The README's two opening commands are the ones CI and newcomers run."""
+
 from __future__ import annotations
 
 import re

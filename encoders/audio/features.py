@@ -29,6 +29,7 @@ All three take mono float32 windows already on the encoder's device, at the mode
   here is never longer than the model's length, so ``is_longer`` is always False, which makes
   the vectors deterministic and independent of the batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,8 +61,10 @@ def load_feature_extractor(path: str) -> Any:
     try:
         return AutoFeatureExtractor.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"the model folder has no usable preprocessor_config.json (feature extractor): "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+        raise ValueError(
+            f"the model folder has no usable preprocessor_config.json (feature extractor): "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,14 @@ class FbankFrontEnd:
 
     @classmethod
     def from_extractor(cls, fe: Any) -> "FbankFrontEnd":
-        return cls(int(fe.sampling_rate), int(fe.num_mel_bins), int(fe.max_length), bool(fe.do_normalize),
-                   float(fe.mean), float(fe.std))
+        return cls(
+            int(fe.sampling_rate),
+            int(fe.num_mel_bins),
+            int(fe.max_length),
+            bool(fe.do_normalize),
+            float(fe.mean),
+            float(fe.std),
+        )
 
     @property
     def frame_samples(self) -> int:
@@ -92,12 +101,22 @@ class FbankFrontEnd:
     def __call__(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         from torchaudio.compliance.kaldi import fbank
 
-        out = torch.zeros((waves.shape[0], self.max_length, self.num_mel_bins), dtype=torch.float32, device=waves.device)
+        out = torch.zeros(
+            (waves.shape[0], self.max_length, self.num_mel_bins), dtype=torch.float32, device=waves.device
+        )
         for i, n in enumerate(lengths.tolist()):
             # kaldi.fbank takes one (1, samples) waveform at a time.
-            feats = fbank(waves[i:i + 1, :n].float(), sample_frequency=self.sampling_rate, window_type="hanning",
-                          num_mel_bins=self.num_mel_bins, frame_length=FBANK_FRAME_MS, frame_shift=FBANK_SHIFT_MS,
-                          dither=0.0, use_energy=False, htk_compat=True)  # (frames, mels)
+            feats = fbank(
+                waves[i : i + 1, :n].float(),
+                sample_frequency=self.sampling_rate,
+                window_type="hanning",
+                num_mel_bins=self.num_mel_bins,
+                frame_length=FBANK_FRAME_MS,
+                frame_shift=FBANK_SHIFT_MS,
+                dither=0.0,
+                use_energy=False,
+                htk_compat=True,
+            )  # (frames, mels)
             frames = min(feats.shape[0], self.max_length)
             out[i, :frames] = feats[:frames]  # the extractor zero-pads the log-mels, before normalizing
         if self.do_normalize:
@@ -116,7 +135,9 @@ class WaveformFrontEnd:
 
     @classmethod
     def from_extractor(cls, fe: Any) -> "WaveformFrontEnd":
-        return cls(int(fe.sampling_rate), bool(fe.do_normalize), bool(fe.return_attention_mask), float(fe.padding_value))
+        return cls(
+            int(fe.sampling_rate), bool(fe.do_normalize), bool(fe.return_attention_mask), float(fe.padding_value)
+        )
 
     def __call__(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         waves = waves.float()
@@ -145,13 +166,25 @@ class ClapFrontEnd:
 
     @classmethod
     def from_extractor(cls, fe: Any) -> "ClapFrontEnd":
-        front = cls(int(fe.sampling_rate), int(fe.feature_size), int(fe.fft_window_size), int(fe.hop_length),
-                    int(fe.nb_max_samples), float(fe.frequency_min), float(fe.frequency_max), str(fe.truncation),
-                    str(fe.padding))
+        front = cls(
+            int(fe.sampling_rate),
+            int(fe.feature_size),
+            int(fe.fft_window_size),
+            int(fe.hop_length),
+            int(fe.nb_max_samples),
+            float(fe.frequency_min),
+            float(fe.frequency_max),
+            str(fe.truncation),
+            str(fe.padding),
+        )
         if front.truncation not in CLAP_TRUNCATION:
-            raise ValueError(f"CLAP truncation {front.truncation!r} is not supported; valid values: {', '.join(CLAP_TRUNCATION)}")
+            raise ValueError(
+                f"CLAP truncation {front.truncation!r} is not supported; valid values: {', '.join(CLAP_TRUNCATION)}"
+            )
         if front.padding not in CLAP_PADDING:
-            raise ValueError(f"CLAP padding {front.padding!r} is not supported; valid values: {', '.join(CLAP_PADDING)}")
+            raise ValueError(
+                f"CLAP padding {front.padding!r} is not supported; valid values: {', '.join(CLAP_PADDING)}"
+            )
         return front
 
     @property
@@ -165,8 +198,14 @@ class ClapFrontEnd:
 
         slaney = self.truncation != "fusion"
         return torchaudio.functional.melscale_fbanks(
-            self.fft_window_size // 2 + 1, self.frequency_min, self.frequency_max, self.feature_size, self.sampling_rate,
-            norm="slaney" if slaney else None, mel_scale="slaney" if slaney else "htk").to(device)
+            self.fft_window_size // 2 + 1,
+            self.frequency_min,
+            self.frequency_max,
+            self.feature_size,
+            self.sampling_rate,
+            norm="slaney" if slaney else None,
+            mel_scale="slaney" if slaney else "htk",
+        ).to(device)
 
     def pad(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(w, samples) zero-padded windows -> (w, nb_max_samples), padded as the extractor pads."""
@@ -181,16 +220,25 @@ class ClapFrontEnd:
             out[i, : wave.shape[0]] = wave[:n]
         return out
 
-    def __call__(self, waves: torch.Tensor, lengths: torch.Tensor, filters: torch.Tensor, channels: int) -> torch.Tensor:
+    def __call__(
+        self, waves: torch.Tensor, lengths: torch.Tensor, filters: torch.Tensor, channels: int
+    ) -> torch.Tensor:
         """``channels``: 4 for a model with ``enable_fusion`` (the extractor's fusion layout, the
         same spectrogram four times), 1 otherwise (a model without fusion takes one channel)."""
         if int(lengths.max()) > self.nb_max_samples:
             raise ValueError(f"CLAP windows must be at most {self.nb_max_samples} samples, got {int(lengths.max())}")
         padded = self.pad(waves, lengths)  # (w, n)
         window = torch.hann_window(self.fft_window_size, periodic=True, device=padded.device)
-        spec = torch.stft(padded, self.fft_window_size, self.hop_length, window=window, center=True,
-                          pad_mode="reflect", return_complex=True)  # (w, freqs, frames)
-        power = spec.real ** 2 + spec.imag ** 2
+        spec = torch.stft(
+            padded,
+            self.fft_window_size,
+            self.hop_length,
+            window=window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )  # (w, freqs, frames)
+        power = spec.real**2 + spec.imag**2
         mel = torch.einsum("wft,fm->wtm", power, filters)  # (w, frames, mels)
         log_mel = 10.0 * torch.log10(mel.clamp(min=1e-10))
         return log_mel[:, None].expand(-1, channels, -1, -1)  # (w, channels, frames, mels)
@@ -210,16 +258,21 @@ def front_end_from_options(family_kind: str, params: Mapping[str, Any]) -> Any:
 def resolve_window_options(opts: dict[str, Any], rate: int, model_window_s: float | None, min_seconds: float) -> None:
     """The ``preprocessing`` the model declares (its rate, its window length, the shortest clip it
     can take), with the user's keys over it; then the window and batch options checked."""
-    declared = {"sample_rate": rate, "window_seconds": model_window_s or DEFAULT_WAVEFORM_WINDOW_S,
-                "min_seconds": max(DEFAULT_MIN_SECONDS, min_seconds)}
+    declared = {
+        "sample_rate": rate,
+        "window_seconds": model_window_s or DEFAULT_WAVEFORM_WINDOW_S,
+        "min_seconds": max(DEFAULT_MIN_SECONDS, min_seconds),
+    }
     opts["preprocessing"] = {**declared, **(opts["preprocessing"] or {})}
     prep = resolve_audio_options(opts)
     if prep.sample_rate != rate:
         raise ValueError(f"preprocessing.sample_rate {prep.sample_rate} is not the model's rate {rate}")
     if model_window_s is not None and prep.window_seconds > model_window_s:
-        raise ValueError(f"preprocessing.window_seconds {prep.window_seconds} is longer than the model takes "
-                         f"({model_window_s:g} s)")
+        raise ValueError(
+            f"preprocessing.window_seconds {prep.window_seconds} is longer than the model takes ({model_window_s:g} s)"
+        )
     if prep.min_seconds < min_seconds:
-        raise ValueError(f"preprocessing.min_seconds {prep.min_seconds} is shorter than the model can take "
-                         f"({min_seconds:g} s)")
+        raise ValueError(
+            f"preprocessing.min_seconds {prep.min_seconds} is shorter than the model can take ({min_seconds:g} s)"
+        )
     check_runtime_options(opts)

@@ -25,20 +25,24 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Mapping
 
 import pyarrow as pa
 import torch
 
 from encoders.audio import HF_AUDIO_KINDS as AUDIO_KINDS
-from encoders.audio.features import (FBANK_FRAME_MS, HF_WINDOW_OPTIONS, front_end_from_options, front_end_options,
-                                     load_feature_extractor, resolve_window_options)
+from encoders.audio.features import (
+    FBANK_FRAME_MS,
+    HF_WINDOW_OPTIONS,
+    front_end_from_options,
+    front_end_options,
+    load_feature_extractor,
+    resolve_window_options,
+)
 from encoders.audio.prepare import AudioFamily
 from encoders.audio.windows import WindowEncoder
-from encoders.core.device import autocast, resolve_precision
+from encoders.core.device import autocast
 from encoders.core.probe import spec_with_dim
-from encoders.core.spec import EncodeResult, EncoderSpec, validate_options
-from encoders.core.weights import ResolvedWeights
+from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, validate_options
 
 AST_POOLING = ("cls", "mean")
 HF_AUDIO_OPTIONS = {"pooling": (str, None), "normalize": (bool, False), **HF_WINDOW_OPTIONS}
@@ -67,30 +71,27 @@ def _receptive_field_seconds(path: str, rate: int) -> float:
 class HFAudioFamily(AudioFamily):
     name = "hf-audio"
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.core.weights import weights_sha256
-
-        opts = validate_options(options, HF_AUDIO_OPTIONS, self.name)
-        model_type = _model_type(weights.path)
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
+        opts = validate_options(request.options, HF_AUDIO_OPTIONS, self.name)
+        model_type = _model_type(request.weights.path)
         if model_type not in AUDIO_KINDS:
             raise ValueError(f"model_type {model_type!r} is not an hf-audio model; supported: {', '.join(AUDIO_KINDS)}")
         kind = AUDIO_KINDS[model_type]
         opts["front_end_kind"] = kind
-        opts["front_end"] = front_end_options(kind, load_feature_extractor(weights.path))
+        opts["front_end"] = front_end_options(kind, load_feature_extractor(request.weights.path))
         valid_pooling = AST_POOLING if kind == "ast" else ("mean",)
         opts["pooling"] = opts["pooling"] or valid_pooling[0]
         if opts["pooling"] not in valid_pooling:
-            raise ValueError(f"pooling {opts['pooling']!r} is not supported for {model_type}; valid modes: {', '.join(valid_pooling)}")
+            raise ValueError(
+                f"pooling {opts['pooling']!r} is not supported for {model_type}; valid modes: {', '.join(valid_pooling)}"
+            )
         rate = opts["front_end"]["sampling_rate"]
         if kind == "ast":
             window = front_end_from_options(kind, opts["front_end"]).window_samples / rate
             resolve_window_options(opts, rate, window, FBANK_FRAME_MS / 1000)
         else:
-            resolve_window_options(opts, rate, None, _receptive_field_seconds(weights.path, rate))
-        # hidden_size is not trusted: one probe, cached per model
-        return spec_with_dim(self, output, columns, weights, weights_sha256(weights.path), opts, dim,
-                             pooling=opts["pooling"])
+            resolve_window_options(opts, rate, None, _receptive_field_seconds(request.weights.path, rate))
+        return spec_with_dim(self, request, opts, pooling=opts["pooling"])
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFAudioEncoder":
         return HFAudioEncoder(spec, device)
@@ -102,9 +103,7 @@ class HFAudioEncoder(WindowEncoder):
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
         from transformers import AutoModel
 
-        self.options = spec.options
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
+        super().__init__(spec, device)
         self.kind = spec.options["front_end_kind"]
         self.front = front_end_from_options(self.kind, spec.options["front_end"])
         self.masked = self.kind == "waveform" and self.front.return_attention_mask

@@ -50,6 +50,7 @@ How an audio family uses this module:
       ``batch.window_lengths()`` for masks; ``pool_windows(vectors, batch.window_rows, n, mode)``
       -> (n, d); return ``EncodeResult(vectors, batch.valid, {"windows": batch.counts})``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,7 +58,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +66,7 @@ import torch
 
 from encoders.core.errors import error_value
 from encoders.core.files import RowError, open_input
-from encoders.core.spec import EncoderFamily, EncoderSpec, ExtraColumn, Prepared
+from encoders.core.spec import EncoderFamily, EncoderSpec, ExtraColumn, Prepared, SpecRequest, validate_options
 
 AUDIO_TYPE = pa.list_(pa.float32())  # per row: mono float32 samples at the model's rate
 DEFAULT_MAX_WINDOWS = 16  # 16 x 10 s windows = 2.7 min per clip, 10 MiB of samples per row at 16 kHz
@@ -130,17 +131,22 @@ class AudioPreprocess:
             raise ValueError(f"{where}: the model declares no audio preprocessing (sample_rate, window_seconds)")
         missing = [k for k in ("sample_rate", "window_seconds") if k not in raw]
         if missing:
-            raise ValueError(f"{where}: missing {missing[0]!r}; give sample_rate and window_seconds "
-                             "(and min_seconds, min_coverage)")
+            raise ValueError(
+                f"{where}: missing {missing[0]!r}; give sample_rate and window_seconds (and min_seconds, min_coverage)"
+            )
         unknown = sorted(set(raw) - set(_PREPROCESS_KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(_PREPROCESS_KEYS)}")
         window = float(raw["window_seconds"])
         hop = options.get("hop_seconds")
-        prep = cls(int(raw["sample_rate"]), window, window if hop is None else float(hop),
-                   int(DEFAULT_MAX_WINDOWS if options.get("max_windows") is None else options["max_windows"]),
-                   float(raw.get("min_seconds", DEFAULT_MIN_SECONDS)),
-                   float(raw.get("min_coverage", DEFAULT_MIN_COVERAGE)))
+        prep = cls(
+            int(raw["sample_rate"]),
+            window,
+            window if hop is None else float(hop),
+            int(DEFAULT_MAX_WINDOWS if options.get("max_windows") is None else options["max_windows"]),
+            float(raw.get("min_seconds", DEFAULT_MIN_SECONDS)),
+            float(raw.get("min_coverage", DEFAULT_MIN_COVERAGE)),
+        )
         if prep.sample_rate < 1 or prep.window_samples < 1:
             raise ValueError(f"{where}: sample_rate and window_seconds must give at least one sample per window")
         if prep.hop_samples < 1:
@@ -155,8 +161,12 @@ class AudioPreprocess:
 
     def as_dict(self) -> dict[str, Any]:
         """The ``preprocessing`` option (the declared part; hop and cap stay top-level options)."""
-        return {"sample_rate": self.sample_rate, "window_seconds": self.window_seconds,
-                "min_seconds": self.min_seconds, "min_coverage": self.min_coverage}
+        return {
+            "sample_rate": self.sample_rate,
+            "window_seconds": self.window_seconds,
+            "min_seconds": self.min_seconds,
+            "min_coverage": self.min_coverage,
+        }
 
 
 def validate_window_pooling(value: str) -> str:
@@ -179,6 +189,25 @@ class AudioFamily(EncoderFamily):
 
     def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
         return (WINDOWS,) if modality == "audio" else ()
+
+
+class DeclaredAudioFamily(AudioFamily):
+    """An audio family whose model declares its front end as data (the registry alias's
+    ``preprocessing``, ``hop_seconds`` and ``features``): audio-speaker, audio-sfx. Subclasses
+    set ``option_table`` (``AUDIO_OPTIONS`` and their own) and ``features``."""
+
+    option_table: Mapping[str, tuple[Any, Any]]
+    features: Callable[[Mapping[str, Any]], dict[str, Any]]  # options -> the checked front end
+
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
+        from encoders.core.device import check_runtime_options
+        from encoders.core.probe import spec_with_dim
+
+        opts = validate_options(request.options, self.option_table, self.name)
+        resolve_audio_options(opts)
+        opts["features"] = self.features(opts)
+        check_runtime_options(opts)
+        return spec_with_dim(self, request, opts)
 
 
 def resolve_audio_options(opts: dict[str, Any]) -> AudioPreprocess:
@@ -277,10 +306,10 @@ def resample(wave: np.ndarray, source_rate: int, target_rate: int, chunk: int = 
     out = np.empty(total, dtype=np.float32)
     for start in range(0, len(wave), chunk):
         left = max(0, start - context)
-        piece = _resample_bucketed(wave[left: start + chunk + context], source_rate, target_rate)
+        piece = _resample_bucketed(wave[left : start + chunk + context], source_rate, target_rate)
         first = (start - left) // step * outputs  # the chunk's first output within the piece
         begin, end = start // step * outputs, min(total, (start + chunk) // step * outputs)
-        out[begin:end] = piece[first: first + end - begin]
+        out[begin:end] = piece[first : first + end - begin]
     return out
 
 
@@ -322,8 +351,10 @@ def _check_wav_header(audio: Any) -> None:
     written before the length was known) are not truncation."""
     match = _WAV_SHORT.search(getattr(audio, "extra_info", "") or "")
     if match and int(match.group(1)) not in (0, 0x7FFFFFFF, 0xFFFFFFFF) and int(match.group(1)) > int(match.group(2)):
-        raise RowError("decode_failed", f"truncated: the header declares {match.group(1)} bytes of samples, "
-                                        f"the file holds {match.group(2)}")
+        raise RowError(
+            "decode_failed",
+            f"truncated: the header declares {match.group(1)} bytes of samples, the file holds {match.group(2)}",
+        )
 
 
 def _read_mono(audio: Any, limit: int) -> np.ndarray:
@@ -339,11 +370,13 @@ def _read_mono(audio: Any, limit: int) -> np.ndarray:
             break
         if filled + len(frames) > len(out):  # the header undercounted (streams): grow
             out = np.concatenate([out[:filled], np.empty(max(len(frames), len(out)), np.float32)])
-        out[filled: filled + len(frames)] = frames.mean(axis=1) if channels > 1 else frames[:, 0]
+        out[filled : filled + len(frames)] = frames.mean(axis=1) if channels > 1 else frames[:, 0]
         filled += len(frames)
     declared = int(audio.frames) if audio.frames and audio.frames > 0 else 0
     wanted = min(limit, declared)
     # Compressed formats estimate their length a little (MP3 without a Xing header): allow 1%.
     if declared and filled + max(2304, wanted // 100) < wanted:
-        raise RowError("decode_failed", f"truncated: the file ends after {filled} of the {declared} frames its header declares")
+        raise RowError(
+            "decode_failed", f"truncated: the file ends after {filled} of the {declared} frames its header declares"
+        )
     return out[:filled]

@@ -25,6 +25,7 @@ returns the blocks unpooled).
 aiSFX 0.1.2's librosa helper returns librosa's (mels, frames) layout, which its ``blocking``
 would cut along the mel axis; the network (and the Essentia path) take (frames, mels), as here.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -34,12 +35,10 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from encoders.audio.prepare import AUDIO_OPTIONS, AudioFamily, AudioPreprocess, declared_features, resolve_audio_options
+from encoders.audio.prepare import AUDIO_OPTIONS, AudioPreprocess, DeclaredAudioFamily, declared_features
 from encoders.audio.windows import audio_batch, pool_windows
-from encoders.core.device import autocast, check_runtime_options, resolve_precision
-from encoders.core.probe import spec_with_dim
-from encoders.core.spec import EncodeResult, EncoderSpec, check_dim, validate_options
-from encoders.core.weights import ResolvedWeights
+from encoders.core.device import DeviceModel, autocast
+from encoders.core.spec import EncodeResult, EncoderSpec, check_dim
 
 FEATURE_KEYS = ("n_fft", "hop_length", "n_mels", "f_min", "f_max", "log_gain", "norm_min", "norm_max")
 
@@ -59,19 +58,11 @@ def _features(options: Mapping[str, Any]) -> dict[str, Any]:
     return features
 
 
-class SFXFamily(AudioFamily):
+class SFXFamily(DeclaredAudioFamily):
     name = "audio-sfx"
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.core.weights import weights_sha256
-
-        opts = validate_options(options, SFX_OPTIONS, self.name)
-        resolve_audio_options(opts)
-        opts["features"] = _features(opts)
-        check_runtime_options(opts)
-        sha = weights_sha256(weights.path)
-        return spec_with_dim(self, output, columns, weights, sha, opts, dim)
+    option_table = SFX_OPTIONS
+    features = staticmethod(_features)
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "SFXEncoder":
         return SFXEncoder(spec, device)
@@ -125,28 +116,33 @@ def load_sfx_net(path: str) -> SFXNet:
     if not isinstance(state, dict) or f"{prefix}conv_block1.conv1.weight" not in state:
         raise ValueError(f"{path!r} is not an aiSFX checkpoint (no embedding_net weights)")
     net = SFXNet(int(state[f"{prefix}conv_block1.conv1.weight"].shape[0]))
-    net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    net.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return net.eval()
 
 
-class SFXEncoder:
+class SFXEncoder(DeviceModel):
     """The model half of audio-sfx: runs in the encoder actor."""
 
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
         import torchaudio
 
-        self.options = spec.options
+        super().__init__(spec, device)
         self.prep = AudioPreprocess.from_options(spec.options)
         self.features = _features(spec.options)
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
         self.net = load_sfx_net(spec.weights.path).to(device)
         n_fft, hop = self.features["n_fft"], self.features["hop_length"]
-        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop, power=2.0,
-                                                             center=False).to(device)
+        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop, power=2.0, center=False).to(
+            device
+        )
         fbanks = torchaudio.functional.melscale_fbanks(
-            n_fft // 2 + 1, self.features["f_min"], self.features["f_max"], self.features["n_mels"],
-            self.prep.sample_rate, norm=None, mel_scale="htk")  # (freqs, mels)
+            n_fft // 2 + 1,
+            self.features["f_min"],
+            self.features["f_max"],
+            self.features["n_mels"],
+            self.prep.sample_rate,
+            norm=None,
+            mel_scale="htk",
+        )  # (freqs, mels)
         self.fbanks = (fbanks / fbanks.sum(0, keepdim=True).clamp(min=1e-30)).to(device)  # librosa norm=1
         self.context = (n_fft // 2, n_fft // 2 - hop)  # centred frames over the whole clip
         self.dim = check_dim(spec, int(self.net.conv_block4.conv2.out_channels))
@@ -157,8 +153,10 @@ class SFXEncoder:
         batch.scale_rows(1 / torch.where(peaks > 0, peaks, torch.ones_like(peaks)))
         step = self.options["micro_batch"]
         with torch.inference_mode():
-            parts = [self._embed(batch.windows(s, s + step, self.context), self._real_frames(batch, s, s + step))
-                     for s in range(0, batch.n_windows, step)]
+            parts = [
+                self._embed(batch.windows(s, s + step, self.context), self._real_frames(batch, s, s + step))
+                for s in range(0, batch.n_windows, step)
+            ]
             windows = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=self.device)
             vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
             if self.options["normalize"]:
@@ -183,7 +181,8 @@ class SFXEncoder:
     def _embed(self, windows: torch.Tensor, real_frames: torch.Tensor) -> torch.Tensor:
         mels = self.log_mels(windows)  # (w, frames, mels)
         frames = torch.arange(mels.shape[1], device=self.device)
-        mels = torch.where((frames[None, :] < real_frames[:, None])[..., None], mels, torch.zeros((), device=self.device))
+        mels = torch.where(
+            (frames[None, :] < real_frames[:, None])[..., None], mels, torch.zeros((), device=self.device)
+        )
         with autocast(self.device, self.precision):
             return self.net(mels).float()
-

@@ -22,6 +22,7 @@ Differences from resemblyzer's ``preprocess_wav``, on purpose:
 - digital silence (RMS 0) gets no gain (resemblyzer would multiply 0 by infinity and return
   NaN): it gets the network's vector for an all-zero spectrogram, a finite constant vector.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -29,14 +30,12 @@ from typing import Any, Mapping
 import pyarrow as pa
 import torch
 
-from encoders.audio.prepare import AUDIO_OPTIONS, AudioFamily, AudioPreprocess, declared_features, resolve_audio_options
+from encoders.audio.prepare import AUDIO_OPTIONS, AudioPreprocess, DeclaredAudioFamily, declared_features
 from encoders.audio.windows import audio_batch, pool_windows
-from encoders.core.device import autocast, check_runtime_options, resolve_precision
-from encoders.core.probe import spec_with_dim
-from encoders.core.spec import EncodeResult, EncoderSpec, check_dim, validate_options
-from encoders.core.weights import ResolvedWeights
+from encoders.core.device import DeviceModel, autocast
+from encoders.core.spec import EncodeResult, EncoderSpec, check_dim
 
-INT16_MAX = 2 ** 15 - 1
+INT16_MAX = 2**15 - 1
 # Windows per LSTM forward. On one CPU thread 32-48 windows keep the gates (b x 1024) in cache:
 # 4.2 ms a window against 4.8 at 256 (benchmarks/README.md); a GPU wants wide batches.
 DEFAULT_MICRO_BATCH_CPU = 32
@@ -61,23 +60,15 @@ def _features(options: Mapping[str, Any]) -> dict[str, Any]:
     return features
 
 
-class SpeakerFamily(AudioFamily):
+class SpeakerFamily(DeclaredAudioFamily):
     name = "audio-speaker"
     # On CPU, one torch thread per actor in as many actors as there are cores: the LSTM's 160
     # small steps per window each end in a barrier, so a two-thread forward stalls whenever a
     # prepare task takes a core (pipeline/adapter.py).
     cpu_actor_threads = 1
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.core.weights import weights_sha256
-
-        opts = validate_options(options, SPEAKER_OPTIONS, self.name)
-        resolve_audio_options(opts)
-        opts["features"] = _features(opts)
-        check_runtime_options(opts)
-        sha = weights_sha256(weights.path)
-        return spec_with_dim(self, output, columns, weights, sha, opts, dim)
+    option_table = SPEAKER_OPTIONS
+    features = staticmethod(_features)
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "SpeakerEncoder":
         return SpeakerEncoder(spec, device)
@@ -103,7 +94,9 @@ def load_speaker_net(path: str) -> SpeakerNet:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model_state", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or "linear.weight" not in state:
-        raise ValueError(f"{path!r} is not a resemblyzer speaker-encoder checkpoint (no model_state with lstm/linear weights)")
+        raise ValueError(
+            f"{path!r} is not a resemblyzer speaker-encoder checkpoint (no model_state with lstm/linear weights)"
+        )
     state = {k: v for k, v in state.items() if k.startswith(("lstm.", "linear."))}
     layers = 1 + max(int(k.rsplit("_l", 1)[1]) for k in state if k.startswith("lstm.weight_ih_l"))
     hidden = state["lstm.weight_hh_l0"].shape[1]
@@ -112,24 +105,29 @@ def load_speaker_net(path: str) -> SpeakerNet:
     return net.eval()
 
 
-class SpeakerEncoder:
+class SpeakerEncoder(DeviceModel):
     """The model half of audio-speaker: runs in the encoder actor."""
 
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
         import torchaudio
 
-        self.options = spec.options
+        super().__init__(spec, device)
         self.prep = AudioPreprocess.from_options(spec.options)
         self.features = _features(spec.options)
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
         self.net = load_speaker_net(spec.weights.path).to(device)
         n_fft, hop = self.features["n_fft"], self.features["hop_length"]
         # center=False on windows that carry their own context (see ``_window_mels``) computes
         # the frames a centred STFT over the whole clip would.
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=self.prep.sample_rate, n_fft=n_fft, hop_length=hop, n_mels=self.features["n_mels"],
-            power=2.0, center=False, mel_scale="slaney", norm="slaney").to(device)
+            sample_rate=self.prep.sample_rate,
+            n_fft=n_fft,
+            hop_length=hop,
+            n_mels=self.features["n_mels"],
+            power=2.0,
+            center=False,
+            mel_scale="slaney",
+            norm="slaney",
+        ).to(device)
         self.context = (n_fft // 2, n_fft // 2 - hop)
         # Windows that start on the frame grid share their frames with the clip's mel.
         self.shared_frames = self.prep.hop_samples % hop == 0
@@ -147,16 +145,24 @@ class SpeakerEncoder:
     def forward(self, batch: Any, micro_batch: int | None = None) -> torch.Tensor:
         """An ``AudioBatch`` -> (n, d) clip vectors on the device (zeros for invalid rows): the
         mel front end, the network on micro-batches of windows, pooling and normalization."""
-        step = micro_batch or self.options["micro_batch"] or (
-            DEFAULT_MICRO_BATCH_CPU if self.device.type == "cpu" else DEFAULT_MICRO_BATCH_GPU)
+        step = (
+            micro_batch
+            or self.options["micro_batch"]
+            or (DEFAULT_MICRO_BATCH_CPU if self.device.type == "cpu" else DEFAULT_MICRO_BATCH_GPU)
+        )
         with torch.inference_mode():
             # The gain to target_dbfs, applied to the power mel as its square: |STFT(g x)|^2 =
             # g^2 |STFT(x)|^2, so the samples are never rescaled (one pass over the block less).
             scales = (self._gains(batch) ** 2)[torch.from_numpy(batch.window_rows).to(self.device)]  # (W,)
-            mels = self._clip_mels(batch) if self.shared_frames else (
-                lambda i, j: self._window_mels(batch.windows(i, j, self.context)))
-            parts = [self._network(mels(s, s + step) * scales[s: s + step, None, None])
-                     for s in range(0, batch.n_windows, step)]
+            mels = (
+                self._clip_mels(batch)
+                if self.shared_frames
+                else (lambda i, j: self._window_mels(batch.windows(i, j, self.context)))
+            )
+            parts = [
+                self._network(mels(s, s + step) * scales[s : s + step, None, None])
+                for s in range(0, batch.n_windows, step)
+            ]
             windows = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=self.device)
             vectors = pool_windows(windows, batch.window_rows, len(batch.valid), self.options["window_pooling"])
             return torch.nn.functional.normalize(vectors, dim=1) if self.options["normalize"] else vectors
@@ -165,7 +171,7 @@ class SpeakerEncoder:
         """(n,) per-clip gain to ``target_dbfs`` (resemblyzer's normalize_volume, increase only)."""
         # Sums of squares in float32 (one pass, no float64 copy of the block), the rest per clip
         # in float64: the gain differs from a float64 sum by ~1e-7 relative.
-        power = batch.row_reduce(batch.flat.square(), "sum").double() * INT16_MAX ** 2
+        power = batch.row_reduce(batch.flat.square(), "sum").double() * INT16_MAX**2
         lengths = torch.from_numpy(batch.lengths()).to(self.device).clamp(min=1)
         rms = torch.sqrt(power / lengths)
         change = self.features["target_dbfs"] - 20 * torch.log10(rms / INT16_MAX)
@@ -184,8 +190,10 @@ class SpeakerEncoder:
         padded, bases = batch.layout(self.context, align=hop)
         total = (len(padded) - n_fft) // hop + 1
         chunk = MEL_CHUNK_FRAMES
-        frames = torch.cat([self.mel(padded[f * hop: (min(f + chunk, total) - 1) * hop + n_fft])
-                            for f in range(0, total, chunk)], dim=1)  # (n_mels, total)
+        frames = torch.cat(
+            [self.mel(padded[f * hop : (min(f + chunk, total) - 1) * hop + n_fft]) for f in range(0, total, chunk)],
+            dim=1,
+        )  # (n_mels, total)
         firsts = (bases[batch.window_rows] + batch.window_starts - left) // hop
         per_window = (left + self.prep.window_samples + right - n_fft) // hop + 1
         strided = frames.unfold(1, per_window, 1)  # (n_mels, total - per_window + 1, per_window): a view
@@ -199,4 +207,3 @@ class SpeakerEncoder:
     def _network(self, mels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             return self.net(mels).float()
-

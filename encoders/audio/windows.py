@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +16,7 @@ import pyarrow.compute as pc
 import torch
 
 from encoders.audio.prepare import AudioPreprocess, validate_window_pooling
+from encoders.core.device import DeviceModel
 from encoders.core.spec import EncodeResult, EncoderSpec, check_dim
 
 
@@ -81,10 +81,11 @@ class AudioBatch:
                 start = -(-position // align) * align  # the row's leading context starts here
                 bases[r] = start + left
                 position = bases[r] + span
-            padded = torch.zeros(max(position, left + self.prep.window_samples + right), dtype=self.flat.dtype,
-                                 device=self.flat.device)
+            padded = torch.zeros(
+                max(position, left + self.prep.window_samples + right), dtype=self.flat.dtype, device=self.flat.device
+            )
             for r in np.flatnonzero(lengths):
-                padded[bases[r]: bases[r] + lengths[r]] = self.flat[self.offsets[r]: self.offsets[r + 1]]
+                padded[bases[r] : bases[r] + lengths[r]] = self.flat[self.offsets[r] : self.offsets[r + 1]]
             self._layouts[key] = (padded, bases)
         return self._layouts[key]
 
@@ -105,7 +106,9 @@ class AudioBatch:
     def scale_rows(self, factors: torch.Tensor) -> None:
         """Multiply each row's samples by its factor ((n,) on the device), in place."""
         lengths = torch.from_numpy(self.lengths()).to(self.flat.device)
-        self.flat = self.flat * torch.repeat_interleave(factors.to(self.flat.dtype), lengths, output_size=self.flat.numel())
+        self.flat = self.flat * torch.repeat_interleave(
+            factors.to(self.flat.dtype), lengths, output_size=self.flat.numel()
+        )
         self._layouts.clear()
 
 
@@ -124,7 +127,9 @@ def audio_batch(values: pa.Array, prep: AudioPreprocess, device: torch.device | 
     return AudioBatch(
         # Arrow's buffers are read-only: one copy (as the device transfer would make anyway).
         flat=torch.from_numpy(flat.copy() if not flat.flags.writeable else flat).to(device),
-        offsets=offsets, valid=valid, counts=counts,
+        offsets=offsets,
+        valid=valid,
+        counts=counts,
         window_rows=np.repeat(np.arange(len(values), dtype=np.int64), counts),
         window_starts=np.concatenate(plans) if plans else np.zeros(0, np.int64),
         prep=prep,
@@ -144,19 +149,19 @@ def pool_windows(vectors: torch.Tensor, window_rows: np.ndarray, n_rows: int, mo
         return out.scatter_reduce_(0, index, vectors, reduce="amax", include_self=False)
     if mode == "first":
         first = np.flatnonzero(np.r_[True, window_rows[1:] != window_rows[:-1]])  # rows are grouped
-        out[torch.from_numpy(window_rows[first]).to(vectors.device)] = vectors[torch.from_numpy(first).to(vectors.device)]
+        out[torch.from_numpy(window_rows[first]).to(vectors.device)] = vectors[
+            torch.from_numpy(first).to(vectors.device)
+        ]
         return out
     counts = torch.bincount(rows, minlength=n_rows).clamp_(min=1).to(vectors.dtype)
     return out.index_add_(0, rows, vectors) / counts[:, None]
 
 
-class WindowEncoder:
+class WindowEncoder(DeviceModel):
     """The model half of a family whose model takes one window at a time (hf-audio, hf-clap):
     prepared clips -> windows on the device -> micro-batched forwards -> window vectors pooled
     per clip. Subclasses set ``options``, ``device`` and ``dim`` and define ``_embed``."""
 
-    options: Mapping[str, Any]
-    device: torch.device
     dim: int
     exact_lengths = False  # True: only windows with the same number of real samples share a forward
 
@@ -168,7 +173,9 @@ class WindowEncoder:
         prep = AudioPreprocess.from_options(spec.options)
         probe = torch.zeros((1, prep.window_samples), dtype=torch.float32, device=self.device)  # silence
         with torch.inference_mode():
-            self.dim = check_dim(spec, int(self._embed(probe, torch.tensor([prep.window_samples], device=self.device)).shape[1]))
+            self.dim = check_dim(
+                spec, int(self._embed(probe, torch.tensor([prep.window_samples], device=self.device)).shape[1])
+            )
 
     def encode_audio(self, values: pa.Array) -> EncodeResult:
         batch = audio_batch(values, AudioPreprocess.from_options(self.options), self.device)

@@ -1,5 +1,6 @@
 """Dynamic padding: group sequences by length so that a padded micro-batch stays within a
 token budget and padding is near zero."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,8 +9,9 @@ import numpy as np
 import torch
 
 
-def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None,
-                       overhead_tokens: int | None = None) -> list[list[int]]:
+def plan_micro_batches(
+    lengths: Sequence[int], max_tokens: int, max_rows: int | None = None, overhead_tokens: int | None = None
+) -> list[list[int]]:
     """Indices of ``lengths`` in micro-batches, longest first.
 
     Sequences are sorted by length, then cut where the total cost is least: each batch costs

@@ -1,4 +1,5 @@
 """Device and precision choice for an encoder inside its actor."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,16 @@ from typing import Any, ContextManager, Mapping
 import torch
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class DeviceModel:
+    """Where every model half starts: its spec's options, its device, and the precision resolved
+    for that device. Families' encoders subclass it and load their model after ``__init__``."""
+
+    def __init__(self, spec: Any, device: torch.device) -> None:
+        self.options: Mapping[str, Any] = spec.options
+        self.device = device
+        self.precision = resolve_precision(device, spec.options["precision"])
 
 
 def pick_device(prefer_gpu: bool = True) -> torch.device:

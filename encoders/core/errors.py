@@ -1,4 +1,5 @@
 """The closed list of per-row error codes written to ``<output>_error`` as ``code: message``."""
+
 from __future__ import annotations
 
 ERROR_CODES: dict[str, str] = {

@@ -3,6 +3,7 @@
 Shared by the image and audio prepare stages. Failures raise ``RowError`` carrying a closed
 error code (encoders/core/errors.py), which the prepare stage turns into the row's error value.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,7 @@ def open_input(value: Any) -> Iterator[BinaryIO]:
     if not value.strip():
         raise RowError("missing_file", "empty path")
     if "://" not in value or value.startswith("file://"):
-        path = os.path.expanduser(value[len("file://"):] if value.startswith("file://") else value)
+        path = os.path.expanduser(value[len("file://") :] if value.startswith("file://") else value)
         try:
             handle: BinaryIO = open(path, "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):

@@ -5,6 +5,7 @@ node. Each encoder actor re-resolves on its node under a per-node file lock: the
 on a node fetches from the hub, and the others wait for it and then find the local cache,
 instead of every actor downloading the same snapshot at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,13 +26,18 @@ def lock_path(weights: ResolvedWeights, lock_dir: Path = LOCK_DIR) -> Path:
     return lock_dir / f"{key}.lock"
 
 
-def weights_on_this_node(weights: ResolvedWeights, fetch: Callable[[ResolvedWeights], ResolvedWeights] | None = None,
-                         lock_dir: Path = LOCK_DIR) -> ResolvedWeights:
+def weights_on_this_node(
+    weights: ResolvedWeights,
+    fetch: Callable[[ResolvedWeights], ResolvedWeights] | None = None,
+    lock_dir: Path = LOCK_DIR,
+) -> ResolvedWeights:
     """The same weights (same reference and revision) at a path valid on this node."""
     if weights.source == "local":
         if not Path(weights.path).exists():
-            raise WeightsNotFoundError(f"model path {weights.path!r} does not exist on this node; "
-                                       "on a cluster, put local models on a shared filesystem")
+            raise WeightsNotFoundError(
+                f"model path {weights.path!r} does not exist on this node; "
+                "on a cluster, put local models on a shared filesystem"
+            )
         return weights
     if weights.source == "bundled" and Path(weights.path).exists():
         return weights  # installed with the package on every node

@@ -2,18 +2,22 @@
 
 ``hidden_size`` is not trusted: pooling, projection heads and chunking decide D.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
+
+from encoders.core.spec import Options, SpecRequest
 
 
 def _cache_file() -> Path:
     root = os.environ.get("OMNIEMBED_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniembed")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniembed"
+    )
     return Path(root) / "probed_dims.json"
 
 
@@ -38,16 +42,17 @@ def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
     return dim
 
 
-def spec_with_dim(family: Any, output: str, columns: Mapping[str, str], weights: Any, sha: str,
-                  options: Mapping[str, Any], dim: int | None, **probe_key: Any) -> Any:
+def spec_with_dim(family: Any, request: SpecRequest, options: Options, sha: str | None = None, **probe_key: Any) -> Any:
     """The family's EncoderSpec with D: the registry's ``dim`` when given, else one CPU probe of
-    the loaded model, cached under the family, weights hash, model and ``probe_key``."""
+    the loaded model, cached under the family, weights hash (``sha``, by default the hash of the
+    request's weights), model and ``probe_key``. ``hidden_size`` and the like are not trusted."""
     import torch
 
-    from encoders.core.spec import EncoderSpec
+    from encoders.core.weights import weights_sha256
 
-    spec = EncoderSpec(output, family.name, dict(columns), weights, dim or 0, sha, options)
-    if dim is None:
-        key = {"family": family.name, "sha": sha, "model": weights.reference, **probe_key}
-        dim = cached_probe(key, lambda: family.load(spec, torch.device("cpu")).dim)
-    return EncoderSpec(output, family.name, dict(columns), weights, dim, sha, options)
+    sha = sha or weights_sha256(request.weights.path)
+    if request.dim is not None:
+        return request.spec(family.name, sha, options, request.dim)
+    key = {"family": family.name, "sha": sha, "model": request.weights.reference, **probe_key}
+    dim = cached_probe(key, lambda: family.load(request.spec(family.name, sha, options, 0), torch.device("cpu")).dim)
+    return request.spec(family.name, sha, options, dim)

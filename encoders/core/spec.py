@@ -1,4 +1,5 @@
 """The picklable description of one encoder output, and the family interface."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,9 @@ import numpy as np
 import pyarrow as pa
 
 from encoders.core.weights import ResolvedWeights
+
+Columns = Mapping[str, str]  # modality -> input column
+Options = Mapping[str, Any]  # a family's options, by name
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,26 @@ class EncoderSpec:
             "device": device,
             "precision": precision,
             "columns": dict(self.columns),
-            "options": {k: v for k, v in self.options.items()
-                        if k not in ("pooling", "normalize", "max_length", "precision")},
+            "options": {
+                k: v for k, v in self.options.items() if k not in ("pooling", "normalize", "max_length", "precision")
+            },
         }
+
+
+@dataclass(frozen=True)
+class SpecRequest:
+    """What the planner knows when it asks a family for a spec: the output's name, its input
+    columns by modality, the resolved weights, the options (a registry alias's defaults under
+    the user's), and D where the registry declares it."""
+
+    output: str
+    columns: Columns
+    weights: ResolvedWeights
+    options: Options
+    dim: int | None = None
+
+    def spec(self, family: str, weights_sha256: str, options: Options, dim: int) -> EncoderSpec:
+        return EncoderSpec(self.output, family, dict(self.columns), self.weights, dim, weights_sha256, options)
 
 
 @dataclass
@@ -97,14 +118,9 @@ class EncoderFamily:
     # cores allow; None: one actor per encoder using all idle cores (pipeline/adapter.py).
     cpu_actor_threads: int | None = None
 
-    def build_spec(
-        self,
-        output: str,
-        columns: Mapping[str, str],
-        weights: ResolvedWeights,
-        options: Mapping[str, Any],
-        dim: int | None,
-    ) -> EncoderSpec:
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
+        """Options checked and resolved against the model (a one-line ``ValueError`` naming the
+        option otherwise), D known."""
         raise NotImplementedError
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:

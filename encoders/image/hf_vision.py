@@ -8,19 +8,24 @@
 
 Preprocessing comes from the folder's ``preprocessor_config.json`` (or a ``preprocessing`` option).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import torch
 
-from encoders.core.device import autocast, check_runtime_options, resolve_precision
-from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, ExtraColumn, Prepared, check_dim, validate_options
-from encoders.core.weights import ResolvedWeights
-from encoders.image.prepare import (DEFAULT_MAX_PIXELS, ImagePreprocess, prepare_images, preprocessing_from_processor,
-                                    resolve_image_options)
-from encoders.image.tensors import encode_images, patch_columns, to_model_input
+from encoders.core.device import DeviceModel, autocast, check_runtime_options
+from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, check_dim, validate_options
+from encoders.image.family import ImageFamily
+from encoders.image.prepare import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocess,
+    preprocessing_from_processor,
+    resolve_image_options,
+)
+from encoders.image.tensors import encode_images, to_model_input
 
 VISION_POOLING = ("cls", "mean", "patches")
 VISION_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
@@ -32,6 +37,8 @@ VISION_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "micro_batch": (int, 32),
     "trust_remote_code": (bool, False),
 }
+
+
 def _vision_config(path: str) -> Any:
     from transformers import AutoConfig
 
@@ -39,47 +46,44 @@ def _vision_config(path: str) -> Any:
     return getattr(config, "vision_config", None) or config
 
 
-class HFVisionFamily(EncoderFamily):
+class HFVisionFamily(ImageFamily):
     name = "hf-vision"
-    modalities = ("image",)
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
         from encoders.core.weights import weights_sha256
 
-        opts = validate_options(options, VISION_OPTIONS, self.name)
+        opts = validate_options(request.options, VISION_OPTIONS, self.name)
         if opts["pooling"] not in VISION_POOLING:
-            raise ValueError(f"pooling {opts['pooling']!r} is not supported for images; valid modes: {', '.join(VISION_POOLING)}")
-        resolve_image_options(opts, preprocessing_from_processor(weights.path))
+            raise ValueError(
+                f"pooling {opts['pooling']!r} is not supported for images; valid modes: {', '.join(VISION_POOLING)}"
+            )
+        resolve_image_options(opts, preprocessing_from_processor(request.weights.path))
         check_runtime_options(opts)
-        vision = _vision_config(weights.path)
+        vision = _vision_config(request.weights.path)
         crop, patch = opts["preprocessing"]["crop"], int(vision.patch_size)
         if crop % patch:
             raise ValueError(f"crop {crop} is not a multiple of the model's patch size {patch}")
         opts["patch_grid"] = [crop // patch, crop // patch]
-        return EncoderSpec(output, self.name, dict(columns), weights, dim or int(vision.hidden_size),
-                           weights_sha256(weights.path), opts)
-
-    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
-        return prepare_images(values, ImagePreprocess.from_options(spec.options), spec.options["max_pixels"])
+        sha = weights_sha256(request.weights.path)
+        return request.spec(self.name, sha, opts, request.dim or int(vision.hidden_size))
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFVisionEncoder":
         return HFVisionEncoder(spec, device)
 
-    def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
-        return patch_columns(spec.options)
 
-
-class HFVisionEncoder:
+class HFVisionEncoder(DeviceModel):
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
         from transformers import AutoModel
 
-        self.options = spec.options
+        super().__init__(spec, device)
         self.prep = ImagePreprocess.from_options(spec.options)
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
-        self.model = AutoModel.from_pretrained(spec.weights.path, dtype=torch.float32,
-                                               trust_remote_code=spec.options["trust_remote_code"]).eval().to(device)
+        self.model = (
+            AutoModel.from_pretrained(
+                spec.weights.path, dtype=torch.float32, trust_remote_code=spec.options["trust_remote_code"]
+            )
+            .eval()
+            .to(device)
+        )
         grid = spec.options["patch_grid"]
         self.patches = grid[0] * grid[1]
         probe, _ = self._forward(torch.zeros((1, 3, self.prep.crop, self.prep.crop), dtype=torch.uint8))

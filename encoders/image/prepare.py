@@ -14,6 +14,7 @@ Decode rules (README "Images"):
 
 Normalization and the float conversion happen on the encoder's device (encoders/image/tensors.py).
 """
+
 from __future__ import annotations
 
 import io
@@ -26,7 +27,8 @@ import pyarrow as pa
 import torch
 
 from encoders.core.errors import error_value
-from encoders.core.files import RowError as ImageError, read_bytes as _read  # shared with audio
+from encoders.core.files import RowError as ImageError  # shared with audio
+from encoders.core.files import read_bytes as _read
 from encoders.core.spec import Prepared
 
 IMAGE_TYPE = pa.binary()  # per row: uint8 CHW bytes, shape (3, crop, crop) from the spec
@@ -58,12 +60,21 @@ class ImagePreprocess:
             raise ValueError(f"{where}: missing {missing[0]!r}; give resize, crop, mean, std (and interpolation)")
         unknown = sorted(set(raw) - {"resize", "crop", "mean", "std", "interpolation", "keep_aspect"})
         if unknown:
-            raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: resize, crop, mean, std, interpolation, keep_aspect")
-        prep = cls(int(raw["resize"]), int(raw["crop"]), _triple(raw["mean"], "mean", where),
-                   _triple(raw["std"], "std", where), str(raw.get("interpolation", "bilinear")),
-                   bool(raw.get("keep_aspect", True)))
+            raise ValueError(
+                f"{where}: unknown key {unknown[0]!r}; valid keys: resize, crop, mean, std, interpolation, keep_aspect"
+            )
+        prep = cls(
+            int(raw["resize"]),
+            int(raw["crop"]),
+            _triple(raw["mean"], "mean", where),
+            _triple(raw["std"], "std", where),
+            str(raw.get("interpolation", "bilinear")),
+            bool(raw.get("keep_aspect", True)),
+        )
         if prep.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"{where}.interpolation: {prep.interpolation!r} is not valid; valid values: {', '.join(INTERPOLATIONS)}")
+            raise ValueError(
+                f"{where}.interpolation: {prep.interpolation!r} is not valid; valid values: {', '.join(INTERPOLATIONS)}"
+            )
         if not 0 < prep.crop <= prep.resize:
             raise ValueError(f"{where}: crop must be between 1 and resize ({prep.resize}), got {prep.crop}")
         if any(s <= 0 for s in prep.std):
@@ -71,8 +82,14 @@ class ImagePreprocess:
         return prep
 
     def as_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "keep_aspect": self.keep_aspect}
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "keep_aspect": self.keep_aspect,
+        }
 
 
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -96,16 +113,24 @@ def preprocessing_from_processor(folder: str) -> dict[str, Any] | None:
     elif "height" in size and size.get("height") == size.get("width"):
         resize, keep_aspect = int(size["height"]), False
     else:
-        raise ValueError(f"preprocessor_config.json: size {size!r} is not supported (shortest_edge, or square height/width)")
+        raise ValueError(
+            f"preprocessor_config.json: size {size!r} is not supported (shortest_edge, or square height/width)"
+        )
     crop = config.get("crop_size") or {}
-    crop = int(crop.get("height", resize) if isinstance(crop, dict) else crop) if config.get("do_center_crop") else resize
+    crop = (
+        int(crop.get("height", resize) if isinstance(crop, dict) else crop) if config.get("do_center_crop") else resize
+    )
     if config.get("do_rescale", True) is False or abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise ValueError("preprocessor_config.json: only rescale_factor 1/255 is supported")
     normalize = config.get("do_normalize", True)
-    return {"resize": resize, "crop": crop, "keep_aspect": keep_aspect,
-            "interpolation": _PIL_RESAMPLE.get(int(config.get("resample", 2)), "bilinear"),
-            "mean": list(config.get("image_mean", [0.0] * 3)) if normalize else [0.0] * 3,
-            "std": list(config.get("image_std", [1.0] * 3)) if normalize else [1.0] * 3}
+    return {
+        "resize": resize,
+        "crop": crop,
+        "keep_aspect": keep_aspect,
+        "interpolation": _PIL_RESAMPLE.get(int(config.get("resample", 2)), "bilinear"),
+        "mean": list(config.get("image_mean", [0.0] * 3)) if normalize else [0.0] * 3,
+        "std": list(config.get("image_std", [1.0] * 3)) if normalize else [1.0] * 3,
+    }
 
 
 def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:

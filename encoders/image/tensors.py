@@ -21,13 +21,14 @@ def patch_columns(options: Mapping[str, Any]) -> tuple[ExtraColumn, ...]:
     return (PATCHES,) if options.get("pooling") == "patches" else ()
 
 
-def encode_images(values: pa.Array, crop: int, micro_batch: int, forward: ImageForward, dim: int,
-                  patches: int) -> EncodeResult:
+def encode_images(
+    values: pa.Array, crop: int, micro_batch: int, forward: ImageForward, dim: int, patches: int
+) -> EncodeResult:
     """Prepared images -> vectors (and the patch grids when ``patches`` > 0), ``micro_batch``
     images per forward."""
     images, valid = images_to_tensor(values, crop)
     out = np.zeros((len(valid), dim), dtype=np.float32)
-    results = [forward(images[s:s + micro_batch]) for s in range(0, images.shape[0], micro_batch)]
+    results = [forward(images[s : s + micro_batch]) for s in range(0, images.shape[0], micro_batch)]
     if results:
         out[valid] = torch.cat([pooled for pooled, _ in results]).numpy()
     if not patches:
@@ -49,8 +50,9 @@ def images_to_tensor(values: pa.Array, crop: int) -> tuple[torch.Tensor, np.ndar
     return torch.from_numpy(flat.copy()).view(len(kept), 3, crop, crop), valid
 
 
-def to_model_input(images: torch.Tensor, prep: ImagePreprocess, device: torch.device,
-                   channels_last: bool = False) -> torch.Tensor:
+def to_model_input(
+    images: torch.Tensor, prep: ImagePreprocess, device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
     """(n, 3, h, w) uint8 on CPU -> normalized float32 on ``device`` (the cast happens there)."""
     x = images.to(device, non_blocking=True).float().div_(255.0)
     mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)

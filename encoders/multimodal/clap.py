@@ -11,48 +11,54 @@ them (encoders/audio/windows.py), with ``<output>_audio_windows``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import pyarrow as pa
 import torch
 
-from encoders.audio.features import HF_WINDOW_OPTIONS, front_end_from_options, front_end_options, load_feature_extractor, resolve_window_options
+from encoders.audio.features import (
+    HF_WINDOW_OPTIONS,
+    front_end_from_options,
+    front_end_options,
+    load_feature_extractor,
+    resolve_window_options,
+)
 from encoders.audio.prepare import AudioFamily
 from encoders.audio.windows import WindowEncoder
 from encoders.core.batching import pad_sequences
-from encoders.core.device import autocast, resolve_precision
+from encoders.core.device import autocast
 from encoders.core.probe import spec_with_dim
-from encoders.core.spec import EncodeResult, EncoderSpec, Prepared, validate_options
-from encoders.core.weights import ResolvedWeights
+from encoders.core.spec import EncodeResult, EncoderSpec, Prepared, SpecRequest, validate_options
 from encoders.multimodal.towers import in_batches, shared_space, token_sequences
 from encoders.text.tokenize import load_tokenizer, resolve_max_length, tokenize_truncated
 
-CLAP_OPTIONS = {"normalize": (bool, True), "max_length": (int, None), "max_chars": (int, 1_000_000), **HF_WINDOW_OPTIONS}
+CLAP_OPTIONS = {
+    "normalize": (bool, True),
+    "max_length": (int, None),
+    "max_chars": (int, 1_000_000),
+    **HF_WINDOW_OPTIONS,
+}
 
 
 class HFClapFamily(AudioFamily):
     name = "hf-clap"
     modalities = ("text", "audio")
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
         from transformers import AutoConfig
 
-        from encoders.core.weights import weights_sha256
-
-        opts = validate_options(options, CLAP_OPTIONS, self.name)
+        opts = validate_options(request.options, CLAP_OPTIONS, self.name)
         opts["front_end_kind"] = "clap"
-        opts["front_end"] = front_end_options("clap", load_feature_extractor(weights.path))
-        text = AutoConfig.from_pretrained(weights.path).text_config
+        opts["front_end"] = front_end_options("clap", load_feature_extractor(request.weights.path))
+        text = AutoConfig.from_pretrained(request.weights.path).text_config
         # RoBERTa positions start after the padding index.
-        limits = [int(text.max_position_embeddings) - int(text.pad_token_id or 0) - 1,
-                  getattr(load_tokenizer(weights.path, False), "model_max_length", None)]
+        limits = [
+            int(text.max_position_embeddings) - int(text.pad_token_id or 0) - 1,
+            getattr(load_tokenizer(request.weights.path, False), "model_max_length", None),
+        ]
         limit = min(v for v in limits if isinstance(v, int) and 0 < v < 1_000_000)
         resolve_max_length(opts, limit)
         front = opts["front_end"]
         resolve_window_options(opts, front["sampling_rate"], front["nb_max_samples"] / front["sampling_rate"], 0.0)
-        # projection_dim is not trusted: one probe, cached per model
-        return spec_with_dim(self, output, columns, weights, weights_sha256(weights.path), opts, dim)
+        return spec_with_dim(self, request, opts)  # projection_dim is not trusted
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         if modality == "audio":
@@ -69,9 +75,7 @@ class HFClapEncoder(WindowEncoder):
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
         from transformers import ClapModel
 
-        self.options = spec.options
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
+        super().__init__(spec, device)
         self.front = front_end_from_options("clap", spec.options["front_end"])
         self.model = ClapModel.from_pretrained(spec.weights.path, dtype=torch.float32).eval().to(device)
         self.filters = self.front.mel_filters(device)
@@ -99,5 +103,7 @@ class HFClapEncoder(WindowEncoder):
     def _text(self, sequences: list[list[int]]) -> torch.Tensor:
         ids, mask = pad_sequences(sequences, self.pad_id)
         with torch.inference_mode(), autocast(self.device, self.precision):
-            pooled = self.model.text_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).pooler_output
+            pooled = self.model.text_model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).pooler_output
             return self.model.text_projection(pooled).float().cpu()

@@ -9,17 +9,21 @@ processor settings (encoders/image/prepare.py).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import torch
 
 from encoders.core.batching import pad_sequences
-from encoders.core.device import autocast, check_runtime_options, resolve_precision
-from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, Prepared, validate_options
-from encoders.core.weights import ResolvedWeights
-from encoders.image.prepare import (DEFAULT_MAX_PIXELS, ImagePreprocess, prepare_images, preprocessing_from_processor,
-                                    resolve_image_options)
+from encoders.core.device import DeviceModel, autocast, check_runtime_options
+from encoders.core.spec import EncodeResult, EncoderSpec, Prepared, SpecRequest, validate_options
+from encoders.image.family import ImageFamily
+from encoders.image.prepare import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocess,
+    preprocessing_from_processor,
+    resolve_image_options,
+)
 from encoders.image.tensors import images_to_tensor, to_model_input
 from encoders.multimodal.towers import in_batches, shared_space, token_sequences
 from encoders.text.tokenize import load_tokenizer, resolve_max_length, tokenize_truncated
@@ -35,43 +39,40 @@ CLIP_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
 }
 
 
-class HFClipFamily(EncoderFamily):
+class HFClipFamily(ImageFamily):
     name = "hf-clip"
     modalities = ("text", "image")
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
         from transformers import AutoConfig
 
         from encoders.core.weights import weights_sha256
 
-        opts = validate_options(options, CLIP_OPTIONS, self.name)
-        resolve_image_options(opts, preprocessing_from_processor(weights.path))
+        opts = validate_options(request.options, CLIP_OPTIONS, self.name)
+        resolve_image_options(opts, preprocessing_from_processor(request.weights.path))
         check_runtime_options(opts)
-        config = AutoConfig.from_pretrained(weights.path)
+        config = AutoConfig.from_pretrained(request.weights.path)
         resolve_max_length(opts, int(config.text_config.max_position_embeddings))
-        return EncoderSpec(output, self.name, dict(columns), weights, dim or int(config.projection_dim),
-                           weights_sha256(weights.path), opts)
+        sha = weights_sha256(request.weights.path)
+        return request.spec(self.name, sha, opts, request.dim or int(config.projection_dim))
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         if modality == "image":
-            return prepare_images(values, ImagePreprocess.from_options(spec.options), spec.options["max_pixels"])
+            return super().prepare(spec, modality, values)
         return tokenize_truncated(spec.weights.path, values, spec.options["max_length"], spec.options["max_chars"])
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFClipEncoder":
         return HFClipEncoder(spec, device)
 
 
-class HFClipEncoder:
+class HFClipEncoder(DeviceModel):
     """The model half of hf-clip: runs in the encoder actor."""
 
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
         from transformers import CLIPModel
 
-        self.options = spec.options
+        super().__init__(spec, device)
         self.prep = ImagePreprocess.from_options(spec.options)
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
         self.model = CLIPModel.from_pretrained(spec.weights.path, dtype=torch.float32).eval().to(device)
         tokenizer = load_tokenizer(spec.weights.path, False)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

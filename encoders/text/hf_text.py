@@ -4,21 +4,27 @@ Prepare (CPU task, encoders/text/tokenize.py): text -> token id chunks. Encode (
 pooling, chunk pooling, L2 normalization. The vectors equal sentence-transformers' ``encode``
 for the same folder: same max_seq_length, pooling, Normalize, prompts and lowercasing.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from encoders.core.batching import pad_sequences, plan_micro_batches
-from encoders.core.device import autocast, resolve_precision
+from encoders.core.device import DeviceModel, autocast, resolve_precision
 from encoders.core.pooling import check_pooling, pool_tokens
 from encoders.core.probe import spec_with_dim
-from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, Prepared, validate_options
-from encoders.core.weights import ResolvedWeights
-from encoders.text.tokenize import FolderSettings, load_tokenizer, read_folder_settings, resolve_max_length, tokenize_texts
+from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, Prepared, SpecRequest, validate_options
+from encoders.text.tokenize import (
+    FolderSettings,
+    load_tokenizer,
+    read_folder_settings,
+    resolve_max_length,
+    tokenize_texts,
+)
 
 LONG_TEXT_MODES = ("truncate", "chunk")
 
@@ -43,12 +49,11 @@ class HFTextFamily(EncoderFamily):
     name = "hf-text"
     modalities = ("text",)
 
-    def build_spec(self, output: str, columns: Mapping[str, str], weights: ResolvedWeights,
-                   options: Mapping[str, Any], dim: int | None) -> EncoderSpec:
+    def build_spec(self, request: SpecRequest) -> EncoderSpec:
         from encoders.core.weights import weights_sha256
 
-        folder = read_folder_settings(weights.path)
-        opts = validate_options(options, TEXT_OPTIONS, self.name)
+        folder = read_folder_settings(request.weights.path)
+        opts = validate_options(request.options, TEXT_OPTIONS, self.name)
         tokenizer = load_tokenizer(folder.model_dir, opts["trust_remote_code"])
         if opts["pooling"] is None:
             opts["pooling"] = folder.pooling or "mean"
@@ -61,14 +66,15 @@ class HFTextFamily(EncoderFamily):
         resolve_max_length(opts, limit, min(folder.max_length or limit, limit))
         opts["prefix"] = _resolve_prefix(opts.pop("prefix"), opts.pop("prompt_name"), folder)
         if opts["long_text"] not in LONG_TEXT_MODES:
-            raise ValueError(f"long_text {opts['long_text']!r} is not valid; valid values: {', '.join(LONG_TEXT_MODES)}")
+            raise ValueError(
+                f"long_text {opts['long_text']!r} is not valid; valid values: {', '.join(LONG_TEXT_MODES)}"
+            )
         if opts["long_text"] == "chunk" and not 0 <= opts["chunk_overlap"] < opts["max_length"] // 2:
             raise ValueError(f"chunk_overlap must be between 0 and half of max_length ({opts['max_length']})")
         if opts["max_chunks"] < 1:
             raise ValueError("max_chunks must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
-        sha = weights_sha256(folder.model_dir)
-        return spec_with_dim(self, output, columns, weights, sha, opts, dim, pooling=opts["pooling"])
+        return spec_with_dim(self, request, opts, weights_sha256(folder.model_dir), pooling=opts["pooling"])
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         folder = read_folder_settings(spec.weights.path)
@@ -96,7 +102,9 @@ def _resolve_prefix(prefix: str | None, prompt_name: str | None, folder: FolderS
         raise ValueError("give either prefix or prompt_name, not both")
     if prompt_name is not None:
         if prompt_name not in folder.prompts:
-            raise ValueError(f"prompt_name {prompt_name!r} is not declared by the model; declared: {', '.join(folder.prompts) or '(none)'}")
+            raise ValueError(
+                f"prompt_name {prompt_name!r} is not declared by the model; declared: {', '.join(folder.prompts) or '(none)'}"
+            )
         return folder.prompts[prompt_name]
     if prefix is not None:
         return prefix
@@ -105,7 +113,7 @@ def _resolve_prefix(prefix: str | None, prompt_name: str | None, folder: FolderS
     return ""
 
 
-class HFTextEncoder:
+class HFTextEncoder(DeviceModel):
     """The model half of hf-text: runs in the encoder actor."""
 
     def __init__(self, spec: EncoderSpec, device: torch.device) -> None:
@@ -116,15 +124,15 @@ class HFTextEncoder:
         tokenizer = load_tokenizer(folder.model_dir, trust)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pass_token_types = "token_type_ids" in tokenizer.model_input_names
-        self.options = spec.options
-        self.device = device
-        self.precision = resolve_precision(device, spec.options["precision"])
+        super().__init__(spec, device)
         self.model = AutoModel.from_pretrained(folder.model_dir, trust_remote_code=trust, dtype=torch.float32)
         self.model.eval().to(device)
         probe_ids = tokenizer("probe", truncation=True, max_length=spec.options["max_length"])["input_ids"]
         self.dim = int(self._forward([probe_ids]).shape[1])
         if spec.dim and spec.dim != self.dim:
-            raise RuntimeError(f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}")
+            raise RuntimeError(
+                f"encoder {spec.output!r}: model gives {self.dim}-d vectors, but the plan expected {spec.dim}"
+            )
 
     def __call__(self, modality: str, values: pa.Array, max_tokens: int = 8192) -> EncodeResult:
         rows = values.to_pylist()
@@ -165,4 +173,3 @@ class HFTextEncoder:
 
 def _l2_normalize(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-

@@ -55,7 +55,9 @@ def read_folder_settings(path: str) -> FolderSettings:
             pooling = _pooling_from_st(_read_json(root / module.get("path", "") / "config.json") or {})
         elif kind.endswith(".Normalize"):
             normalize = True
-    st_config = _read_json(model_dir / "sentence_bert_config.json") or _read_json(root / "sentence_bert_config.json") or {}
+    st_config = (
+        _read_json(model_dir / "sentence_bert_config.json") or _read_json(root / "sentence_bert_config.json") or {}
+    )
     st_meta = _read_json(root / "config_sentence_transformers.json") or {}
     return FolderSettings(
         model_dir=str(model_dir),
@@ -70,11 +72,15 @@ def read_folder_settings(path: str) -> FolderSettings:
 
 def _pooling_from_st(config: Mapping[str, Any]) -> str | None:
     if config.get("include_prompt") is False:
-        raise ValueError("the folder's pooling excludes prompt tokens (include_prompt: false), which omniembed does not support")
+        raise ValueError(
+            "the folder's pooling excludes prompt tokens (include_prompt: false), which omniembed does not support"
+        )
     modes = [mode for key, mode in _ST_POOLING_KEYS.items() if config.get(key)]
     others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING_KEYS]
     if others or len(modes) > 1:
-        raise ValueError(f"the folder's pooling {others or modes} is not supported; set pooling: to one of {', '.join(POOLING_MODES)}")
+        raise ValueError(
+            f"the folder's pooling {others or modes} is not supported; set pooling: to one of {', '.join(POOLING_MODES)}"
+        )
     return modes[0] if modes else None
 
 
@@ -149,7 +155,7 @@ def _token_chunks(tokenizer: Any, texts: list[str], options: Mapping[str, Any]) 
             out.append([truncated])
             continue
         starts = list(range(0, len(content) - options["chunk_overlap"], step))[: options["max_chunks"]]
-        out.append([head + prompt_ids + content[s:s + window] + tail for s in starts])
+        out.append([head + prompt_ids + content[s : s + window] + tail for s in starts])
     return out
 
 
@@ -159,16 +165,21 @@ def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
     marker = tokenizer("a", add_special_tokens=False)["input_ids"]
     wrapped = tokenizer("a")["input_ids"]
     for start in range(len(wrapped) - len(marker) + 1):
-        if wrapped[start:start + len(marker)] == marker:
-            return wrapped[:start], wrapped[start + len(marker):]
+        if wrapped[start : start + len(marker)] == marker:
+            return wrapped[:start], wrapped[start + len(marker) :]
     raise ValueError("cannot tell where the tokenizer puts its special tokens; use long_text: truncate")
 
 
 def tokenize_truncated(model_dir: str, values: pa.Array, max_length: int, max_chars: int) -> Prepared:
     """A text tower's prepare (CLIP, CLAP): the folder's tokenizer, no prompt, truncated to
     ``max_length`` tokens."""
-    options = {"max_chars": max_chars, "lowercase": False, "max_length": max_length, "prefix": "",
-               "long_text": "truncate"}
+    options = {
+        "max_chars": max_chars,
+        "lowercase": False,
+        "max_length": max_length,
+        "prefix": "",
+        "long_text": "truncate",
+    }
     return tokenize_texts(load_tokenizer(model_dir, False), values.to_pylist(), options)
 
 

@@ -19,6 +19,7 @@
 The committed files were made with Python 3.11's standard library; other versions have other
 docstrings, so re-running elsewhere gives similar but not identical data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,13 @@ def topic_texts(per_topic: int, seed: int) -> list[tuple[str, str]]:
 def make_items(per_topic: int, seed: int) -> pa.Table:
     pairs = topic_texts(per_topic, seed)
     order = np.random.default_rng(seed + 1).permutation(len(pairs))  # ids say nothing of the topic
-    return pa.table({"item_id": [f"item-{i:04d}" for i in range(len(pairs))],
-                     "topic": [pairs[j][0] for j in order], "text": [pairs[j][1] for j in order]})
+    return pa.table(
+        {
+            "item_id": [f"item-{i:04d}" for i in range(len(pairs))],
+            "topic": [pairs[j][0] for j in order],
+            "text": [pairs[j][1] for j in order],
+        }
+    )
 
 
 def make_interactions(items: pa.Table, users: int, seed: int, preferred_share: float = 0.85) -> pa.Table:
@@ -122,7 +128,10 @@ def make_interactions(items: pa.Table, users: int, seed: int, preferred_share: f
         while len(taken) < count:
             if rng.random() < preferred_share:
                 topic = liked[rng.integers(len(liked))]
-                item, rating = by_topic[topic][rng.choice(len(by_topic[topic]), p=inside[topic])], int(rng.choice([4, 5]))
+                item, rating = (
+                    by_topic[topic][rng.choice(len(by_topic[topic]), p=inside[topic])],
+                    int(rng.choice([4, 5])),
+                )
             else:
                 item, rating = global_order[rng.choice(len(ids), p=global_p)], int(rng.integers(1, 6))
             if item in taken:
@@ -131,8 +140,14 @@ def make_interactions(items: pa.Table, users: int, seed: int, preferred_share: f
             clock += int(rng.integers(1, 600))
             rows.append((f"user-{u:04d}", str(ids[item]), rating, clock))
     users_, items_, ratings, times = zip(*rows)
-    return pa.table({"user_id": list(users_), "item_id": list(items_), "rating": pa.array(ratings, pa.int8()),
-                     "time": pa.array(times, pa.int64())})
+    return pa.table(
+        {
+            "user_id": list(users_),
+            "item_id": list(items_),
+            "rating": pa.array(ratings, pa.int8()),
+            "time": pa.array(times, pa.int64()),
+        }
+    )
 
 
 def make_transactions(items: pa.Table, count: int, seed: int, merchants: int = 150) -> pa.Table:
@@ -147,16 +162,30 @@ def make_transactions(items: pa.Table, count: int, seed: int, merchants: int = 1
     channel = np.where(np.array(DEVICES)[device] == "pos-terminal", "in_store", "online")
     amount = np.round(np.exp(rng.normal(3.5, 1.0, size=count)), 2)
     hour = rng.integers(0, 24, size=count)
-    logit = (-5.0 + 3.0 * risky_item[item] + 1.5 * risky_merchant[merchant]
-             + 1.8 * (np.array(DEVICES)[device] == "emulator")
-             + 1.3 * np.isin(np.array(COUNTRIES)[country], RISKY_COUNTRIES) + 0.6 * (np.log(amount) - 3.5)
-             + 0.9 * (hour < 5))
+    logit = (
+        -5.0
+        + 3.0 * risky_item[item]
+        + 1.5 * risky_merchant[merchant]
+        + 1.8 * (np.array(DEVICES)[device] == "emulator")
+        + 1.3 * np.isin(np.array(COUNTRIES)[country], RISKY_COUNTRIES)
+        + 0.6 * (np.log(amount) - 3.5)
+        + 0.9 * (hour < 5)
+    )
     label = (rng.random(count) < 1 / (1 + np.exp(-logit))).astype(np.int8)
-    return pa.table({"tx_id": [f"tx-{i:05d}" for i in range(count)],
-                     "merchant_id": [f"merchant-{m:03d}" for m in merchant], "item_id": ids[item].tolist(),
-                     "device": np.array(DEVICES)[device].tolist(), "country": np.array(COUNTRIES)[country].tolist(),
-                     "channel": channel.tolist(), "amount": amount, "hour": pa.array(hour, pa.int8()),
-                     "time": np.arange(count, dtype=np.int64), "label": pa.array(label, pa.int8())})
+    return pa.table(
+        {
+            "tx_id": [f"tx-{i:05d}" for i in range(count)],
+            "merchant_id": [f"merchant-{m:03d}" for m in merchant],
+            "item_id": ids[item].tolist(),
+            "device": np.array(DEVICES)[device].tolist(),
+            "country": np.array(COUNTRIES)[country].tolist(),
+            "channel": channel.tolist(),
+            "amount": amount,
+            "hour": pa.array(hour, pa.int8()),
+            "time": np.arange(count, dtype=np.int64),
+            "label": pa.array(label, pa.int8()),
+        }
+    )
 
 
 def _zipf(n: int, exponent: float) -> np.ndarray:
@@ -164,11 +193,16 @@ def _zipf(n: int, exponent: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def write_all(folder: Path, per_topic: int = 80, users: int = 800, transactions: int = 20_000, seed: int = 0) -> dict[str, Path]:
+def write_all(
+    folder: Path, per_topic: int = 80, users: int = 800, transactions: int = 20_000, seed: int = 0
+) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     items = make_items(per_topic, seed)
-    paths = {"items": folder / "items.jsonl", "interactions": folder / "interactions.parquet",
-             "transactions": folder / "transactions.parquet"}
+    paths = {
+        "items": folder / "items.jsonl",
+        "interactions": folder / "interactions.parquet",
+        "transactions": folder / "transactions.parquet",
+    }
     with open(paths["items"], "w") as handle:
         for row in items.to_pylist():
             handle.write(json.dumps(row) + "\n")

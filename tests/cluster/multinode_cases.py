@@ -5,6 +5,7 @@ Run only in its own process (``tests/cluster/test_multinode.py`` starts it with 
 subprocess), never next to the session's shared local Ray. The file name keeps the main
 pytest run from collecting it.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,22 +46,36 @@ def _add_worker(cluster):
     # gets its own runtime_env folder here: otherwise a worker node unpacking the job's
     # working_dir replaces the folder that is the driver's cwd on the head.
     cluster.worker_count = getattr(cluster, "worker_count", 0) + 1
-    return cluster.add_node(num_cpus=2, resources=WORKER_RESOURCES, dashboard_agent_listen_port=_free_port(),
-                            runtime_env_dir_name=f"runtime_resources_worker{cluster.worker_count}")
+    return cluster.add_node(
+        num_cpus=2,
+        resources=WORKER_RESOURCES,
+        dashboard_agent_listen_port=_free_port(),
+        runtime_env_dir_name=f"runtime_resources_worker{cluster.worker_count}",
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": HEAD_RESOURCES, "include_dashboard": True,
-        # Every node's agent gets its own port: they all default to 52365, and the job API
-        # needs the head's agent.
-        "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
-        # Notice a dead node in ~3 s instead of the default ~30 s.
-        "_system_config": {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-                           "health_check_failure_threshold": 3}})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "resources": HEAD_RESOURCES,
+            "include_dashboard": True,
+            # Every node's agent gets its own port: they all default to 52365, and the job API
+            # needs the head's agent.
+            "dashboard_port": _free_port(),
+            "dashboard_agent_listen_port": _free_port(),
+            # Notice a dead node in ~3 s instead of the default ~30 s.
+            "_system_config": {
+                "health_check_initial_delay_ms": 1000,
+                "health_check_period_ms": 1000,
+                "health_check_failure_threshold": 3,
+            },
+        },
+    )
     c.workers = [_add_worker(c) for _ in range(2)]
     c.wait_for_nodes()
     yield c
@@ -101,11 +116,24 @@ def _config(tmp: Path, name: str, corpus: Path, model: Path) -> tuple[Path, Path
     out = tmp / name / "out"
     config = {
         "sources": [{"path": str(corpus), "id_column": "id"}],
-        "encoders": [{"output": "text", "column": "text", "model": str(model),
-                      "resources": {"cpus": 0.5, "pool": [1, 2], "threads": 1, "batch_rows": 100,
-                                    "resources": {"encode_slot": 1}}}],
-        "resources": {"prepare": {"cpus": 0.25, "resources": {"io_slot": 1}},
-                      "write": {"cpus": 0.25, "resources": {"io_slot": 1}}},
+        "encoders": [
+            {
+                "output": "text",
+                "column": "text",
+                "model": str(model),
+                "resources": {
+                    "cpus": 0.5,
+                    "pool": [1, 2],
+                    "threads": 1,
+                    "batch_rows": 100,
+                    "resources": {"encode_slot": 1},
+                },
+            }
+        ],
+        "resources": {
+            "prepare": {"cpus": 0.25, "resources": {"io_slot": 1}},
+            "write": {"cpus": 0.25, "resources": {"io_slot": 1}},
+        },
         "output": {"path": str(out), "rows_per_file": 100},
     }
     path = tmp / name / "config.yaml"
@@ -121,9 +149,12 @@ def _submit(client, config: Path) -> str:
             return client.submit_job(
                 # This machine's `python` is not the venv's; on a cluster it is the nodes' own.
                 entrypoint=f"{sys.executable} -m jobs.embed --config {config}",
-                runtime_env={"working_dir": str(ROOT),
-                             "excludes": [".git", ".venv", "**/__pycache__", "examples/out", "*.egg-info", "benchmarks"],
-                             "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+                runtime_env={
+                    "working_dir": str(ROOT),
+                    "excludes": [".git", ".venv", "**/__pycache__", "examples/out", "*.egg-info", "benchmarks"],
+                    "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+                },
+            )
         except RuntimeError as exc:  # the head's job agent registers a few seconds after start
             if "No available agent" not in str(exc) or time.time() > deadline:
                 raise
@@ -191,9 +222,11 @@ def _encoder_nodes(cluster) -> set[str]:
     from ray.util.state import list_actors
 
     # An explicit address: "auto" may find another Ray on this machine.
-    return {a.node_id for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")],
-                                           limit=10_000, detail=True)
-            if "MapBatches(Encode[" in a.class_name and a.node_id}
+    return {
+        a.node_id
+        for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+        if "MapBatches(Encode[" in a.class_name and a.node_id
+    }
 
 
 def _driver_pids(config: Path) -> list[int]:
@@ -244,11 +277,17 @@ def test_stages_spread_over_the_nodes(cluster, clean_run):
     from ray.util.state import list_actors, list_tasks
 
     workers = {w.node_id for w in cluster.workers}
-    placed = [a.node_id for a in list_actors(address=cluster.address, limit=10_000, detail=True)
-              if "MapBatches(Encode[" in a.class_name and a.node_id]
+    placed = [
+        a.node_id
+        for a in list_actors(address=cluster.address, limit=10_000, detail=True)
+        if "MapBatches(Encode[" in a.class_name and a.node_id
+    ]
     assert placed and set(placed) <= workers
-    tasks = {t.node_id for t in list_tasks(address=cluster.address, limit=10_000, detail=True)
-             if t.node_id and any(n in t.name for n in ("MapBatches(Write)", "MapBatches(Prepare[", "MapBatches(Read)"))}
+    tasks = {
+        t.node_id
+        for t in list_tasks(address=cluster.address, limit=10_000, detail=True)
+        if t.node_id and any(n in t.name for n in ("MapBatches(Write)", "MapBatches(Prepare[", "MapBatches(Read)"))
+    }
     assert len(tasks | set(placed)) >= 2
 
 

@@ -1,6 +1,7 @@
 """cluster.yaml against Ray's own cluster-config validator, offline, and its security settings
 checked on the *prepared* config (``prepare_config`` merges Ray's defaults, which bind the
 dashboard to 0.0.0.0 whenever the file leaves its own start commands out)."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """``gpus: auto`` on a cluster whose GPU group starts at zero: the decision, with fakes for
 the autoscaler's published cluster config and the launcher's config on the head."""
+
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.adapter import resolve_encode_stage
-from pipeline.config import StageResources
 from pipeline.cluster import can_autoscale_gpus, cluster_shape
+from pipeline.config import StageResources
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_ONLY = {"CPU": 4.0, "memory": 8e9}  # what ray.cluster_resources() shows before any GPU node starts
@@ -71,13 +72,20 @@ def test_local_ray_has_no_autoscaled_gpus(ray_session, tmp_path):
 
 # Custom resources place stages on chosen nodes (e.g. encoders on GPU nodes of one type).
 
+
 def _config(resources):
     from pipeline.config import config_from_dict
 
-    return config_from_dict({"sources": [{"path": "in.parquet"}], "output": {"path": "out"},
-                             "encoders": [{"output": "t", "column": "text", "model": "m",
-                                           "resources": {"cpus": 1, "resources": resources}}],
-                             "resources": {"write": {"resources": {"io_slot": 1}}}})
+    return config_from_dict(
+        {
+            "sources": [{"path": "in.parquet"}],
+            "output": {"path": "out"},
+            "encoders": [
+                {"output": "t", "column": "text", "model": "m", "resources": {"cpus": 1, "resources": resources}}
+            ],
+            "resources": {"write": {"resources": {"io_slot": 1}}},
+        }
+    )
 
 
 def test_custom_resources_reach_map_batches():
@@ -93,12 +101,15 @@ def test_custom_resources_reach_map_batches():
     assert "resources" not in map_batches_kwargs(resolve_task_stage(config.stage("prepare"), 100))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"GPU": 1}, "encoders[0].resources.resources: 'GPU' is not a custom resource; use cpus, gpus or memory"),
-    ({"slot": 0}, "encoders[0].resources.resources.slot: expected a number > 0, got 0"),
-    ({"slot": "x"}, "encoders[0].resources.resources.slot: expected a number > 0, got 'x'"),
-    ([1], "encoders[0].resources.resources must be a mapping, got [1]"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"GPU": 1}, "encoders[0].resources.resources: 'GPU' is not a custom resource; use cpus, gpus or memory"),
+        ({"slot": 0}, "encoders[0].resources.resources.slot: expected a number > 0, got 0"),
+        ({"slot": "x"}, "encoders[0].resources.resources.slot: expected a number > 0, got 'x'"),
+        ([1], "encoders[0].resources.resources must be a mapping, got [1]"),
+    ],
+)
 def test_bad_custom_resources_name_the_field(bad, message):
     from pipeline.config import ConfigError
 

@@ -2,6 +2,7 @@
 extractors on real speech (espeak-ng and the ALSA voice clips), at the tolerances the module
 documents: AST fbank equal (the same torchaudio call), CLAP log-mel within 0.05 dB max and
 1e-3 dB mean, wav2vec2 normalization within 1e-5."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,4 +77,4 @@ def test_waveform_normalization_matches_the_extractor(speech_path):
         for i, clip in enumerate(clips):  # each clip alone: normalized over its own samples
             reference = extractor(clip, sampling_rate=16000, return_tensors="pt")["input_values"][0]
             assert (ours[i, : len(clip)] - reference).abs().max() <= 1e-5
-        assert ours[1, len(clips[1]):].abs().max() == 0  # padding stays padding_value
+        assert ours[1, len(clips[1]) :].abs().max() == 0  # padding stays padding_value

@@ -1,6 +1,7 @@
 """The audio prepare stage (encoders/audio/prepare.py): bad audio becomes error values and no row is lost,
 decoded samples match librosa's decode of the same files, long files are capped without being
 read whole, and the encoder-side window cutting and pooling match a direct numpy computation."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,13 @@ from encoders.audio.windows import audio_batch, plan_windows, pool_windows
 from encoders.core.errors import error_code
 from tests.audio_data import speak, write_bad_files, write_long_wav
 
-PREP = AudioPreprocess.from_options({
-    "preprocessing": {"sample_rate": 16000, "window_seconds": 1.0, "min_seconds": 0.1, "min_coverage": 0.5},
-    "hop_seconds": 0.5, "max_windows": 8})
+PREP = AudioPreprocess.from_options(
+    {
+        "preprocessing": {"sample_rate": 16000, "window_seconds": 1.0, "min_seconds": 0.1, "min_coverage": 0.5},
+        "hop_seconds": 0.5,
+        "max_windows": 8,
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +113,7 @@ def test_long_file_is_capped_without_reading_it_all(tmp_path, monkeypatch):
         def wrapped():
             with real_open(value) as handle:
                 yield Counting(handle)
+
         return wrapped()
 
     monkeypatch.setattr(audio, "open_input", counting_open)
@@ -150,21 +156,26 @@ def test_bucketed_resample_has_torchaudios_length_and_samples(n):
         assert np.abs(ours - reference).max() < 1e-6, (n, source)
 
 
-@pytest.mark.parametrize("n, starts", [
-    (100, [0]),  # shorter than a window: one window (zero-padded by the encoder)
-    (16000, [0]),
-    (16001, [0, 8000]),  # the second window holds 8001 samples: coverage >= 0.5
-    (20000, [0, 8000]),
-    (24000, [0, 8000]),
-    (24001, [0, 8000, 16000]),
-    (10 ** 7, list(range(0, 8 * 8000, 8000))),  # capped at max_windows
-])
+@pytest.mark.parametrize(
+    "n, starts",
+    [
+        (100, [0]),  # shorter than a window: one window (zero-padded by the encoder)
+        (16000, [0]),
+        (16001, [0, 8000]),  # the second window holds 8001 samples: coverage >= 0.5
+        (20000, [0, 8000]),
+        (24000, [0, 8000]),
+        (24001, [0, 8000, 16000]),
+        (10**7, list(range(0, 8 * 8000, 8000))),  # capped at max_windows
+    ],
+)
 def test_window_plan(n, starts):
     assert plan_windows(n, PREP).tolist() == starts
 
 
 def test_window_plan_drops_a_thin_last_window():
-    prep = AudioPreprocess.from_options({"preprocessing": {"sample_rate": 10, "window_seconds": 10, "min_coverage": 0.75}})
+    prep = AudioPreprocess.from_options(
+        {"preprocessing": {"sample_rate": 10, "window_seconds": 10, "min_coverage": 0.75}}
+    )
     assert plan_windows(170, prep).tolist() == [0]  # the second window would be 70% audio
     assert plan_windows(175, prep).tolist() == [0, 100]
     assert plan_windows(30, prep).tolist() == [0]  # the only window is kept whatever its coverage
@@ -183,9 +194,9 @@ def test_windows_and_pooling_match_numpy():
     expected = []
     for clip, count in zip(clips, (3, 1, 7, 1)):
         padded = np.concatenate([np.zeros(left, np.float32), clip, np.zeros(16000 * 9, np.float32)])
-        expected += [padded[s: s + left + 16000 + right] for s in np.arange(count) * 8000]
+        expected += [padded[s : s + left + 16000 + right] for s in np.arange(count) * 8000]
     assert np.array_equal(windows, np.stack(expected))
-    assert np.array_equal(batch.windows(3, 6).numpy(), np.stack(expected)[3:6, left: left + 16000])
+    assert np.array_equal(batch.windows(3, 6).numpy(), np.stack(expected)[3:6, left : left + 16000])
     assert batch.window_lengths().tolist()[:5] == [16000, 16000, 14000, 5000, 16000]
     vectors = torch.from_numpy(rng.standard_normal((batch.n_windows, 3)).astype(np.float32))
     v, rows = vectors.numpy(), batch.window_rows

@@ -1,6 +1,7 @@
 """audio-sfx with aiSFX's real bundled weights: fidelity against aiSFX's own network class and
 block/normalization functions on the same prepared waveform, the on-device log-mel against
 librosa, the window plan against aiSFX's blocking, and the alias resolving offline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,13 @@ pytest.importorskip("aisfx", reason="pip install --no-deps aisfx==0.1.2")
 
 
 def plan_one(**options):
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"},
-                               "encoders": [{"output": "sfx", "column": "audio", "model": "aisfx", **options}]})
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "sfx", "column": "audio", "model": "aisfx", **options}],
+        }
+    )
     return plan_encoders(config.encoders)[0]
 
 
@@ -40,8 +46,10 @@ def clips(tmp_path_factory) -> list[str]:
     speech = speak(folder / "speech.wav", SENTENCES[1], "en+f2")
     found = [ALSA_CLIPS / "Noise.wav", ALSA_CLIPS / "Front_Center.wav"]
     return [str(c) for c in found if c.exists()] + [
-        str(speech), str(sox(speech, folder / "stereo48k.wav", rate=48000, channels=2)),
-        str(write_long_wav(folder / "long.wav", 40, rate=44100, channels=1))]
+        str(speech),
+        str(sox(speech, folder / "stereo48k.wav", rate=48000, channels=2)),
+        str(write_long_wav(folder / "long.wav", 40, rate=44100, channels=1)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +63,34 @@ def aisfx_model():
     return load_bestModel(weights, datasets, "cpu")
 
 
+def aisfx_power_mel(wave: np.ndarray) -> np.ndarray:
+    """aiSFX's librosa spectrogram parameters (spectrogram_librosa.py): htk mels with unit-sum
+    filters, power 2, 2048-sample frames every 1024 -> (96, frames)."""
+    import librosa
+
+    return librosa.feature.melspectrogram(
+        y=wave,
+        sr=44100,
+        n_mels=96,
+        norm=1.0,
+        fmin=0.0,
+        fmax=22050.0,
+        htk=True,
+        power=2.0,
+        hop_length=1024,
+        win_length=2048,
+    )
+
+
 def aisfx_reference(model, wave: np.ndarray, max_blocks: int) -> tuple[np.ndarray, int]:
     """aiSFX's own pipeline on a 44.1 kHz waveform: its librosa spectrogram parameters (peak
     normalization, htk mels with unit-sum filters, log10(1e4 x + 1)), its normalization and
     blocking functions, its CrossNet class with the checkpoint -> (mean block vector, blocks)."""
-    import librosa
     from aisfx.preprocessing import blocking, compute_hopSize, spectrogram_normalize
 
     peak = np.max(np.abs(wave))
     wave = wave / (peak if peak else 1)
-    spec = librosa.feature.melspectrogram(y=wave, sr=44100, n_mels=96, norm=1.0, fmin=0.0, fmax=22050.0,
-                                          htk=True, power=2.0, hop_length=1024, win_length=2048)
+    spec = aisfx_power_mel(wave)
     spec = spectrogram_normalize(np.log10(spec * 10000.0 + 1), spec_norm="original").T  # (frames, mels)
     blocks = blocking(spec, block_size=100, hop_size=compute_hopSize(100, 0.5, spec), drop_partial_block=True)
     with torch.no_grad():
@@ -112,18 +137,19 @@ def test_fidelity_against_aisfx(sfx, aisfx_model, clips):
 def test_log_mel_matches_librosa(sfx, clips):
     """|torch - librosa| <= 1e-4 on the scaled log-mel (values in 0..~1; measured ~4e-5: float32
     rounding of the power spectrum, amplified by log10(1e4 x + 1) at low power)."""
-    librosa = pytest.importorskip("librosa", reason="extra 'dev' not installed")
+    pytest.importorskip("librosa", reason="extra 'dev' not installed")
     spec, encoder = sfx
     prep = AudioPreprocess.from_options(spec.options)
-    wave = np.asarray(FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(clips[-1:])).values[0].as_py(), np.float32)
+    wave = np.asarray(
+        FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(clips[-1:])).values[0].as_py(), np.float32
+    )
     wave = wave / np.abs(wave).max()
     batch = audio_batch(waveforms_to_arrow([wave]), prep)
     with torch.inference_mode():
         ours = encoder.log_mels(batch.windows(context=encoder.context)).numpy()  # (w, 100, 96)
-    mel = librosa.feature.melspectrogram(y=wave, sr=44100, n_mels=96, norm=1.0, fmin=0.0, fmax=22050.0, htk=True,
-                                         power=2.0, hop_length=1024, win_length=2048)
+    mel = aisfx_power_mel(wave)
     reference = (np.log10(mel * 10000.0 + 1) / 9.457798957824707).T  # (frames, 96)
-    reference = np.stack([reference[s // 1024: s // 1024 + 100] for s in batch.window_starts])
+    reference = np.stack([reference[s // 1024 : s // 1024 + 100] for s in batch.window_starts])
     worst = float(np.abs(ours - reference).max())
     print(f"aisfx log-mel: max |torchaudio - librosa| = {worst:.2e}")
     assert worst <= 1e-4

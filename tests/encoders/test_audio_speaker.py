@@ -1,6 +1,7 @@
 """audio-speaker with resemblyzer's real bundled weights: fidelity against resemblyzer's own
 VoiceEncoder on the same prepared waveform, the on-device mel against its librosa mel, speaker
 separation on espeak-ng voices, bad audio, and the alias resolving offline through the planner."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,8 +25,13 @@ pytest.importorskip("resemblyzer", reason="pip install --no-deps resemblyzer==0.
 
 
 def plan_one(model: str = "resemblyzer", **options):
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"},
-                               "encoders": [{"output": "voice", "column": "audio", "model": model, **options}]})
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "voice", "column": "audio", "model": model, **options}],
+        }
+    )
     return plan_encoders(config.encoders)[0]
 
 
@@ -62,17 +68,20 @@ def test_alias_resolves_offline_with_dim_from_the_registry():
     prep = AudioPreprocess.from_options(spec.options)
     assert (prep.sample_rate, prep.window_samples, prep.hop_samples) == (16000, 25600, 12320)
     # Planning and loading never import the resemblyzer package (its dependencies do not install).
-    code = ("import sys, torch\n"
-            "from encoders import FAMILIES\n"
-            "from pipeline.config import config_from_dict\n"
-            "from pipeline.plan import plan_encoders\n"
-            "config = config_from_dict({'sources': [{'path': 'x', 'id_column': 'id'}], 'output': {'path': 'o'},\n"
-            "    'encoders': [{'output': 'voice', 'column': 'audio', 'model': 'resemblyzer'}]})\n"
-            "spec = plan_encoders(config.encoders)[0]\n"
-            "FAMILIES.get(spec.family).load(spec, torch.device('cpu'))\n"
-            "assert 'resemblyzer' not in sys.modules, 'resemblyzer was imported'\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, torch\n"
+        "from encoders import FAMILIES\n"
+        "from pipeline.config import config_from_dict\n"
+        "from pipeline.plan import plan_encoders\n"
+        "config = config_from_dict({'sources': [{'path': 'x', 'id_column': 'id'}], 'output': {'path': 'o'},\n"
+        "    'encoders': [{'output': 'voice', 'column': 'audio', 'model': 'resemblyzer'}]})\n"
+        "spec = plan_encoders(config.encoders)[0]\n"
+        "FAMILIES.get(spec.family).load(spec, torch.device('cpu'))\n"
+        "assert 'resemblyzer' not in sys.modules, 'resemblyzer was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -145,7 +154,7 @@ def test_mel_matches_resemblyzers_librosa_mel(speaker, real_clips):
         starts = batch.window_starts // 160
         padded = np.pad(wave, (0, max(0, int(batch.window_starts[-1]) + 25600 - len(wave))))
         mel = wav_to_mel_spectrogram(padded)  # (frames, 40), librosa
-        reference = np.stack([mel[s: s + 160] for s in starts])
+        reference = np.stack([mel[s : s + 160] for s in starts])
         worst = max(worst, float(np.abs(ours - reference).max() / reference.max()))
     print(f"mel: max |torchaudio - librosa| / peak = {worst:.2e}")
     assert worst <= 1e-5
@@ -193,8 +202,13 @@ def test_bad_audio_rows(speaker, tmp_path):
     assert not valid[-1] and prepared.errors[-1] is None
     # The same speech through different containers and layouts is nearly the same vector.
     base = vectors[names.index("voice.wav")]
-    for name, floor in (("voice.flac", 0.999), ("48k_stereo.wav", 0.99), ("6ch.wav", 0.99), ("voice.mp3", 0.95),
-                        ("8k.wav", 0.9)):  # 8 kHz loses everything above 4 kHz
+    for name, floor in (
+        ("voice.flac", 0.999),
+        ("48k_stereo.wav", 0.99),
+        ("6ch.wav", 0.99),
+        ("voice.mp3", 0.95),
+        ("8k.wav", 0.9),
+    ):  # 8 kHz loses everything above 4 kHz
         assert float(vectors[names.index(name)] @ base) > floor, name
 
 

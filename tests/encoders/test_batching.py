@@ -1,4 +1,5 @@
 """Dynamic padding: micro-batch plans under a token budget, on real token lengths and edge cases."""
+
 from __future__ import annotations
 
 import random
@@ -43,7 +44,9 @@ def check_plan(lengths, batches, max_tokens, max_rows=None) -> None:
     # cost (padded tokens plus a fixed cost per forward call). A plan of singletons has zero
     # padding but pays the per-call cost for every row, so it fails here.
     overhead = max_tokens // 64
-    assert plan_cost(lengths, batches, overhead) <= plan_cost(lengths, greedy_plan(lengths, max_tokens, max_rows), overhead)
+    assert plan_cost(lengths, batches, overhead) <= plan_cost(
+        lengths, greedy_plan(lengths, max_tokens, max_rows), overhead
+    )
 
 
 def greedy_plan(lengths, max_tokens, max_rows=None) -> list[list[int]]:

@@ -128,7 +128,9 @@ def test_family_plans_prepares_loads_and_encodes(name, tmp_path, inputs):
     family = FAMILIES.get(name)
     columns = {modality: f"{modality}_in" for modality in family.modalities}
     entry = {"output": "out", "model": model, "columns": columns, **options}
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"}, "encoders": [entry]})
+    config = config_from_dict(
+        {"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"}, "encoders": [entry]}
+    )
     spec = plan_encoders(config.encoders)[0]
     assert spec.family == name and family.name == name and spec.dim > 0
     encoder = family.load(spec, torch.device("cpu"))

@@ -2,6 +2,7 @@
 with save_pretrained, planned and loaded through the real path, compared on espeak-ng speech with
 a direct transformers call on the model's own feature extractor's output for the same prepared
 waveform windows."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from encoders import FAMILIES
 from tests.audio_data import SENTENCES, speak
+from tests.conftest import TINY_LAYERS
 from tests.encoders.test_image_cnn import cosine
 
 LONG_TEXT = " ".join(SENTENCES[:3])  # about 13 s of espeak speech
@@ -23,7 +25,9 @@ def plan(model: str, columns: dict[str, str] | None = None, **options):
     from pipeline.plan import plan_encoders
 
     entry = {"output": "a", "model": model, **options, **({"columns": columns} if columns else {"column": "audio"})}
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"}, "encoders": [entry]})
+    config = config_from_dict(
+        {"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"}, "encoders": [entry]}
+    )
     return plan_encoders(config.encoders)[0]
 
 
@@ -31,8 +35,9 @@ def save_tiny_ast(folder: Path) -> Path:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
     torch.manual_seed(0)
-    config = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                       num_mel_bins=32, max_length=200, patch_size=16, frequency_stride=10, time_stride=10)
+    config = ASTConfig(
+        **TINY_LAYERS, num_mel_bins=32, max_length=200, patch_size=16, frequency_stride=10, time_stride=10
+    )
     ASTModel(config).eval().save_pretrained(folder)
     ASTFeatureExtractor(num_mel_bins=32, max_length=200).save_pretrained(folder)  # 200 frames: 2.015 s windows
     return folder
@@ -45,9 +50,14 @@ def save_tiny_waveform(folder: Path, kind: str) -> Path:
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(1)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                  conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4),
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    common = dict(
+        **TINY_LAYERS,
+        conv_dim=(32, 32, 32),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 8, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     norm = "layer" if kind == "wav2vec2-layer-mask" else "group"
     if kind == "hubert":
         HubertModel(HubertConfig(feat_extract_norm=norm, **common)).eval().save_pretrained(folder)
@@ -65,16 +75,45 @@ def save_tiny_clap(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab: dict[str, int] = {}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("o", "g"), ("Ġd", "og")]
-    for token in ["<s>", "<pad>", "</s>", "<unk>", "<mask>", *bytes_to_unicode().values(), "Ġt", "he", "Ġthe", "og", "Ġd", "Ġdog"]:
+    for token in [
+        "<s>",
+        "<pad>",
+        "</s>",
+        "<unk>",
+        "<mask>",
+        *bytes_to_unicode().values(),
+        "Ġt",
+        "he",
+        "Ġthe",
+        "og",
+        "Ġd",
+        "Ġdog",
+    ]:
         vocab.setdefault(token, len(vocab))
     RobertaTokenizerFast(vocab=vocab, merges=merges).save_pretrained(folder)
-    ClapFeatureExtractor(feature_size=16, sampling_rate=8000, hop_length=320, max_length_s=10, fft_window_size=512,
-                         frequency_min=50, frequency_max=3800).save_pretrained(folder)
+    ClapFeatureExtractor(
+        feature_size=16,
+        sampling_rate=8000,
+        hop_length=320,
+        max_length_s=10,
+        fft_window_size=512,
+        frequency_min=50,
+        frequency_max=3800,
+    ).save_pretrained(folder)
     torch.manual_seed(2)
-    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                max_position_embeddings=66)
-    audio = dict(spec_size=64, num_mel_bins=16, patch_embeds_hidden_size=8, depths=[1, 1], num_attention_heads=[2, 2],
-                 window_size=4, hidden_size=16, patch_stride=(4, 4), patch_size=4, enable_fusion=True)
+    text = dict(vocab_size=len(vocab), **TINY_LAYERS, max_position_embeddings=66)
+    audio = dict(
+        spec_size=64,
+        num_mel_bins=16,
+        patch_embeds_hidden_size=8,
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        window_size=4,
+        hidden_size=16,
+        patch_stride=(4, 4),
+        patch_size=4,
+        enable_fusion=True,
+    )
     model = ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=24)).eval()
     with torch.no_grad():  # CLAP's default init (std 0.02) gives nearly one vector for every text
         for weight in model.text_model.parameters():
@@ -117,7 +156,7 @@ def window_count(samples: int, window: int, hop: int, max_windows: int) -> int:
 
 def direct_windows(wave: np.ndarray, window: int, hop: int, count: int) -> list[np.ndarray]:
     """The real samples of each of a clip's first ``count`` windows (starts 0, hop, 2 hop, ...)."""
-    return [wave[k * hop: k * hop + window] for k in range(count)]
+    return [wave[k * hop : k * hop + window] for k in range(count)]
 
 
 def test_model_type_picks_the_family_and_probes_dim(ast_folder, clap_folder, tmp_path):
@@ -167,7 +206,7 @@ def test_ast_fidelity_and_windows(ast_folder, speech, pooling):
         with torch.no_grad():
             out = model(input_values=features)
         per_window = out.pooler_output if pooling == "cls" else out.last_hidden_state[:, 2:].mean(1)
-        assert cosine(vectors[row:row + 1], per_window.mean(0, keepdim=True).numpy())[0] >= 0.9999
+        assert cosine(vectors[row : row + 1], per_window.mean(0, keepdim=True).numpy())[0] >= 0.9999
     assert extras["windows"][[0, 1, 4]].tolist() == expected_counts and expected_counts[1] == 3
     assert extras["windows"][[2, 3]].tolist() == [0, 0]
 
@@ -195,7 +234,7 @@ def test_waveform_fidelity(tmp_path, speech, kind):
             with torch.no_grad():
                 per_window.append(model(**inputs).last_hidden_state.mean(1))
         assert extras["windows"][row] == count
-        assert cosine(vectors[row:row + 1], torch.cat(per_window).mean(0, keepdim=True).numpy())[0] >= 0.9999
+        assert cosine(vectors[row : row + 1], torch.cat(per_window).mean(0, keepdim=True).numpy())[0] >= 0.9999
 
 
 def test_wav2vec2_rejects_other_pooling(tmp_path):
@@ -210,8 +249,9 @@ def clap_reference(model, extractor, clips: list[np.ndarray]) -> torch.Tensor:
     most max_length_s; the extractor would mark one at random, see encoders/audio/features.py)."""
     inputs = extractor(clips, sampling_rate=extractor.sampling_rate, return_tensors="pt")
     with torch.no_grad():
-        out = model.get_audio_features(input_features=inputs["input_features"],
-                                       is_longer=torch.zeros((len(clips), 1), dtype=torch.bool))
+        out = model.get_audio_features(
+            input_features=inputs["input_features"], is_longer=torch.zeros((len(clips), 1), dtype=torch.bool)
+        )
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 

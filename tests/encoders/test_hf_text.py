@@ -3,6 +3,7 @@
 References are computed outside omniembed (sentence-transformers' ``encode``, or ``AutoModel``
 plus pooling by hand); models load once per module.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,11 @@ import torch
 
 from encoders import FAMILIES, resolve_weights
 from encoders.core.errors import ERROR_CODES, error_code
+from encoders.core.pooling import POOLING_MODES
+from encoders.core.spec import EncoderSpec, SpecRequest
+from encoders.core.weights import ResolvedWeights
 from encoders.text.hf_text import LONG_TEXT_MODES, TEXT_OPTIONS
 from encoders.text.tokenize import read_folder_settings
-from encoders.core.pooling import POOLING_MODES
-from encoders.core.spec import EncoderSpec
-from encoders.core.weights import ResolvedWeights
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 FAMILY = FAMILIES.get("hf-text")
@@ -46,7 +47,7 @@ MULTILINGUAL = [
 
 
 def make_spec(weights, options=None, dim=None):
-    return FAMILY.build_spec("out", {"text": "c"}, weights, options or {}, dim)
+    return FAMILY.build_spec(SpecRequest("out", {"text": "c"}, weights, options or {}, dim))
 
 
 def embed(spec, encoder, values, max_tokens=8192):
@@ -173,8 +174,11 @@ def st_folder(request, tiny_st, tmp_path_factory) -> STFolder:
     """tiny_st as the shared fixture builds it, and the same folder with a working vocabulary."""
     from sentence_transformers import SentenceTransformer
 
-    folder = tiny_st if request.param == "as-given" else _with_working_vocab(
-        tiny_st, tmp_path_factory.mktemp("st-vocab") / "tiny-st")
+    folder = (
+        tiny_st
+        if request.param == "as-given"
+        else _with_working_vocab(tiny_st, tmp_path_factory.mktemp("st-vocab") / "tiny-st")
+    )
     weights = resolve_weights(folder)
     spec = make_spec(weights, dim=32)
     return STFolder(request.param, weights, spec, FAMILY.load(spec, CPU), SentenceTransformer(folder, device="cpu"))
@@ -275,7 +279,9 @@ def test_vectors_do_not_depend_on_row_order(minilm, fidelity_texts, fidelity_vec
     assert np.abs(vectors - fidelity_vectors[order]).max() <= ATOL
 
 
-def test_vectors_do_not_depend_on_how_rows_are_split_into_batches(minilm, fidelity_texts, fidelity_vectors, invariance_rows):
+def test_vectors_do_not_depend_on_how_rows_are_split_into_batches(
+    minilm, fidelity_texts, fidelity_vectors, invariance_rows
+):
     _, spec, encoder = minilm
     texts = [fidelity_texts[i] for i in invariance_rows]
     parts = []
@@ -393,8 +399,12 @@ def test_plain_folder_defaults(tiny_bert_default):
 
 def _reference_pool(states: torch.Tensor, mode: str) -> torch.Tensor:
     """(t, d) token states of ONE unpadded sequence -> (d,)."""
-    return {"mean": lambda: states.mean(0), "cls": lambda: states[0],
-            "max": lambda: states.max(0).values, "last": lambda: states[-1]}[mode]()
+    return {
+        "mean": lambda: states.mean(0),
+        "cls": lambda: states[0],
+        "max": lambda: states.max(0).values,
+        "last": lambda: states[-1],
+    }[mode]()
 
 
 @pytest.mark.parametrize("pooling", POOLING_MODES)
@@ -408,8 +418,9 @@ def test_plain_folder_pooling_matches_automodel(tiny_bert_weights, tiny_bert_ref
     assert [c[0] for c in prepared.values.to_pylist()] == ids
     assert len({len(i) for i in ids}) > 5  # the batch really is padded
     with torch.no_grad():
-        expected = torch.stack([
-            _reference_pool(model(input_ids=torch.tensor([row])).last_hidden_state[0], pooling) for row in ids])
+        expected = torch.stack(
+            [_reference_pool(model(input_ids=torch.tensor([row])).last_hidden_state[0], pooling) for row in ids]
+        )
     assert np.abs(vectors - expected.numpy()).max() <= ATOL
 
 
@@ -613,7 +624,11 @@ def test_chunk_vector_is_the_normalized_mean_of_chunk_embeddings(minilm_chunk, m
         per_chunk = []
         for ids in chunks:
             ids = torch.tensor([ids])
-            features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+            features = {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "token_type_ids": torch.zeros_like(ids),
+            }
             per_chunk.append(minilm_st(features)["sentence_embedding"][0].numpy())
     expected = unit(np.mean(per_chunk, axis=0))
     assert_rows_close(vectors[:1], expected[None])
@@ -626,7 +641,7 @@ def test_every_chunk_carries_the_prompt(minilm, minilm_st, chunk_text):
     prompt = minilm_st.tokenizer("query: ", add_special_tokens=False)["input_ids"]
     assert len(chunks) > 1
     for chunk in chunks:
-        assert chunk[1: 1 + len(prompt)] == prompt
+        assert chunk[1 : 1 + len(prompt)] == prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,16 +657,19 @@ def test_unknown_option_is_named_and_valid_ones_listed(tiny_bert_weights):
         assert name in message
 
 
-@pytest.mark.parametrize("options, name", [
-    ({"normalize": "yes"}, "normalize"),
-    ({"normalize": 1}, "normalize"),
-    ({"max_length": 3.0}, "max_length"),
-    ({"max_length": True}, "max_length"),
-    ({"max_length": "128"}, "max_length"),
-    ({"pooling": 1}, "pooling"),
-    ({"max_chunks": 2.5}, "max_chunks"),
-    ({"trust_remote_code": "no"}, "trust_remote_code"),
-])
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({"normalize": "yes"}, "normalize"),
+        ({"normalize": 1}, "normalize"),
+        ({"max_length": 3.0}, "max_length"),
+        ({"max_length": True}, "max_length"),
+        ({"max_length": "128"}, "max_length"),
+        ({"pooling": 1}, "pooling"),
+        ({"max_chunks": 2.5}, "max_chunks"),
+        ({"trust_remote_code": "no"}, "trust_remote_code"),
+    ],
+)
 def test_wrong_type_is_named(tiny_bert_weights, options, name):
     with pytest.raises(ValueError, match=f"option '{name}' must be"):
         make_spec(tiny_bert_weights, options, dim=32)
@@ -671,12 +689,15 @@ def test_invalid_pooling_lists_the_valid_modes(tiny_bert_weights):
     assert all(mode in str(info.value) for mode in POOLING_MODES)
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"long_text": "chunk", "chunk_overlap": 64}, "chunk_overlap"),
-    ({"long_text": "chunk", "chunk_overlap": -1}, "chunk_overlap"),
-    ({"max_chunks": 0}, "max_chunks"),
-    ({"precision": "fp64"}, "precision"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"long_text": "chunk", "chunk_overlap": 64}, "chunk_overlap"),
+        ({"long_text": "chunk", "chunk_overlap": -1}, "chunk_overlap"),
+        ({"max_chunks": 0}, "max_chunks"),
+        ({"precision": "fp64"}, "precision"),
+    ],
+)
 def test_out_of_range_values_raise(tiny_bert_weights, options, match):
     with pytest.raises(ValueError, match=match):
         make_spec(tiny_bert_weights, options, dim=32)
@@ -688,11 +709,14 @@ def test_max_length_beyond_the_model_raises(tiny_bert_weights, max_length):
         make_spec(tiny_bert_weights, {"max_length": max_length}, dim=32)
 
 
-@pytest.mark.parametrize("options, name", [
-    ({"max_chunks": None}, "max_chunks"),
-    ({"long_text": "chunk", "chunk_overlap": None}, "chunk_overlap"),
-    ({"max_chars": None}, "max_chars"),
-])
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({"max_chunks": None}, "max_chunks"),
+        ({"long_text": "chunk", "chunk_overlap": None}, "chunk_overlap"),
+        ({"max_chars": None}, "max_chars"),
+    ],
+)
 def test_explicit_null_option_is_a_default_or_a_named_error(tiny_bert_weights, options, name):
     try:
         spec = make_spec(tiny_bert_weights, options, dim=32)

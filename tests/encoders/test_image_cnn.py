@@ -1,6 +1,7 @@
 """image-cnn: fidelity against a direct call of the same model on the same preprocessed tensor
 (bundled EfficientNet-Lite0 with its real weights; randomly initialised torchvision CNNs saved
 as a folder and loaded through the real path), and retrieval quality with real weights."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ TV_PREP = {"resize": 72, "crop": 64, "mean": [0.485, 0.456, 0.406], "std": [0.22
 
 
 def plan_one(model: str, **options):
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"},
-                               "encoders": [{"output": "img", "column": "image", "model": model, **options}]})
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "img", "column": "image", "model": model, **options}],
+        }
+    )
     return plan_encoders(config.encoders)[0]
 
 
@@ -104,7 +110,7 @@ def test_retrieval_quality_with_real_weights(lite0):
     for i, image in enumerate(photos.values()):
         h, w = image.shape[:2]
         sources.append(encode(image, quality=92))
-        crop = image[h // 10: h - h // 10, w // 8: w - w // 12]
+        crop = image[h // 10 : h - h // 10, w // 8 : w - w // 12]
         flip = image[:, ::-1]
         bright = np.clip(image.astype(np.float32) * 1.3 + 10, 0, 255).astype(np.uint8)
         for variant in (crop, flip, bright):
@@ -129,9 +135,17 @@ def save_torchvision_folder(folder: Path, architecture: str, seed: int = 0, **mo
     model = torchvision.models.get_model(architecture, weights=None, num_classes=10, **model_kwargs).eval()
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "torchvision", "architecture": architecture,
-                                                    "num_classes": 10, "preprocessing": TV_PREP,
-                                                    **({"model_kwargs": model_kwargs} if model_kwargs else {})}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "torchvision",
+                "architecture": architecture,
+                "num_classes": 10,
+                "preprocessing": TV_PREP,
+                **({"model_kwargs": model_kwargs} if model_kwargs else {}),
+            }
+        )
+    )
     return folder
 
 

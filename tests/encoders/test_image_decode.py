@@ -1,5 +1,6 @@
 """The decode rules of encoders/image/prepare.py, on real photos in every format and mode, and bad
 files as error values with no row lost."""
+
 from __future__ import annotations
 
 import io
@@ -79,7 +80,7 @@ def test_alpha_is_composited_on_white(photo, fmt):
         data = encode(rgba, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     out = as_hwc(decode_rgb(data))
     if fmt != "GIF":
-        assert np.array_equal(out[photo.shape[0] // 2:], np.full_like(out[photo.shape[0] // 2:], 255))
+        assert np.array_equal(out[photo.shape[0] // 2 :], np.full_like(out[photo.shape[0] // 2 :], 255))
         assert np.array_equal(out[: photo.shape[0] // 2], photo[: photo.shape[0] // 2])
     else:
         transparent = np.asarray(Image.open(io.BytesIO(data))) == 0
@@ -136,8 +137,8 @@ def test_pixel_limit_is_configurable(photo):
 
 def test_sixteen_bit_rgb_png_through_torchvision(photo):
     """A 48-bit RGB PNG: torchvision decodes it to uint16, which is shifted down to the high byte."""
-    import zlib
     import struct
+    import zlib
 
     h, w = 8, 5
     wide = (photo[:h, :w].astype(np.uint16) << 8) | 0x80
@@ -146,8 +147,12 @@ def test_sixteen_bit_rgb_png_through_torchvision(photo):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     assert np.array_equal(as_hwc(decode_rgb(png)), photo[:h, :w])
 
 
@@ -155,14 +160,17 @@ def test_wrong_type_is_bad_type():
     assert error_code(prepare_images(pa.array([1, 2]), PREP).errors[0]) == "bad_type"
 
 
-@pytest.mark.parametrize("raw, message", [
-    (None, "declares no image preprocessing"),
-    ({"resize": 64, "crop": 56, "mean": [0.5] * 3}, "missing 'std'"),
-    ({"resize": 64, "crop": 80, "mean": 0.5, "std": 0.5}, "crop must be between 1 and resize"),
-    ({"resize": 64, "crop": 56, "mean": [0.5, 0.5], "std": 0.5}, "expected 3 numbers"),
-    ({"resize": 64, "crop": 56, "mean": 0.5, "std": 0.5, "interpolation": "lanczos"}, "valid values: bilinear"),
-    ({"resize": 64, "crop": 56, "mean": 0.5, "std": 0.5, "size": 3}, "unknown key 'size'"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (None, "declares no image preprocessing"),
+        ({"resize": 64, "crop": 56, "mean": [0.5] * 3}, "missing 'std'"),
+        ({"resize": 64, "crop": 80, "mean": 0.5, "std": 0.5}, "crop must be between 1 and resize"),
+        ({"resize": 64, "crop": 56, "mean": [0.5, 0.5], "std": 0.5}, "expected 3 numbers"),
+        ({"resize": 64, "crop": 56, "mean": 0.5, "std": 0.5, "interpolation": "lanczos"}, "valid values: bilinear"),
+        ({"resize": 64, "crop": 56, "mean": 0.5, "std": 0.5, "size": 3}, "unknown key 'size'"),
+    ],
+)
 def test_preprocessing_is_validated(raw, message):
     with pytest.raises(ValueError, match=message):
         ImagePreprocess.from_options({"preprocessing": raw})

@@ -1,6 +1,7 @@
 """hf-vision (ViT, DINOv2, CLIP vision: cls, mean, patches) and hf-clip (text and image in one
 space): tiny configs saved with save_pretrained, loaded through the real path, compared with a
 direct call of the same model on the same preprocessed tensor, on real photos."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from encoders import FAMILIES
 from encoders.image.prepare import ImagePreprocess
 from encoders.image.tensors import images_to_tensor, to_model_input
+from tests.conftest import TINY_LAYERS
 from tests.encoders.test_image_cnn import cosine, plan_one
 from tests.image_data import encode, real_photos
 
@@ -20,18 +22,32 @@ VISION_KINDS = ("vit", "dinov2", "clip_vision_model")
 
 
 def save_tiny_vision(folder: Path, kind: str) -> Path:
-    from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config,
-                              Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel)
+    from transformers import (
+        BitImageProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, patch_size=8)
+    common = dict(**TINY_LAYERS, patch_size=8)
     if kind == "vit":
         ViTModel(ViTConfig(image_size=32, **common)).eval().save_pretrained(folder)
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     elif kind == "dinov2":
         Dinov2Model(Dinov2Config(image_size=32, **common)).eval().save_pretrained(folder)
-        BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
-                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+        BitImageProcessor(
+            size={"shortest_edge": 40},
+            crop_size={"height": 32, "width": 32},
+            do_center_crop=True,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ).save_pretrained(folder)
     else:
         CLIPVisionModel(CLIPVisionConfig(image_size=32, **common)).eval().save_pretrained(folder)
         CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
@@ -46,16 +62,23 @@ def save_tiny_clip(folder: Path) -> Path:
     chars = list(bytes_to_unicode().values())
     merges = [("c", "a"), ("ca", "t</w>"), ("t", "h"), ("th", "e</w>")]
     vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]:
+    for token in (
+        chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    ):
         vocab.setdefault(token, len(vocab))
     tokenizer = CLIPTokenizerFast(vocab=vocab, merges=merges)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     torch.manual_seed(0)
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(vocab),
+        **TINY_LAYERS,
+        max_position_embeddings=77,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(**TINY_LAYERS, image_size=32, patch_size=8)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval().save_pretrained(folder)
     return folder
 
@@ -128,8 +151,20 @@ def test_clip_text_and_image_fidelity(clip_folder, jpegs):
     from pipeline.config import config_from_dict
     from pipeline.plan import plan_encoders
 
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"}, "encoders": [
-        {"output": "clip", "model": clip_folder, "columns": {"text": "caption", "image": "image"}, "normalize": False}]})
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [
+                {
+                    "output": "clip",
+                    "model": clip_folder,
+                    "columns": {"text": "caption", "image": "image"},
+                    "normalize": False,
+                }
+            ],
+        }
+    )
     spec = plan_encoders(config.encoders)[0]
     assert spec.family == "hf-clip" and spec.dim == 24
     family = FAMILIES.get("hf-clip")
@@ -158,8 +193,10 @@ def test_clip_text_and_image_fidelity(clip_folder, jpegs):
     assert cosine(image_vectors, image_ref.numpy()).min() >= 0.9999
     # One space: the logits CLIP itself computes are the cosine of the two columns (times its scale).
     with torch.no_grad():
-        logits = model(**tokenizer(texts[:2], padding=True, return_tensors="pt"),
-                       pixel_values=to_model_input(images, prep, torch.device("cpu"))).logits_per_text
+        logits = model(
+            **tokenizer(texts[:2], padding=True, return_tensors="pt"),
+            pixel_values=to_model_input(images, prep, torch.device("cpu")),
+        ).logits_per_text
     a = text_vectors[:2] / np.linalg.norm(text_vectors[:2], axis=1, keepdims=True)
     b = image_vectors / np.linalg.norm(image_vectors, axis=1, keepdims=True)
     assert np.allclose(a @ b.T * model.logit_scale.exp().item(), logits.numpy(), atol=1e-3)

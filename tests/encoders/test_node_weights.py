@@ -1,5 +1,6 @@
 """Weights are resolved once per node, not once per actor: two processes (two actors on one
 node) ask for the same hub weights at the same time, and only one of them fetches."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -40,8 +41,19 @@ def _actor(cache: str, log: str, locks: str, out: str, start: float) -> None:
 def _run_two(tmp_path: Path) -> list[str]:
     ctx = multiprocessing.get_context("spawn")
     start = time.time() + 3.0
-    procs = [ctx.Process(target=_actor, args=(str(tmp_path / "cache"), str(tmp_path / "log"), str(tmp_path / "locks"),
-                                              str(tmp_path / f"out{i}"), start)) for i in range(2)]
+    procs = [
+        ctx.Process(
+            target=_actor,
+            args=(
+                str(tmp_path / "cache"),
+                str(tmp_path / "log"),
+                str(tmp_path / "locks"),
+                str(tmp_path / f"out{i}"),
+                start,
+            ),
+        )
+        for i in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

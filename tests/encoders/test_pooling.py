@@ -1,4 +1,5 @@
 """Pooling modes against hand computations on a small right-padded batch."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,11 +13,13 @@ PAD = 1000.0  # padded positions hold huge values: any leak shows up in every mo
 @pytest.fixture()
 def batch():
     """(3, 4, 2) hidden states, right-padded to lengths 3, 1 and 4."""
-    hidden = torch.tensor([
-        [[1.0, -2.0], [3.0, 0.0], [5.0, 4.0], [PAD, PAD]],
-        [[-1.0, 7.0], [PAD, PAD], [PAD, PAD], [PAD, PAD]],
-        [[0.0, 1.0], [2.0, -3.0], [-4.0, 5.0], [6.0, -7.0]],
-    ])
+    hidden = torch.tensor(
+        [
+            [[1.0, -2.0], [3.0, 0.0], [5.0, 4.0], [PAD, PAD]],
+            [[-1.0, 7.0], [PAD, PAD], [PAD, PAD], [PAD, PAD]],
+            [[0.0, 1.0], [2.0, -3.0], [-4.0, 5.0], [6.0, -7.0]],
+        ]
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     lengths = torch.tensor([3, 1, 4])
     return hidden, mask, lengths

@@ -1,4 +1,5 @@
 """The encoder registries: unique names, helpful lookups, aliases that point at real families."""
+
 from __future__ import annotations
 
 import pytest

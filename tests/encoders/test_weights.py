@@ -1,4 +1,5 @@
 """Model references -> weights: local folders, the bundled MiniLM, the offline hub, and hashes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from huggingface_hub.errors import HFValidationError
 
 from encoders import MODELS, WeightsNotFoundError, resolve_weights
 from encoders.core.weights import weight_files, weights_sha256

@@ -1,5 +1,6 @@
 """Fixtures for the jobs: the example data generator at a small size, embedded once per session
 with the bundled MiniLM through the real pipeline on the session's Ray."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,10 +29,18 @@ def job_data(tmp_path_factory, ray_session, minilm_path) -> dict[str, str]:
     from pipeline.graph import run
 
     folder = tmp_path_factory.mktemp("jobs-data")
-    paths = {k: str(v) for k, v in load_make_data().write_all(folder / "data", per_topic=30, users=300,
-                                                                transactions=6000, seed=0).items()}
+    paths = {
+        k: str(v)
+        for k, v in load_make_data()
+        .write_all(folder / "data", per_topic=30, users=300, transactions=6000, seed=0)
+        .items()
+    }
     out = folder / "out" / "items"
-    run({"sources": [{"path": paths["items"], "id_column": "item_id"}],
-         "encoders": [{"output": "text", "column": "text", "model": "sentence-transformers/all-MiniLM-L6-v2"}],
-         "output": {"path": str(out)}})
+    run(
+        {
+            "sources": [{"path": paths["items"], "id_column": "item_id"}],
+            "encoders": [{"output": "text", "column": "text", "model": "sentence-transformers/all-MiniLM-L6-v2"}],
+            "output": {"path": str(out)},
+        }
+    )
     return {**paths, "dataset": str(out), "root": str(folder)}

@@ -1,5 +1,6 @@
 """jobs.evaluate: a readable t-SNE PNG (title, axes, legend) and recall@k by label checked
 against a brute-force count."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,22 @@ def test_plot_and_report(job_data, tmp_path):
 
 def test_cli(job_data, tmp_path, capsys):
     out = tmp_path / "cli-report"
-    assert main([job_data["dataset"], "--column", "text_embedding", "--label", "topic", "--output", str(out),
-                 "--sample", "120"]) == 0
+    assert (
+        main(
+            [
+                job_data["dataset"],
+                "--column",
+                "text_embedding",
+                "--label",
+                "topic",
+                "--output",
+                str(out),
+                "--sample",
+                "120",
+            ]
+        )
+        == 0
+    )
     assert "recall@10" in capsys.readouterr().out and (out / "tsne.png").is_file()
     assert main([job_data["dataset"], "--column", "text_embedding", "--label", "colour"]) == 2
     assert "column 'colour' is not in dataset" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """jobs.recommend end to end on planted data (users prefer topics; the text says the topic):
 the two-tower model beats popularity on recall@10, and its outputs are consistent."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,31 @@ from jobs.recommend import main
 
 def test_two_tower_beats_popularity(job_data, tmp_path, capsys):
     out = tmp_path / "recommend"
-    argv = ["--interactions", job_data["interactions"], "--items", job_data["dataset"], "--column", "text_embedding",
-            "--time-column", "time", "--output", str(out), "--storage-path", str(tmp_path / "ray"), "--epochs", "25"]
+    argv = [
+        "--interactions",
+        job_data["interactions"],
+        "--items",
+        job_data["dataset"],
+        "--column",
+        "text_embedding",
+        "--time-column",
+        "time",
+        "--output",
+        str(out),
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--epochs",
+        "25",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "recall@10" in printed and "popularity" in printed and "content only" in printed
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     model, popularity = metrics["two-tower (concat)"]["recall@10"], metrics["popularity"]["recall@10"]
-    print(f"recall@10: two-tower {model:.4f}, popularity {popularity:.4f}, content only "
-          f"{metrics['content only']['recall@10']:.4f} (margin {model - popularity:+.4f})")
+    print(
+        f"recall@10: two-tower {model:.4f}, popularity {popularity:.4f}, content only "
+        f"{metrics['content only']['recall@10']:.4f} (margin {model - popularity:+.4f})"
+    )
     assert model > popularity + 0.05
     assert metrics["two-tower (concat)"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
 
@@ -40,8 +57,18 @@ def test_two_tower_beats_popularity(job_data, tmp_path, capsys):
 
 
 def test_missing_column_is_one_line(job_data, tmp_path, capsys):
-    argv = ["--interactions", job_data["interactions"], "--items", job_data["dataset"], "--column", "text_embedding",
-            "--user-column", "customer", "--output", str(tmp_path / "o")]
+    argv = [
+        "--interactions",
+        job_data["interactions"],
+        "--items",
+        job_data["dataset"],
+        "--column",
+        "text_embedding",
+        "--user-column",
+        "customer",
+        "--output",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "column 'customer' is not in" in err and len(err.splitlines()) == 1

@@ -1,6 +1,7 @@
 """jobs.search: exact search against numpy, the FAISS index against exact search, queries
 embedded through the recorded encoder against the model called directly (bundled MiniLM via
 sentence-transformers; a tiny CLIP via transformers), the index folder beside the dataset."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from jobs.ann import AnnParams, ExactIndex, build_ann, search_space
-from jobs.search import main, measure_recall, run_query, Query
+from jobs.search import Query, main, measure_recall, run_query
 from jobs.vectors import read_vectors
 
 
@@ -28,8 +29,9 @@ def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
 def test_ann_recall_at_10_on_12k_clustered_vectors(kind):
     space = search_space(clustered(12_000, 64, 50, seed=1), "cosine")
     params = AnnParams(kind=kind)
-    measured = measure_recall(space, build_ann(space, params), params, k=10, queries=500, seed=0,
-                              progress=lambda it, **_: it)
+    measured = measure_recall(
+        space, build_ann(space, params), params, k=10, queries=500, seed=0, progress=lambda it, **_: it
+    )
     print(f"{kind} recall@10 on 12,000 clustered vectors: {measured['recall']:.4f}")
     assert measured["recall"] >= 0.95
 
@@ -103,8 +105,13 @@ def test_cross_modal_text_to_image_equals_direct_clip(ray_session, tmp_path):
     src = tmp_path / "photos.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / "out" / "photos"
-    run({"sources": [{"path": str(src), "id_column": "id"}], "output": {"path": str(out)},
-         "encoders": [{"output": "clip", "model": str(clip), "columns": {"text": "caption", "image": "image"}}]})
+    run(
+        {
+            "sources": [{"path": str(src), "id_column": "id"}],
+            "output": {"path": str(out)},
+            "encoders": [{"output": "clip", "model": str(clip), "columns": {"text": "caption", "image": "image"}}],
+        }
+    )
     assert main(["build", str(out), "--column", "clip_image_embedding", "--recall-queries", "10"]) == 0
     info = json.loads((tmp_path / "out" / "photos.index" / "clip_image_embedding.json").read_text())
     assert info["vectors"] == 10 and info["nulls_skipped"] == 1
@@ -115,13 +122,17 @@ def test_cross_modal_text_to_image_equals_direct_clip(ray_session, tmp_path):
     # The reference: transformers' CLIPModel on the same tokens and the same uint8 crops.
     model = CLIPModel.from_pretrained(clip).eval()
     tokens = CLIPTokenizerFast.from_pretrained(clip)([query], return_tensors="pt")
-    spec_options = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"omniembed"])["encoders"]["clip"]["options"]
+    spec_options = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"omniembed"])["encoders"]["clip"][
+        "options"
+    ]
     prep = ImagePreprocess.from_options(spec_options)
     images, _ = images_to_tensor(prepare_images(pa.array(paths), prep).values, prep.crop)
     with torch.no_grad():
         text = _features(model.get_text_features(**tokens))
         image = _features(model.get_image_features(pixel_values=to_model_input(images, prep, torch.device("cpu"))))
-    similarity = (torch.nn.functional.normalize(image, dim=1) @ torch.nn.functional.normalize(text, dim=1).T)[:, 0].numpy()
+    similarity = (torch.nn.functional.normalize(image, dim=1) @ torch.nn.functional.normalize(text, dim=1).T)[
+        :, 0
+    ].numpy()
     expected = [names[i] for i in np.argsort(-similarity)]
     assert [r["id"] for r in got_exact] == expected
     assert [r["id"] for r in got_ann] == expected
@@ -147,7 +158,10 @@ def test_user_errors_are_one_line_exit_2(job_data, tmp_path, capsys):
     cases = [
         (["build", str(tmp_path / "nope"), "--column", "text_embedding"], "does not exist"),
         (["build", dataset, "--column", "title_embedding"], "vector columns: text_embedding"),
-        (["query", dataset, "--column", "text_embedding", "--image", str(tmp_path / "x.jpg"), "--exact"], "embeds text, not image"),
+        (
+            ["query", dataset, "--column", "text_embedding", "--image", str(tmp_path / "x.jpg"), "--exact"],
+            "embeds text, not image",
+        ),
         (["build", dataset, "--column", "text_embedding", "--index", dataset + "/idx"], "inside the dataset folder"),
     ]
     for argv, message in cases:
@@ -157,8 +171,11 @@ def test_user_errors_are_one_line_exit_2(job_data, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     # A vector with the wrong number of values: named, with the row.
     table = pq.read_table(dataset)
-    bad = table.set_column(table.schema.get_field_index("text_embedding"), "text_embedding",
-                           pa.array([[0.5] * 383] + table.column("text_embedding").to_pylist()[1:], pa.list_(pa.float32())))
+    bad = table.set_column(
+        table.schema.get_field_index("text_embedding"),
+        "text_embedding",
+        pa.array([[0.5] * 383] + table.column("text_embedding").to_pylist()[1:], pa.list_(pa.float32())),
+    )
     folder = tmp_path / "bad"
     folder.mkdir()
     pq.write_table(bad.replace_schema_metadata(table.schema.metadata), folder / "part-0.parquet")

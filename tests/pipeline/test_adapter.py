@@ -1,4 +1,5 @@
 """The adapter is tested with a fake dataset that records its keyword arguments."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,8 +37,10 @@ def test_family_thread_preference_spreads_actors_over_the_cores():
     stage = resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 32, "e", actor_threads=1)
     assert (stage.num_cpus, stage.pool, stage.threads) == (0.5, (2, 2), 1)
     for cpus, encoders in ((3, 1), (16, 1), (16, 3)):
-        stages = [resolve_encode_stage(StageResources(), ClusterShape(cpus=cpus, gpus=0), 32, "e", encoders, 1)
-                  for _ in range(encoders)]
+        stages = [
+            resolve_encode_stage(StageResources(), ClusterShape(cpus=cpus, gpus=0), 32, "e", encoders, 1)
+            for _ in range(encoders)
+        ]
         assert sum(s.pool[1] * s.num_cpus for s in stages) <= cpus - 1  # tasks keep a CPU
         assert sum(s.pool[1] * s.threads for s in stages) <= cpus  # no oversubscribed cores
     # The user's own cpus/pool/threads win over the family's preference.
@@ -49,10 +52,15 @@ def test_family_thread_preference_spreads_actors_over_the_cores():
 
 def test_encoders_share_the_spare_cpus():
     # Two CPU encoders on two cores: together they must still leave one CPU for tasks.
-    stages = [resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 256, "e", cpu_encoders=2) for _ in range(2)]
+    stages = [
+        resolve_encode_stage(StageResources(), ClusterShape(cpus=2, gpus=0), 256, "e", cpu_encoders=2) for _ in range(2)
+    ]
     assert sum(s.pool[1] * s.num_cpus for s in stages) <= 1
     assert all(s.threads == 1 for s in stages)
-    big = [resolve_encode_stage(StageResources(), ClusterShape(cpus=16, gpus=0), 256, "e", cpu_encoders=3) for _ in range(3)]
+    big = [
+        resolve_encode_stage(StageResources(), ClusterShape(cpus=16, gpus=0), 256, "e", cpu_encoders=3)
+        for _ in range(3)
+    ]
     assert sum(s.pool[1] * s.num_cpus for s in big) <= 15
 
 
@@ -80,7 +88,9 @@ def test_map_batches_arguments_for_actor_and_task_stages():
     import ray.data
 
     ds = RecordingDataset()
-    encode = resolve_encode_stage(StageResources(gpus=0.5, memory=2 << 30, batch_rows=64), ClusterShape(cpus=8, gpus=1), 256, "e")
+    encode = resolve_encode_stage(
+        StageResources(gpus=0.5, memory=2 << 30, batch_rows=64), ClusterShape(cpus=8, gpus=1), 256, "e"
+    )
     apply_stage(ds, object, encode, fn_constructor_kwargs={"spec": 1})
     prepare = resolve_task_stage(StageResources(cpus=0.5), 64)
     apply_stage(ds, len, prepare, fn_kwargs={"spec": 1})
@@ -88,9 +98,15 @@ def test_map_batches_arguments_for_actor_and_task_stages():
     compute = actor_kwargs.pop("compute")
     assert isinstance(compute, ray.data.ActorPoolStrategy)
     assert (compute.min_size, compute.max_size) == (1, 2)
-    assert actor_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 1.0, "num_gpus": 0.5,
-                            "memory": 2 << 30, "runtime_env": {},
-                            "fn_constructor_kwargs": {"spec": 1}}
+    assert actor_kwargs == {
+        "batch_size": 64,
+        "batch_format": "pyarrow",
+        "num_cpus": 1.0,
+        "num_gpus": 0.5,
+        "memory": 2 << 30,
+        "runtime_env": {},
+        "fn_constructor_kwargs": {"spec": 1},
+    }
     assert "concurrency" not in actor_kwargs  # deprecated in favour of compute=
     assert task_kwargs == {"batch_size": 64, "batch_format": "pyarrow", "num_cpus": 0.5, "fn_kwargs": {"spec": 1}}
 
@@ -108,8 +124,9 @@ class _Pid:
 
         import torch
 
-        return batch.append_column("actor_pid", __import__("pyarrow").array([os.getpid()] * batch.num_rows)) \
-                    .append_column("threads", __import__("pyarrow").array([torch.get_num_threads()] * batch.num_rows))
+        return batch.append_column(
+            "actor_pid", __import__("pyarrow").array([os.getpid()] * batch.num_rows)
+        ).append_column("threads", __import__("pyarrow").array([torch.get_num_threads()] * batch.num_rows))
 
 
 def _task_pid(batch):
@@ -165,10 +182,16 @@ def test_stages_carry_their_names_into_ray_data(ray_session):
 
 def test_named_stage_keeps_the_callable_and_its_arguments():
     ds = RecordingDataset()
-    apply_stage(ds, _Pid, resolve_task_stage(StageResources(), 4), name="Encode[t]", fn_constructor_kwargs={"threads": 1})
+    apply_stage(
+        ds, _Pid, resolve_task_stage(StageResources(), 4), name="Encode[t]", fn_constructor_kwargs={"threads": 1}
+    )
     apply_stage(ds, _task_pid, resolve_task_stage(StageResources(), 4), name="Prepare[t]")
     (actor, actor_kwargs), (task, _) = ds.calls
-    assert actor.__name__ == "Encode[t]" and issubclass(actor, _Pid) and actor_kwargs["fn_constructor_kwargs"] == {"threads": 1}
+    assert (
+        actor.__name__ == "Encode[t]"
+        and issubclass(actor, _Pid)
+        and actor_kwargs["fn_constructor_kwargs"] == {"threads": 1}
+    )
     assert task.__name__ == "Prepare[t]"
     batch = __import__("pyarrow").table({"x": [1, 2]})
     assert task(batch).column("task_pid").to_pylist() == _task_pid(batch).column("task_pid").to_pylist()

@@ -1,6 +1,7 @@
 """Audio end to end on the session's Ray: a folder of real and bad clips through the CLI (error
 values, no row lost, window counts), and one manifest with text, image and audio columns giving
 one aligned row per id."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ def plan(model: str, modality: str, **options):
     from pipeline.config import config_from_dict
     from pipeline.plan import plan_encoders
 
-    config = config_from_dict({"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"},
-                               "encoders": [{"output": "v", "column": modality, "model": model, **options}]})
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "v", "column": modality, "model": model, **options}],
+        }
+    )
     return plan_encoders(config.encoders)[0]
 
 
@@ -58,8 +64,8 @@ def test_audio_folder_with_bad_and_long_clips(ray_session, resemblyzer_available
     expected["long/ten_minutes.wav"] = None
     (clips / "notes.txt").write_text("not listed: not an audio suffix")
     out = tmp_path / "out"
-    assert cli_main(["embed", str(clips), "--kind", "audio", "--audio-model", "resemblyzer", "--max-windows", "8",
-                     "--output", str(out), "--max-error-rate", "0.9"]) == 0
+    flags = "--kind audio --audio-model resemblyzer --max-windows 8 --max-error-rate 0.9".split()
+    assert cli_main(["embed", str(clips), "--output", str(out), *flags]) == 0
     table = pq.read_table(out).sort_by("id")
     assert table.column_names == ["id", "audio_embedding", "audio_error", "audio_windows"]
     rows = {r["id"]: r for r in table.to_pylist()}
@@ -99,18 +105,26 @@ def test_text_image_audio_rows_align(ray_session, resemblyzer_available, tiny_be
     source = tmp_path / "items.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    config = {"sources": [{"path": str(source), "id_column": "id"}],
-              "encoders": [{"output": "title", "column": "title", "model": tiny_bert},
-                           {"output": "photo", "column": "photo", "model": "efficientnet-lite0"},
-                           {"output": "note", "column": "note", "model": "resemblyzer"}],
-              "output": {"path": str(out), "max_error_rate": 0.5}}
+    config = {
+        "sources": [{"path": str(source), "id_column": "id"}],
+        "encoders": [
+            {"output": "title", "column": "title", "model": tiny_bert},
+            {"output": "photo", "column": "photo", "model": "efficientnet-lite0"},
+            {"output": "note", "column": "note", "model": "resemblyzer"},
+        ],
+        "output": {"path": str(out), "max_error_rate": 0.5},
+    }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
     assert cli_main(["run", str(config_path)]) == 0
     table = pq.read_table(out)
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)  # one row per id
     got = {r["id"]: r for r in table.to_pylist()}
-    present = {"title": {"all", "text-only", "bad-audio"}, "photo": {"all", "image-only"}, "note": {"all", "audio-only"}}
+    present = {
+        "title": {"all", "text-only", "bad-audio"},
+        "photo": {"all", "image-only"},
+        "note": {"all", "audio-only"},
+    }
     for output, ids in present.items():
         for row_id, row in got.items():
             assert (row[f"{output}_embedding"] is not None) == (row_id in ids), (output, row_id)

@@ -44,25 +44,33 @@ def test_design_example_loads(tmp_path):
     assert config.output.max_error_rate == 0.01
 
 
-@pytest.mark.parametrize("patch, field", [
-    ({"output": {"path": "o", "vector_type": "array"}}, "output.vector_type"),
-    ({"output": {"path": "o", "max_error_rate": 2}}, "output.max_error_rate"),
-    ({"output": {"path": "o", "on_duplicate_id": "last"}}, "output.on_duplicate_id"),
-    ({"output": {"path": "o", "colour": 1}}, "'colour'"),
-    ({"resources": {"encode": {"pool": [3, 1]}}}, "resources.encode.pool"),
-    ({"resources": {"encode": {"gpus": "lots"}}}, "resources.encode.gpus"),
-    ({"resources": {"encode": {"batch_rows": 0}}}, "resources.encode.batch_rows"),
-    ({"resources": {"decode": {}}}, "'decode'"),
-    ({"sources": []}, "sources"),
-    ({"sources": [{"path": "x", "kind": "video"}]}, "sources[0].kind"),
-    ({"encoders": [{"output": "bad name", "column": "c", "model": "m"}]}, "encoders[0].output"),
-    ({"encoders": [{"output": "a", "model": "m"}]}, "encoders[0]"),
-    ({"encoders": [{"output": "a", "column": "c", "model": "m"}, {"output": "a", "column": "d", "model": "m"}]}, "'a'"),
-])
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"output": {"path": "o", "vector_type": "array"}}, "output.vector_type"),
+        ({"output": {"path": "o", "max_error_rate": 2}}, "output.max_error_rate"),
+        ({"output": {"path": "o", "on_duplicate_id": "last"}}, "output.on_duplicate_id"),
+        ({"output": {"path": "o", "colour": 1}}, "'colour'"),
+        ({"resources": {"encode": {"pool": [3, 1]}}}, "resources.encode.pool"),
+        ({"resources": {"encode": {"gpus": "lots"}}}, "resources.encode.gpus"),
+        ({"resources": {"encode": {"batch_rows": 0}}}, "resources.encode.batch_rows"),
+        ({"resources": {"decode": {}}}, "'decode'"),
+        ({"sources": []}, "sources"),
+        ({"sources": [{"path": "x", "kind": "video"}]}, "sources[0].kind"),
+        ({"encoders": [{"output": "bad name", "column": "c", "model": "m"}]}, "encoders[0].output"),
+        ({"encoders": [{"output": "a", "model": "m"}]}, "encoders[0]"),
+        (
+            {"encoders": [{"output": "a", "column": "c", "model": "m"}, {"output": "a", "column": "d", "model": "m"}]},
+            "'a'",
+        ),
+    ],
+)
 def test_bad_config_names_the_field(patch, field):
-    data = {"sources": [{"path": "in.parquet", "id_column": "id"}],
-            "encoders": [{"output": "t", "column": "c", "model": "m"}],
-            "output": {"path": "out"}}
+    data = {
+        "sources": [{"path": "in.parquet", "id_column": "id"}],
+        "encoders": [{"output": "t", "column": "c", "model": "m"}],
+        "output": {"path": "out"},
+    }
     data.update(patch)
     with pytest.raises(ConfigError) as info:
         config_from_dict(data)
@@ -79,22 +87,49 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 def test_flags_build_the_same_config_as_yaml(tmp_path):
-    yaml_config = load_config(_write(tmp_path, """
+    yaml_config = load_config(
+        _write(
+            tmp_path,
+            """
         sources: [{path: in.parquet, id_column: sku}]
         encoders: [{output: description, column: description, model: m, pooling: cls, prefix: "passage: "}]
         resources: {encode: {batch_rows: 64, max_tokens: 4096}}
         output: {path: out, max_error_rate: 0.5}
-    """))
-    args = build_parser().parse_args([
-        "embed", "in.parquet", "--output", "out", "--id-column", "sku", "--text-column", "description",
-        "--text-model", "m", "--pooling", "cls", "--prefix", "passage: ", "--batch-rows", "64",
-        "--max-tokens", "4096", "--max-error-rate", "0.5"])
+    """,
+        )
+    )
+    args = build_parser().parse_args(
+        [
+            "embed",
+            "in.parquet",
+            "--output",
+            "out",
+            "--id-column",
+            "sku",
+            "--text-column",
+            "description",
+            "--text-model",
+            "m",
+            "--pooling",
+            "cls",
+            "--prefix",
+            "passage: ",
+            "--batch-rows",
+            "64",
+            "--max-tokens",
+            "4096",
+            "--max-error-rate",
+            "0.5",
+        ]
+    )
     assert config_from_dict(config_from_flags(args)) == yaml_config
 
 
 def test_output_name_defaults_to_the_column():
     def output_for(*flags):
-        args = build_parser().parse_args(["embed", "in.parquet", "--output", "o", "--id-column", "id", "--text-model", "m", *flags])
+        args = build_parser().parse_args(
+            ["embed", "in.parquet", "--output", "o", "--id-column", "id", "--text-model", "m", *flags]
+        )
         return config_from_dict(config_from_flags(args)).encoders[0].output
 
     assert output_for("--text-column", "text") == "text"
@@ -106,8 +141,17 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["embed", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--output", "--id-column", "--text-column", "--text-model", "--output-name", "--max-error-rate",
-                 "--batch-rows", "--max-tokens", "--overwrite"):
+    for flag in (
+        "--output",
+        "--id-column",
+        "--text-column",
+        "--text-model",
+        "--output-name",
+        "--max-error-rate",
+        "--batch-rows",
+        "--max-tokens",
+        "--overwrite",
+    ):
         assert flag in out
     parser = build_parser()
     embed = parser._subparsers._group_actions[0].choices["embed"]

@@ -1,5 +1,6 @@
 """Images end to end on the session's Ray: a folder of images, bad files as error values with
 no row lost, and multimodal manifests (text and image side by side, nulls where absent)."""
+
 from __future__ import annotations
 
 import json
@@ -38,16 +39,20 @@ def direct_vectors(model: str, values: list) -> np.ndarray:
 def test_image_folder_with_bad_files(ray_session, lite0_available, tmp_path):
     photos = tmp_path / "photos"
     expected = write_bad_files(photos / "bad")
-    good = {"cat.jpg": encode(real_photos()["chelsea"]), "nested/coffee.png": encode(real_photos()["coffee"], "PNG"),
-            "rocket.webp": encode(real_photos()["rocket"], "WEBP"), "moon.bmp": encode(real_photos()["moon"], "BMP"),
-            "clock.tiff": encode(real_photos()["clock"], "TIFF")}
+    good = {
+        "cat.jpg": encode(real_photos()["chelsea"]),
+        "nested/coffee.png": encode(real_photos()["coffee"], "PNG"),
+        "rocket.webp": encode(real_photos()["rocket"], "WEBP"),
+        "moon.bmp": encode(real_photos()["moon"], "BMP"),
+        "clock.tiff": encode(real_photos()["clock"], "TIFF"),
+    }
     for name, data in good.items():
         (photos / name).parent.mkdir(parents=True, exist_ok=True)
         (photos / name).write_bytes(data)
     (photos / "notes.txt").write_text("not listed: not an image suffix")
     out = tmp_path / "out"
-    assert cli_main(["embed", str(photos), "--kind", "image", "--image-model", "efficientnet-lite0",
-                     "--output", str(out), "--max-error-rate", "0.9"]) == 0
+    flags = "--kind image --image-model efficientnet-lite0 --max-error-rate 0.9".split()
+    assert cli_main(["embed", str(photos), "--output", str(out), *flags]) == 0
     table = pq.read_table(out).sort_by("id")
     assert table.column_names == ["id", "image_embedding", "image_error"]
     ids = table.column("id").to_pylist()
@@ -83,9 +88,12 @@ def test_manifest_with_text_and_image_columns(ray_session, lite0_available, tiny
     src = tmp_path / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / "out"
-    args = ["embed", str(src), "--id-column", "id", "--output", str(out), "--text-column", "caption",
-            "--text-model", tiny_bert, "--image-column", "image", "--image-model", "efficientnet-lite0",
-            "--max-error-rate", "0.5"]
+    args = ["embed", str(src), "--id-column", "id", "--output", str(out), "--text-column", "caption"]
+    args += [
+        "--text-model",
+        tiny_bert,
+        *"--image-column image --image-model efficientnet-lite0 --max-error-rate 0.5".split(),
+    ]
     config = config_from_flags(build_parser().parse_args(args))
     assert [e["column"] for e in config["encoders"]] == ["caption", "image"]
     assert cli_main(args) == 0
@@ -108,10 +116,12 @@ def test_raw_bytes_column(ray_session, lite0_available, tmp_path):
     data = [encode(real_photos()["rocket"]), b"\x89PNG broken", None]
     pq.write_table(pa.table({"id": ["a", "b", "c"], "img": pa.array(data, pa.binary())}), src)
     out = tmp_path / "out"
-    assert cli_main(["embed", str(src), "--id-column", "id", "--output", str(out), "--image-column", "img",
-                     "--image-model", "efficientnet-lite0", "--max-error-rate", "0.9"]) == 0
+    flags = "--id-column id --image-column img --image-model efficientnet-lite0 --max-error-rate 0.9".split()
+    assert cli_main(["embed", str(src), "--output", str(out), *flags]) == 0
     table = pq.read_table(out).sort_by("id").to_pylist()
-    assert np.allclose(np.array(table[0]["img_embedding"], np.float32), direct_vectors("efficientnet-lite0", data[:1])[0], atol=1e-4)
+    assert np.allclose(
+        np.array(table[0]["img_embedding"], np.float32), direct_vectors("efficientnet-lite0", data[:1])[0], atol=1e-4
+    )
     assert error_code(table[1]["img_error"]) == "decode_failed" and table[1]["img_embedding"] is None
     assert table[2]["img_error"] is None and table[2]["img_embedding"] is None
 
@@ -125,8 +135,22 @@ def test_image_flags_need_a_model(tmp_path):
         config_from_flags(build_parser().parse_args(["embed", "x", "--output", "o"]))
     with pytest.raises(ConfigError, match="--audio-model is required"):
         config_from_flags(build_parser().parse_args(["embed", "x", "--output", "o", "--audio-column", "clip"]))
-    audio = config_from_flags(build_parser().parse_args(["embed", "clips/", "--output", "o", "--kind", "audio",
-                                                         "--audio-model", "resemblyzer", "--max-windows", "8"]))
+    audio = config_from_flags(
+        build_parser().parse_args(
+            [
+                "embed",
+                "clips/",
+                "--output",
+                "o",
+                "--kind",
+                "audio",
+                "--audio-model",
+                "resemblyzer",
+                "--max-windows",
+                "8",
+            ]
+        )
+    )
     assert audio["sources"] == [{"path": "clips/", "kind": "audio"}]
     assert audio["encoders"] == [{"output": "audio", "column": "audio", "model": "resemblyzer", "max_windows": 8}]
 
@@ -140,17 +164,34 @@ def test_patches_and_clip_columns_end_to_end(ray_session, tmp_path):
     rows = [{"id": name, "caption": f"the {name}", "image": encode(photos[name])} for name in ("chelsea", "coffee")]
     rows.append({"id": "no-image", "caption": "the cat", "image": None})
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("caption", pa.string()), ("image", pa.binary())])), src)
+    pq.write_table(
+        pa.Table.from_pylist(
+            rows, schema=pa.schema([("id", pa.string()), ("caption", pa.string()), ("image", pa.binary())])
+        ),
+        src,
+    )
     out = tmp_path / "out"
-    config = {"sources": [{"path": str(src), "id_column": "id"}], "output": {"path": str(out)},
-              "encoders": [{"output": "vit", "model": str(vit), "column": "image", "pooling": "patches"},
-                           {"output": "clip", "model": str(clip), "columns": {"text": "caption", "image": "image"}}]}
+    config = {
+        "sources": [{"path": str(src), "id_column": "id"}],
+        "output": {"path": str(out)},
+        "encoders": [
+            {"output": "vit", "model": str(vit), "column": "image", "pooling": "patches"},
+            {"output": "clip", "model": str(clip), "columns": {"text": "caption", "image": "image"}},
+        ],
+    }
     from pipeline.graph import run
 
     run(config)
     table = pq.read_table(out).sort_by("id")
-    assert {"vit_embedding", "vit_patches", "vit_error", "clip_text_embedding", "clip_image_embedding",
-            "clip_text_error", "clip_image_error"} <= set(table.column_names)
+    assert {
+        "vit_embedding",
+        "vit_patches",
+        "vit_error",
+        "clip_text_embedding",
+        "clip_image_embedding",
+        "clip_text_error",
+        "clip_image_error",
+    } <= set(table.column_names)
     by_id = {r["id"]: r for r in table.to_pylist()}
     assert len(by_id["chelsea"]["vit_patches"]) == 16 * 32 and len(by_id["chelsea"]["vit_embedding"]) == 32
     patches = np.array(by_id["chelsea"]["vit_patches"], np.float32).reshape(16, 32)
@@ -158,6 +199,8 @@ def test_patches_and_clip_columns_end_to_end(ray_session, tmp_path):
     assert by_id["no-image"]["vit_patches"] is None and by_id["no-image"]["clip_image_embedding"] is None
     assert by_id["no-image"]["clip_image_error"] is None and len(by_id["no-image"]["clip_text_embedding"]) == 24
     meta = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"omniembed"])
-    assert meta["encoders"]["vit"]["options"]["patch_grid"] == [4, 4] and meta["encoders"]["vit"]["pooling"] == "patches"
+    assert (
+        meta["encoders"]["vit"]["options"]["patch_grid"] == [4, 4] and meta["encoders"]["vit"]["pooling"] == "patches"
+    )
     text = np.array(by_id["chelsea"]["clip_text_embedding"])
     assert abs(np.linalg.norm(text) - 1) < 1e-5  # normalized: the dot product is the cosine

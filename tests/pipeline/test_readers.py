@@ -7,6 +7,7 @@ embedded once per output format: nullable ``list<float32>``, ``fixed_size_list<f
 nulls exactly where the input was absent or empty; the metadata, manifest and folder must match
 DESIGN.md's contract; and the vectors must equal sentence-transformers' own ``encode``.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,19 @@ HAND_TITLES: dict[str, str | None] = {
 }
 ABSENT = {"null-1", "null-2"}  # null input: null vector, null error
 EMPTY = {"empty", "blank"}  # present but empty: null vector, error 'empty_text: ...'
-OUTPUT_FIELDS = ("model", "family", "revision", "weights_sha256", "dim", "dtype", "pooling", "normalize",
-                 "max_length", "device", "precision")
+OUTPUT_FIELDS = (
+    "model",
+    "family",
+    "revision",
+    "weights_sha256",
+    "dim",
+    "dtype",
+    "pooling",
+    "normalize",
+    "max_length",
+    "device",
+    "precision",
+)
 FORMATS = [("list", "float32"), ("fixed_size_list", "float32"), ("list", "float16")]
 
 
@@ -74,8 +86,13 @@ def titles(real_texts) -> dict[str, str | None]:
 @pytest.fixture(scope="module")
 def input_parquet(titles, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("readers-in") / "titles.parquet"
-    pq.write_table(pa.table({"id": list(titles), "title": list(titles.values())},
-                            schema=pa.schema([("id", pa.string()), ("title", pa.string())])), path)
+    pq.write_table(
+        pa.table(
+            {"id": list(titles), "title": list(titles.values())},
+            schema=pa.schema([("id", pa.string()), ("title", pa.string())]),
+        ),
+        path,
+    )
     return str(path)
 
 
@@ -88,8 +105,13 @@ def output(request, ray_session, input_parquet, tmp_path_factory) -> Output:
     config = {
         "sources": [{"path": input_parquet, "id_column": "id"}],
         "encoders": [{"output": "title", "column": "title", "model": MINILM_ID}],
-        "output": {"path": str(path), "vector_type": vector_type, "dtype": dtype, "max_error_rate": 1.0,
-                   "rows_per_file": ROWS_PER_FILE},
+        "output": {
+            "path": str(path),
+            "vector_type": vector_type,
+            "dtype": dtype,
+            "max_error_rate": 1.0,
+            "rows_per_file": ROWS_PER_FILE,
+        },
     }
     manifest = run(config, overwrite=True)
     return Output(str(path), vector_type, dtype, config, manifest)
@@ -114,8 +136,10 @@ Read = tuple[list[str], dict[str, "np.ndarray | None"], np.dtype]
 def _from_arrow(table: pa.Table) -> Read:
     ids = table.column("id").to_pylist()
     column = table.column(VECTOR).combine_chunks()
-    vectors = {i: (None if not column[n].is_valid else column[n].values.to_numpy(zero_copy_only=False))
-               for n, i in enumerate(ids)}
+    vectors = {
+        i: (None if not column[n].is_valid else column[n].values.to_numpy(zero_copy_only=False))
+        for n, i in enumerate(ids)
+    }
     return ids, vectors, np.dtype(column.type.value_type.to_pandas_dtype())
 
 
@@ -188,7 +212,12 @@ def read_duckdb(out: Output) -> Read:
 
 WIDENS_TO_FLOAT32 = {"polars_cast", "duckdb"}
 READERS: dict[str, Callable[[Output], Read]] = {
-    "pyarrow": read_pyarrow, "pandas": read_pandas, "polars": read_polars, "polars_cast": read_polars_cast, "ray": read_ray, "duckdb": read_duckdb,
+    "pyarrow": read_pyarrow,
+    "pandas": read_pandas,
+    "polars": read_polars,
+    "polars_cast": read_polars_cast,
+    "ray": read_ray,
+    "duckdb": read_duckdb,
 }
 
 
@@ -240,7 +269,8 @@ def test_duckdb_cosine_similarity(output):
         return duckdb.sql(
             f"SELECT id, array_cosine_similarity(title_embedding::FLOAT[{D}], "
             f"(SELECT title_embedding::FLOAT[{D}] FROM '{OUT}/*.parquet' WHERE id = '{query_id}')) AS sim "
-            f"FROM '{OUT}/*.parquet' ORDER BY sim DESC NULLS LAST").fetchall()
+            f"FROM '{OUT}/*.parquet' ORDER BY sim DESC NULLS LAST"
+        ).fetchall()
 
     hits = ranked(NEAR_DUP_ID)
     assert hits[0][0] == NEAR_DUP_ID and hits[0][1] == pytest.approx(1.0, abs=1e-5)

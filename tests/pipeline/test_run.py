@@ -1,5 +1,6 @@
 """End to end on the session's Ray: the CLI, the YAML, the Python API and the job entry point
 agree; bad rows become error values; exit codes; resume and overwrite."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def embed_args(src, out, model, *extra):
-    return ["embed", str(src), "--output", str(out), "--id-column", "id", "--text-column", "text", "--text-model", model, *extra]
+    return [
+        "embed",
+        str(src),
+        "--output",
+        str(out),
+        "--id-column",
+        "id",
+        "--text-column",
+        "text",
+        "--text-model",
+        model,
+        *extra,
+    ]
 
 
 def read_output(out) -> pa.Table:
@@ -30,8 +43,10 @@ def read_output(out) -> pa.Table:
 
 
 def vectors(table: pa.Table, column: str) -> dict[str, np.ndarray | None]:
-    return {i: (None if v is None else np.asarray(v, dtype=np.float32))
-            for i, v in zip(table.column("id").to_pylist(), table.column(column).to_pylist())}
+    return {
+        i: (None if v is None else np.asarray(v, dtype=np.float32))
+        for i, v in zip(table.column("id").to_pylist(), table.column(column).to_pylist())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +81,9 @@ def test_fidelity_with_sentence_transformers(minilm_run, minilm_path):
     code, out, rows = minilm_run
     assert code == 0
     got = vectors(read_output(out), "text_embedding")
-    texts = {r["id"]: r["text"].decode() for r in rows if r["id"].startswith("real-") or r["id"] in ("cjk-rtl-emoji", "huge")}
+    texts = {
+        r["id"]: r["text"].decode() for r in rows if r["id"].startswith("real-") or r["id"] in ("cjk-rtl-emoji", "huge")
+    }
     reference = SentenceTransformer(minilm_path, device="cpu").encode(list(texts.values()), batch_size=16)
     for (row_id, _), ref in zip(texts.items(), reference):
         v = got[row_id]
@@ -81,8 +98,14 @@ def test_vectors_do_not_depend_on_batching_or_row_order(minilm_run, messy_input,
     reversed_src = tmp_path / "reversed.parquet"
     pq.write_table(pq.read_table(src).take(list(range(pq.read_metadata(src).num_rows))[::-1]), reversed_src)
     other = tmp_path / "other"
-    assert cli_main(embed_args(reversed_src, other, MINILM_ID, "--max-error-rate", "0.5",
-                               "--batch-rows", "7", "--max-tokens", "300")) == 0
+    assert (
+        cli_main(
+            embed_args(
+                reversed_src, other, MINILM_ID, "--max-error-rate", "0.5", "--batch-rows", "7", "--max-tokens", "300"
+            )
+        )
+        == 0
+    )
     first, second = vectors(read_output(out), "text_embedding"), vectors(read_output(other), "text_embedding")
     assert first.keys() == second.keys()
     for row_id, v in first.items():
@@ -133,10 +156,36 @@ def test_usage_errors_exit_2_with_one_line(ray_session, tiny_bert, tmp_path, cap
     cases = [
         (embed_args(tmp_path / "missing.parquet", tmp_path / "o1", tiny_bert), "missing.parquet"),
         (embed_args(src, tmp_path / "o2", str(tmp_path / "no-model")), "no-model"),
-        (["embed", str(src), "--output", str(tmp_path / "o3"), "--id-column", "id", "--text-column", "body",
-          "--text-model", tiny_bert], "'body'"),
-        (["embed", str(src), "--output", str(tmp_path / "o4"), "--id-column", "sku", "--text-column", "text",
-          "--text-model", tiny_bert], "'sku'"),
+        (
+            [
+                "embed",
+                str(src),
+                "--output",
+                str(tmp_path / "o3"),
+                "--id-column",
+                "id",
+                "--text-column",
+                "body",
+                "--text-model",
+                tiny_bert,
+            ],
+            "'body'",
+        ),
+        (
+            [
+                "embed",
+                str(src),
+                "--output",
+                str(tmp_path / "o4"),
+                "--id-column",
+                "sku",
+                "--text-column",
+                "text",
+                "--text-model",
+                tiny_bert,
+            ],
+            "'sku'",
+        ),
         (["run", str(tmp_path / "nope.yaml")], "nope.yaml"),
     ]
     for argv, needle in cases:
@@ -156,9 +205,11 @@ def test_yaml_python_api_and_job_agree(ray_session, tiny_bert, tmp_path):
     texts = ["red shoe", "blue mug", "green tea cup", "a cat and a dog", None]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"sku": f"s{i}", "body": t}) + "\n" for i, t in enumerate(texts)))
-    config = {"sources": [{"path": str(src), "id_column": "sku"}],
-              "encoders": [{"output": "body", "column": "body", "model": tiny_bert, "normalize": True}],
-              "output": {"path": str(tmp_path / "yaml-out")}}
+    config = {
+        "sources": [{"path": str(src), "id_column": "sku"}],
+        "encoders": [{"output": "body", "column": "body", "model": tiny_bert, "normalize": True}],
+        "output": {"path": str(tmp_path / "yaml-out")},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert cli_main(["run", str(tmp_path / "c.yaml")]) == 0
     config["output"]["path"] = str(tmp_path / "job-out")
@@ -186,8 +237,23 @@ def test_text_folder_source(ray_session, tiny_bert, tmp_path):
     (docs / "nested" / "two.txt").write_text("a blue mug of coffee")
     (docs / "nested" / "bad.txt").write_bytes(b"\xff\xff")
     out = tmp_path / "out"
-    assert cli_main(["embed", str(docs), "--kind", "text", "--output", str(out), "--text-model", tiny_bert,
-                     "--max-error-rate", "0.5"]) == 0
+    assert (
+        cli_main(
+            [
+                "embed",
+                str(docs),
+                "--kind",
+                "text",
+                "--output",
+                str(out),
+                "--text-model",
+                tiny_bert,
+                "--max-error-rate",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     table = read_output(out)
     assert table.column_names == ["id", "text_embedding", "text_error"]
     assert table.column("id").to_pylist() == ["nested/bad.txt", "nested/two.txt", "one.txt"]
@@ -196,16 +262,30 @@ def test_text_folder_source(ray_session, tiny_bert, tmp_path):
 
 def test_two_encoders_side_by_side(ray_session, tiny_bert, tiny_st, tmp_path):
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "title": ["red shoe", None, "blue mug"], "body": ["tea", "coffee", None]}), src)
-    config = {"sources": [{"path": str(src), "id_column": "id"}],
-              "encoders": [{"output": "title", "column": "title", "model": tiny_bert},
-                           {"output": "body", "column": "body", "model": tiny_st}],
-              "output": {"path": str(tmp_path / "out"), "vector_type": "fixed_size_list"}}
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "title": ["red shoe", None, "blue mug"], "body": ["tea", "coffee", None]}), src
+    )
+    config = {
+        "sources": [{"path": str(src), "id_column": "id"}],
+        "encoders": [
+            {"output": "title", "column": "title", "model": tiny_bert},
+            {"output": "body", "column": "body", "model": tiny_st},
+        ],
+        "output": {"path": str(tmp_path / "out"), "vector_type": "fixed_size_list"},
+    }
     from pipeline import run
 
     manifest = run(config)
     table = read_output(tmp_path / "out")
-    assert table.column_names == ["id", "title", "body", "title_embedding", "title_error", "body_embedding", "body_error"]
+    assert table.column_names == [
+        "id",
+        "title",
+        "body",
+        "title_embedding",
+        "title_error",
+        "body_embedding",
+        "body_error",
+    ]
     assert table.schema.field("title_embedding").type == pa.list_(pa.float32(), 32)
     assert table.column("title_embedding").null_count == 1 and table.column("body_embedding").null_count == 1
     assert set(manifest["encoders"]) == {"title", "body"} and manifest["encoders"]["body"]["pooling"] == "cls"
@@ -214,7 +294,9 @@ def test_two_encoders_side_by_side(ray_session, tiny_bert, tiny_st, tmp_path):
 def test_resume_skips_committed_ids_and_drops_uncommitted_parts(ray_session, tiny_bert, tmp_path):
     src = tmp_path / "in.parquet"
     n = 120
-    pq.write_table(pa.table({"id": [f"r{i:03d}" for i in range(n)], "text": [f"the red shoe {i}" for i in range(n)]}), src)
+    pq.write_table(
+        pa.table({"id": [f"r{i:03d}" for i in range(n)], "text": [f"the red shoe {i}" for i in range(n)]}), src
+    )
     out = tmp_path / "out"
     args = embed_args(src, out, tiny_bert, "--rows-per-file", "30")
     assert cli_main(args) == 0
@@ -273,19 +355,34 @@ def test_loopback_only_for_local_runs(monkeypatch):
 def test_console_script_is_a_thin_shell(tmp_path):
     """A real process: importing the CLI does not import Ray, and a bad config exits 2 with
     one line before Ray starts."""
-    probe = subprocess.run([sys.executable, "-c", "import sys, pipeline, pipeline.cli; print('ray' in sys.modules)"],
-                           capture_output=True, text=True, cwd=ROOT, check=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline, pipeline.cli; print('ray' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert probe.stdout.strip() == "False"
     (tmp_path / "bad.yaml").write_text("sources: [{path: x.parquet, id_column: id}]\nencoders: []\noutput: {path: o}\n")
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "bad.yaml")],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "omniembed: error: config: encoders must be a non-empty list"
 
 
 # Ray's per-node processes; the two agents outlive a driver that exits without ray.shutdown().
-RAY_DAEMONS = (b"gcs_server", b"raylet/raylet", b"ray::DashboardAgent", b"ray::RuntimeEnvAgent", b"log_monitor.py",
-               b"autoscaler/_private/monitor.py")
+RAY_DAEMONS = (
+    b"gcs_server",
+    b"raylet/raylet",
+    b"ray::DashboardAgent",
+    b"ray::RuntimeEnvAgent",
+    b"log_monitor.py",
+    b"autoscaler/_private/monitor.py",
+)
 
 
 def _ray_daemon_pids() -> set[int]:
@@ -311,8 +408,19 @@ def test_console_script_exits_with_the_runs_code_and_leaves_no_ray(tiny_bert, tm
     before = _ray_daemon_pids()
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *embed_args(src, tmp_path / "out", tiny_bert, "--max-error-rate", "0.1")],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            *embed_args(src, tmp_path / "out", tiny_bert, "--max-error-rate", "0.1"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "omniembed summary" in done.stdout and "failed_error_rate" in done.stdout
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
@@ -353,8 +461,9 @@ print(json.dumps(result))
 def _shutdown_probe(mode: str) -> dict:
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-c", SHUTDOWN_PROBE, mode], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-c", SHUTDOWN_PROBE, mode], capture_output=True, text=True, cwd=ROOT, env=env, timeout=180
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

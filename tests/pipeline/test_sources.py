@@ -1,5 +1,6 @@
 """Sources without Ray: the pre-pass runs its tasks in a loop, and reads go through the same
 ``read_chunk_rows`` body that Ray Data maps over the chunks."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def tables(tmp_path):
     rows = [{"sku": 100 + i, "title": f"item {i}", "price": float(i)} for i in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "items.parquet")
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "items.csv").write_text("sku,title,price\n" + "".join(f"{r['sku']},{r['title']},{r['price']}\n" for r in rows))
+    (tmp_path / "items.csv").write_text(
+        "sku,title,price\n" + "".join(f"{r['sku']},{r['title']},{r['price']}\n" for r in rows)
+    )
     return tmp_path
 
 
@@ -47,7 +50,9 @@ def test_folder_of_files_and_uri(tables, tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()
     for i in range(3):
-        pq.write_table(pa.table({"id": [f"s{i}-{j}" for j in range(4)], "text": ["x"] * 4}), folder / f"part{i}.parquet")
+        pq.write_table(
+            pa.table({"id": [f"s{i}-{j}" for j in range(4)], "text": ["x"] * 4}), folder / f"part{i}.parquet"
+        )
     (folder / "_SUCCESS").write_text("")
     table, _ = read_all([SourceConfig(path=str(folder), id_column="id")])
     assert table.num_rows == 12 and table.column("id").to_pylist()[:2] == ["s0-0", "s0-1"]
@@ -78,7 +83,11 @@ def test_text_folder_ids_are_relative_paths(tmp_path):
 
 def test_derived_ids_are_deterministic_and_span_row_groups(tmp_path):
     n = ROWS_PER_PARQUET_CHUNK + 10
-    pq.write_table(pa.table({"text": [f"t{i}" for i in range(n)]}), tmp_path / "big.parquet", row_group_size=ROWS_PER_PARQUET_CHUNK // 2)
+    pq.write_table(
+        pa.table({"text": [f"t{i}" for i in range(n)]}),
+        tmp_path / "big.parquet",
+        row_group_size=ROWS_PER_PARQUET_CHUNK // 2,
+    )
     sources = [SourceConfig(path=str(tmp_path / "big.parquet"), derive_ids=True)]
     assert len(plan_chunks(sources)) == 2
     first, _ = read_all(sources)
@@ -103,8 +112,10 @@ def test_missing_id_column_and_null_ids_are_user_errors(tables, tmp_path):
 def test_duplicates_error_or_keep_first(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b", "a"], "v": [1, 2, 3]}), tmp_path / "one.parquet")
     pq.write_table(pa.table({"id": ["b", "c"], "v": [4, 5]}), tmp_path / "two.parquet")
-    sources = [SourceConfig(path=str(tmp_path / "one.parquet"), id_column="id"),
-               SourceConfig(path=str(tmp_path / "two.parquet"), id_column="id")]
+    sources = [
+        SourceConfig(path=str(tmp_path / "one.parquet"), id_column="id"),
+        SourceConfig(path=str(tmp_path / "two.parquet"), id_column="id"),
+    ]
     with pytest.raises(ConfigError, match="2 ids occur more than once"):
         read_all(sources)
     table, plan = read_all(sources, on_duplicate_id="keep-first")
@@ -113,8 +124,9 @@ def test_duplicates_error_or_keep_first(tmp_path):
 
 
 def test_committed_ids_are_skipped(tables):
-    table, plan = read_all([SourceConfig(path=str(tables / "items.parquet"), id_column="sku")],
-                           committed=pa.array(["100", "103"]))
+    table, plan = read_all(
+        [SourceConfig(path=str(tables / "items.parquet"), id_column="sku")], committed=pa.array(["100", "103"])
+    )
     assert table.column("id").to_pylist() == ["101", "102", "104", "105"]
     assert plan.total_rows == 6 and plan.skipped_rows == 2
 
@@ -122,8 +134,12 @@ def test_committed_ids_are_skipped(tables):
 def test_sources_with_different_columns_are_unified(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "title": ["x"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"id": ["b"], "title": ["y"], "brand": ["z"]}), tmp_path / "b.parquet")
-    table, _ = read_all([SourceConfig(path=str(tmp_path / "a.parquet"), id_column="id"),
-                         SourceConfig(path=str(tmp_path / "b.parquet"), id_column="id")])
+    table, _ = read_all(
+        [
+            SourceConfig(path=str(tmp_path / "a.parquet"), id_column="id"),
+            SourceConfig(path=str(tmp_path / "b.parquet"), id_column="id"),
+        ]
+    )
     assert table.column_names == ["id", "title", "brand"]
     assert table.column("brand").to_pylist() == [None, "z"]
 
