@@ -20,6 +20,16 @@ class JobError(ValueError):
     """A user error: the message is one line naming the input, the problem and the fix."""
 
 
+EXIT_EPILOG = "Exit codes: 0 done; 2 usage error (one line)."
+
+
+def job_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """``python -m jobs.<name>``'s parser: its module docstring's first paragraph as the description."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {name}", description=(doc or "").split("\n\n")[0], epilog=EXIT_EPILOG
+    )
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jobs.ann import ExactIndex, neighbours_without_self, resolve_metric, search_space
-from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, run_job
+from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, job_parser, run_job
 from jobs.summary import print_facts, print_table
 from jobs.vectors import read_vectors
 from pipeline.filesystems import join, open_filesystem
@@ -212,11 +212,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate",
-        description=__doc__.split("\n\n")[0],
-        epilog="Exit codes: 0 done; 2 usage error (one line).",
-    )
+    parser = job_parser("jobs.evaluate", __doc__)
     parser.add_argument("dataset", help="omniembed output folder (or URI)")
     parser.add_argument("--column", required=True, help="vector column, e.g. text_embedding")
     parser.add_argument(

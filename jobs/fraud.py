@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from jobs.entrypoint import EXIT_OK, JobError, run_job, start_ray
+from jobs.entrypoint import EXIT_OK, JobError, job_parser, run_job, start_ray
 from jobs.fraud_model import build_model, predict, train_loop
 from jobs.summary import print_facts, print_table
 from jobs.tables import read_table
@@ -228,11 +228,7 @@ def _write_outputs(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.fraud",
-        description=__doc__.split("\n\n")[0],
-        epilog="Exit codes: 0 done; 2 usage error (one line).",
-    )
+    parser = job_parser("jobs.fraud", __doc__)
     parser.add_argument("--transactions", required=True, help="Parquet/JSONL/CSV file or folder of transactions")
     parser.add_argument("--label", default="label", help="label column, 1 = fraud (default label)")
     parser.add_argument(
@@ -255,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--l2", type=float, default=1e-4, help="L2 penalty, as the optimizer's weight decay (default 1e-4)"
     )
-    add_fit_flags(parser, model, lr="3e-3", epochs=30, metric="PR-AUC")
-    return parser
+    return add_fit_flags(parser, model, lr="3e-3", epochs=30, metric="PR-AUC")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,7 +109,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from sklearn.metrics import average_precision_score
 
-    from jobs.trainer import EarlyStopping, report_final, unwrap, worker_setup
+    from jobs.trainer import EarlyStopping, report_final, train_epoch, unwrap, worker_setup
 
     device = worker_setup(config, config["seed"])
     data = ray.get(config["data"][0])
@@ -131,27 +131,17 @@ def train_loop(config: dict[str, Any]) -> None:
         stopper = EarlyStopping(config["patience"])
         history = []
         generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+        def step_loss(rows: np.ndarray, model: Any = model, with_content: bool = with_content) -> torch.Tensor:
+            logits = model(*_inputs(train, rows, with_content, device))
+            return F.binary_cross_entropy_with_logits(logits, labels[rows].to(device), pos_weight=pos_weight)
+
         for epoch in range(config["epochs"]):
             started = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(labels), generator=generator)
-            total = 0.0
-            for start in range(0, len(order), config["batch_size"]):
-                rows = order[start : start + config["batch_size"]].numpy()
-                logits = model(*_inputs(train, rows, with_content, device))
-                loss = F.binary_cross_entropy_with_logits(logits, labels[rows].to(device), pos_weight=pos_weight)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss) * len(rows)
+            loss = train_epoch(model, optimizer, len(labels), config, generator, lambda rows: step_loss(rows.numpy()))
             val_ap = float(average_precision_score(val["label"], predict(unwrap(model), val, with_content, device)))
             history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": total / len(order),
-                    "val_pr_auc": val_ap,
-                    "seconds": time.perf_counter() - started,
-                }
+                {"epoch": epoch + 1, "train_loss": loss, "val_pr_auc": val_ap, "seconds": time.perf_counter() - started}
             )
             if rank == 0:
                 log.info(

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.entrypoint import EXIT_OK, JobError, run_job, start_ray
+from jobs.entrypoint import EXIT_OK, JobError, job_parser, run_job, start_ray
 from jobs.ranking import UserItems, content_scorer, evaluate_scores, popularity_scorer, top_k
 from jobs.summary import print_facts, print_table
 from jobs.tables import read_table
@@ -274,11 +274,7 @@ def _write_outputs(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.recommend",
-        description=__doc__.split("\n\n")[0],
-        epilog="Exit codes: 0 done; 2 usage error (one line).",
-    )
+    parser = job_parser("jobs.recommend", __doc__)
     parser.add_argument("--interactions", required=True, help="Parquet/JSONL/CSV file or folder of interactions")
     parser.add_argument("--items", required=True, help="omniembed output folder with the items' vectors (id = item id)")
     parser.add_argument("--column", required=True, help="the items' vector column, e.g. text_embedding")
@@ -296,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dim", type=int, default=64, help="embedding size (default 64)")
     model.add_argument("--dropout", type=float, default=0.2, help="(default 0.2)")
     model.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    add_fit_flags(parser, model, lr="5e-3", epochs=40, metric="recall@k")
-    return parser
+    return add_fit_flags(parser, model, lr="5e-3", epochs=40, metric="recall@k")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from jobs.ann import (
     search_space,
     serialize,
 )
-from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, run_job
+from jobs.entrypoint import EXIT_OK, JobError, add_common_flags, job_parser, run_job
 from jobs.summary import print_facts, print_table
 from jobs.vectors import Dataset, VectorColumn, encoder_for_column, open_dataset, read_vectors
 from pipeline.filesystems import join, open_filesystem
@@ -276,11 +276,7 @@ def _shown_columns(dataset: Dataset, show: Sequence[str], ids: list[str]) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.search",
-        description=__doc__.split("\n\n")[0],
-        epilog="Exit codes: 0 done; 2 usage error (one line).",
-    )
+    parser = job_parser("jobs.search", __doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,query}")
     build = sub.add_parser(
         "build",

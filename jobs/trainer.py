@@ -60,9 +60,11 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_fit_flags(parser: argparse.ArgumentParser, model: Any, *, lr: str, epochs: int, metric: str) -> None:
+def add_fit_flags(
+    parser: argparse.ArgumentParser, model: Any, *, lr: str, epochs: int, metric: str
+) -> argparse.ArgumentParser:
     """The training-loop flags both trained jobs share (into their ``model`` group), then Ray
-    Train's, Ray's and the common ones."""
+    Train's, Ray's and the common ones; returns the finished parser."""
     model.add_argument("--lr", type=float, default=float(lr), help=f"(default {lr})")
     model.add_argument("--batch-size", type=int, default=256, help="(default 256)")
     model.add_argument("--epochs", type=int, default=epochs, help=f"at most (default {epochs})")
@@ -76,6 +78,7 @@ def add_fit_flags(parser: argparse.ArgumentParser, model: Any, *, lr: str, epoch
     add_train_flags(parser)
     add_ray_flags(parser)
     add_common_flags(parser)
+    return parser
 
 
 def _wants_gpu(setting: str) -> bool:
@@ -138,6 +141,29 @@ def report_final(metrics: Mapping[str, Any], payload: Mapping[str, Any]) -> None
     with tempfile.TemporaryDirectory() as folder:
         torch.save(dict(payload), os.path.join(folder, PAYLOAD))
         ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_epoch(
+    model: Any,
+    optimizer: Any,
+    n_rows: int,
+    config: Mapping[str, Any],
+    generator: Any,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+) -> float:
+    """One epoch over a fresh shuffle of ``n_rows`` training rows, ``config["batch_size"]`` at a
+    step; ``loss_of(rows)`` gives a step's mean loss. Returns the epoch's mean loss per row."""
+    model.train()
+    order = torch.randperm(n_rows, generator=generator)
+    total = 0.0
+    for start in range(0, n_rows, config["batch_size"]):
+        rows = order[start : start + config["batch_size"]]
+        loss = loss_of(rows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(rows)
+    return total / max(n_rows, 1)
 
 
 class EarlyStopping:

@@ -14,6 +14,7 @@ items is exact for catalogs up to ~1e5 items (a (batch, items) score matrix per 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Mapping
@@ -103,7 +104,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from jobs.trainer import EarlyStopping, report_final, unwrap, worker_setup
+    from jobs.trainer import EarlyStopping, report_final, train_epoch, unwrap, worker_setup
 
     device = worker_setup(config, config["seed"])
     data = ray.get(config["data"][0])
@@ -119,34 +120,23 @@ def train_loop(config: dict[str, Any]) -> None:
     history: list[dict[str, float]] = []
     k = config["k"]
     generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+    def step_loss(batch: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(users[batch].to(device)), items[batch].to(device))  # logits (b, n_items)
+
     for epoch in range(config["epochs"]):
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(users), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), config["batch_size"]):
-            batch = order[start : start + config["batch_size"]]
-            logits = model(users[batch].to(device))  # (b, n_items)
-            loss = F.cross_entropy(logits, items[batch].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss) * len(batch)
+        loss = train_epoch(model, optimizer, len(users), config, generator, step_loss)
         model.eval()
         net = unwrap(model)
         with torch.no_grad():
             item_vectors = net.item_vectors()
-            recall, ndcg = evaluate_scores(
-                lambda u: (net.user_vectors(torch.from_numpy(u).to(device)) @ item_vectors.T).cpu(),
-                val_users,
-                seen,
-                held,
-                k,
-            )
+            scores = functools.partial(_scores, net, item_vectors, device)  # users -> (n, n_items) scores
+            recall, ndcg = evaluate_scores(scores, val_users, seen, held, k)
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": total / max(len(order), 1),
+                "train_loss": loss,
                 f"val_recall@{k}": recall,
                 f"val_ndcg@{k}": ndcg,
                 "seconds": time.perf_counter() - started,
@@ -169,3 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
         {f"val_recall@{k}": stopper.best, "best_epoch": stopper.best_epoch, "epochs_run": len(history)},
         {"state": stopper.best_state, "history": history},
     )
+
+
+def _scores(net: Any, item_vectors: torch.Tensor, device: Any, users: np.ndarray) -> torch.Tensor:
+    return (net.user_vectors(torch.from_numpy(users).to(device)) @ item_vectors.T).cpu()

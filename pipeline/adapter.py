@@ -86,7 +86,8 @@ def _resolve_encode_stage(
     spare = (shape.cpus - 1.0) / max(1, cpu_encoders)  # one logical CPU stays free for tasks
     if spare <= 0:
         raise ConfigError(
-            f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and prepare tasks)"
+            f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and "
+            "prepare tasks)"
         )
     if actor_threads and res.cpus is None and res.pool is None and res.threads is None:
         actors = max(1, math.floor(shape.cpus / max(1, cpu_encoders) / actor_threads))
@@ -101,7 +102,8 @@ def _resolve_encode_stage(
     pool = res.pool or (1, fit)
     if pool[0] * cpus > spare:
         raise ConfigError(
-            f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or cpus"
+            f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or "
+            "cpus"
         )
     pool = (pool[0], min(pool[1], fit)) if cpus > 0 else pool
     threads = res.threads or max(1, math.floor(shape.cpus / (pool[1] * max(1, cpu_encoders))))

@@ -37,98 +37,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed one input from flags",
         description="Embed one input (file, folder or URI) from flags; builds the same config as the YAML.",
     )
-    embed.add_argument(
-        "input", help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files"
-    )
-    embed.add_argument("--output", required=True, help="output folder or object-store URI")
-    embed.add_argument(
-        "--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids"
-    )
-    embed.add_argument(
-        "--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column"
-    )
-    embed.add_argument(
-        "--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell"
-    )
-    embed.add_argument(
+    flag = embed.add_argument
+    flag("input", help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files")
+    flag("--output", required=True, help="output folder or object-store URI")
+    flag("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
+    flag("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
+    flag("--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell")
+    flag(
         "--kind",
         choices=("table", "text", "image", "audio"),
         default=None,
         help="'text', 'image' or 'audio' for a folder of such files (id = relative path); default: table",
     )
-    embed.add_argument("--text-column", help="column with the text to embed ('text' for a folder of .txt files)")
-    embed.add_argument("--text-model", help="model reference: registry alias, hub id or local folder")
-    embed.add_argument(
-        "--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)"
-    )
-    embed.add_argument("--image-column", help="column with image paths/URIs or bytes ('image' for a folder of images)")
-    embed.add_argument("--image-model", help="image model: registry alias (e.g. efficientnet-lite0) or local folder")
-    embed.add_argument(
-        "--image-output-name", help="output name of the image encoder (default: the image column's name)"
-    )
-    embed.add_argument(
-        "--max-pixels", type=int, help="images with more pixels are too_large errors (default 100000000)"
-    )
-    embed.add_argument(
-        "--audio-column", help="column with audio paths/URIs or bytes ('audio' for a folder of audio files)"
-    )
-    embed.add_argument(
+    flag("--text-column", help="column with the text to embed ('text' for a folder of .txt files)")
+    flag("--text-model", help="model reference: registry alias, hub id or local folder")
+    flag("--output-name", help="output name: columns NAME_embedding and NAME_error (default: the text column's name)")
+    flag("--image-column", help="column with image paths/URIs or bytes ('image' for a folder of images)")
+    flag("--image-model", help="image model: registry alias (e.g. efficientnet-lite0) or local folder")
+    flag("--image-output-name", help="output name of the image encoder (default: the image column's name)")
+    flag("--max-pixels", type=int, help="images with more pixels are too_large errors (default 100000000)")
+    flag("--audio-column", help="column with audio paths/URIs or bytes ('audio' for a folder of audio files)")
+    flag(
         "--audio-model",
         help="audio model: registry alias (e.g. resemblyzer) or local folder (AST, wav2vec2, HuBERT, CLAP)",
     )
-    embed.add_argument(
-        "--audio-output-name", help="output name of the audio encoder (default: the audio column's name)"
-    )
-    embed.add_argument(
-        "--hop-seconds", type=float, help="audio: seconds between window starts (default: the window length)"
-    )
-    embed.add_argument(
-        "--max-windows", type=int, help="audio: windows per clip at most; the rest of a long clip is not read"
-    )
-    embed.add_argument("--pooling", choices=("mean", "cls", "max", "last"), help="override the model folder's pooling")
-    embed.add_argument(
+    flag("--audio-output-name", help="output name of the audio encoder (default: the audio column's name)")
+    flag("--hop-seconds", type=float, help="audio: seconds between window starts (default: the window length)")
+    flag("--max-windows", type=int, help="audio: windows per clip at most; the rest of a long clip is not read")
+    flag("--pooling", choices=("mean", "cls", "max", "last"), help="override the model folder's pooling")
+    flag(
         "--normalize",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="L2-normalize vectors (default: as the model folder declares)",
     )
-    embed.add_argument("--prefix", help="text prepended to every input, e.g. 'passage: ' for E5")
-    embed.add_argument(
+    flag("--prefix", help="text prepended to every input, e.g. 'passage: ' for E5")
+    flag(
         "--long-text",
         choices=("truncate", "chunk"),
         help="text past max length: truncate (default) or pool overlapping chunks",
     )
-    embed.add_argument(
-        "--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)"
-    )
-    embed.add_argument(
-        "--batch-rows", type=int, help="rows per encoder batch (default 1024 for text; sorted by length inside)"
-    )
-    embed.add_argument("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
-    embed.add_argument("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
-    embed.add_argument("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
-    embed.add_argument(
+    flag("--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)")
+    flag("--batch-rows", type=int, help="rows per encoder batch (default 1024 for text; sorted by length inside)")
+    flag("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
+    flag("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
+    flag("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
+    flag(
         "--vector-type",
         choices=("list", "fixed_size_list"),
         default="list",
         help="Arrow type of vectors (default list)",
     )
-    embed.add_argument(
-        "--dtype", choices=("float32", "float16"), default="float32", help="vector element type (default float32)"
-    )
-    embed.add_argument(
+    flag("--dtype", choices=("float32", "float16"), default="float32", help="vector element type (default float32)")
+    flag(
         "--on-duplicate-id",
         choices=("error", "keep-first"),
         default="error",
         help="what duplicate ids do (default error)",
     )
-    embed.add_argument(
+    flag(
         "--max-error-rate",
         type=float,
         default=0.01,
         help="fraction of rows allowed to fail before exit code 3 (default 0.01)",
     )
-    embed.add_argument("--rows-per-file", type=int, default=100_000, help="rows per output part file (default 100000)")
+    flag("--rows-per-file", type=int, default=100_000, help="rows per output part file (default 100000)")
     _common(embed)
     return parser
 
@@ -152,20 +125,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import ConfigError
 
-    wants_text = bool(args.text_column or args.text_model or args.kind == "text")
-    wants_image = bool(args.image_column or args.image_model or args.kind == "image")
-    wants_audio = bool(args.audio_column or args.audio_model or args.kind == "audio")
-    if not (wants_text or wants_image or wants_audio):
+    wanted = [
+        m for m in MODALITY_FLAGS if args.kind == m or getattr(args, f"{m}_column") or getattr(args, f"{m}_model")
+    ]
+    if not wanted:
         raise ConfigError(
             "--text-column/--text-model, --image-column/--image-model or --audio-column/--audio-model is required"
         )
-    encoders: list[dict[str, Any]] = []
-    if wants_text:
-        encoders.append(_text_encoder(args))
-    if wants_image:
-        encoders.append(_image_encoder(args))
-    if wants_audio:
-        encoders.append(_audio_encoder(args))
+    encoders = [_modality_encoder(args, modality) for modality in wanted]
     source: dict[str, Any] = {"path": args.input}
     if args.kind and args.kind != "table":
         source["kind"] = args.kind
@@ -195,66 +162,32 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _text_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    options = {key: getattr(args, key) for key in ("pooling", "normalize", "prefix", "long_text", "max_length")}
-    return _modality_encoder(
-        args,
-        "text",
-        args.text_column,
-        args.text_model,
-        args.output_name,
-        "the column holding the text",
-        "a registry alias, hub id or local folder",
-        options,
-    )
+# modality -> (what its column holds, what its model reference is, its option flags)
+MODALITY_FLAGS: dict[str, tuple[str, str, str]] = {
+    "text": ("the text", "a registry alias, hub id or local folder", "pooling normalize prefix long_text max_length"),
+    "image": ("image paths, URIs or bytes", "a registry alias (e.g. efficientnet-lite0) or a folder", "max_pixels"),
+    "audio": (
+        "audio paths, URIs or bytes",
+        "a registry alias (e.g. resemblyzer) or a folder",
+        "hop_seconds max_windows",
+    ),
+}
 
 
-def _image_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    return _modality_encoder(
-        args,
-        "image",
-        args.image_column,
-        args.image_model,
-        args.image_output_name,
-        "the column holding image paths, URIs or bytes",
-        "a registry alias such as efficientnet-lite0, or a local folder",
-        {"max_pixels": args.max_pixels},
-    )
-
-
-def _audio_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    return _modality_encoder(
-        args,
-        "audio",
-        args.audio_column,
-        args.audio_model,
-        args.audio_output_name,
-        "the column holding audio paths, URIs or bytes",
-        "a registry alias such as resemblyzer, or a local folder",
-        {"hop_seconds": args.hop_seconds, "max_windows": args.max_windows},
-    )
-
-
-def _modality_encoder(
-    args: argparse.Namespace,
-    modality: str,
-    column: str | None,
-    model: str | None,
-    output_name: str | None,
-    column_hint: str,
-    model_hint: str,
-    options: dict[str, Any],
-) -> dict[str, Any]:
+def _modality_encoder(args: argparse.Namespace, modality: str) -> dict[str, Any]:
     """One encoder entry from a modality's flags; a folder of that kind names its own column."""
     from pipeline.config import ConfigError
 
+    holds, model_hint, option_flags = MODALITY_FLAGS[modality]
+    column, model = getattr(args, f"{modality}_column"), getattr(args, f"{modality}_model")
+    output_name = getattr(args, "output_name" if modality == "text" else f"{modality}_output_name")
     if not column and args.kind != modality:
-        raise ConfigError(f"--{modality}-column is required ({column_hint})")
+        raise ConfigError(f"--{modality}-column is required (the column holding {holds})")
     if not model:
         raise ConfigError(f"--{modality}-model is required ({model_hint})")
     column = column or modality
     encoder: dict[str, Any] = {"output": output_name or column, "column": column, "model": model}
-    encoder.update({key: value for key, value in options.items() if value is not None})
+    encoder.update({key: getattr(args, key) for key in option_flags.split() if getattr(args, key) is not None})
     return encoder
 
 

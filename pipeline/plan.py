@@ -23,7 +23,8 @@ def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
     if "*" in columns:
         if len(family.modalities) != 1:
             raise ConfigError(
-                f"{where}: family {family.name!r} takes {', '.join(family.modalities)}; use columns: {{modality: column}}"
+                f"{where}: family {family.name!r} takes {', '.join(family.modalities)}; use columns: "
+                f"{{modality: column}}"
             )
         columns = {family.modalities[0]: columns["*"]}
     wrong = sorted(set(columns) - set(family.modalities))

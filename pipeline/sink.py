@@ -105,7 +105,8 @@ class ParquetSink:
             )
         if existing is not None and existing.get("fingerprint") != self.fingerprint and not overwrite:
             raise ConfigError(
-                f"output.path: {self.config.output.path!r} holds a run of a different config or model; pass --overwrite to replace it"
+                f"output.path: {self.config.output.path!r} holds a run of a different config or model; pass "
+                "--overwrite to replace it"
             )
         self.resumed_files = [] if overwrite or existing is None else list(existing.get("files", []))
         if not self.resumed_files:

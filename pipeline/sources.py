@@ -80,7 +80,8 @@ def plan_chunks(sources: Iterable[SourceConfig]) -> list[ReadChunk]:
             files = list_files(fs, root, FOLDER_KINDS[source.kind][0])
             if not files:
                 raise ConfigError(
-                    f"{where}.path: no {source.kind} files ({', '.join(FOLDER_KINDS[source.kind][0])}) in {source.path!r}"
+                    f"{where}.path: no {source.kind} files ({', '.join(FOLDER_KINDS[source.kind][0])}) in "
+                    f"{source.path!r}"
                 )
             for start in range(0, len(files), FILES_PER_CHUNK):
                 chunks.append(
@@ -129,7 +130,8 @@ def _folder_format(fs: pafs.FileSystem, root: str, where: str) -> str:
     found = [fmt for fmt, suffixes in FORMAT_SUFFIXES.items() if list_files(fs, root, suffixes)]
     if len(found) != 1:
         raise ConfigError(
-            f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of {', '.join(FORMAT_SUFFIXES)}"
+            f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of "
+            f"{', '.join(FORMAT_SUFFIXES)}"
         )
     return found[0]
 
@@ -197,7 +199,8 @@ def _with_ids(table: pa.Table, chunk: ReadChunk) -> pa.Table:
         return table.add_column(0, "id", ids)
     if chunk.id_column not in table.column_names:
         raise ConfigError(
-            f"sources[{chunk.source}].id_column: {chunk.id_column!r} is not a column of {chunk.relpath!r}; columns: {', '.join(table.column_names)}"
+            f"sources[{chunk.source}].id_column: {chunk.id_column!r} is not a column of {chunk.relpath!r}; columns: "
+            f"{', '.join(table.column_names)}"
         )
     column = table.column(chunk.id_column)
     try:
@@ -207,7 +210,8 @@ def _with_ids(table: pa.Table, chunk: ReadChunk) -> pa.Table:
     if ids.null_count:
         row = pc.index(pc.is_null(ids), True).as_py() + _first_row(chunk)
         raise ConfigError(
-            f"sources[{chunk.source}].id_column: {chunk.id_column!r} is null in {chunk.relpath!r} row {row}; ids must be present"
+            f"sources[{chunk.source}].id_column: {chunk.id_column!r} is null in {chunk.relpath!r} row {row}; ids must "
+            "be present"
         )
     table = table.drop_columns([chunk.id_column])
     if "id" in table.column_names:

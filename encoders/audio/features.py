@@ -33,7 +33,7 @@ All three take mono float32 windows already on the encoder's device, at the mode
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -67,8 +67,20 @@ def load_feature_extractor(path: str) -> Any:
         ) from None
 
 
+_CASTS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+class ExtractorFrontEnd:
+    """A front end whose fields are the feature extractor's attributes of the same names (the
+    extractor's defaults apply to keys a folder leaves out), cast to the field types."""
+
+    @classmethod
+    def from_extractor(cls, fe: Any) -> Any:
+        return cls(**{f.name: _CASTS[f.type](getattr(fe, f.name)) for f in fields(cls)})
+
+
 @dataclass(frozen=True)
-class FbankFrontEnd:
+class FbankFrontEnd(ExtractorFrontEnd):
     """AST: Kaldi log-mel filterbanks, (w, samples) -> (w, max_length, num_mel_bins)."""
 
     sampling_rate: int
@@ -77,17 +89,6 @@ class FbankFrontEnd:
     do_normalize: bool
     mean: float
     std: float
-
-    @classmethod
-    def from_extractor(cls, fe: Any) -> "FbankFrontEnd":
-        return cls(
-            int(fe.sampling_rate),
-            int(fe.num_mel_bins),
-            int(fe.max_length),
-            bool(fe.do_normalize),
-            float(fe.mean),
-            float(fe.std),
-        )
 
     @property
     def frame_samples(self) -> int:
@@ -125,19 +126,13 @@ class FbankFrontEnd:
 
 
 @dataclass(frozen=True)
-class WaveformFrontEnd:
+class WaveformFrontEnd(ExtractorFrontEnd):
     """wav2vec2 / HuBERT: (w, samples) zero-padded -> normalized input values (same shape)."""
 
     sampling_rate: int
     do_normalize: bool
     return_attention_mask: bool
     padding_value: float
-
-    @classmethod
-    def from_extractor(cls, fe: Any) -> "WaveformFrontEnd":
-        return cls(
-            int(fe.sampling_rate), bool(fe.do_normalize), bool(fe.return_attention_mask), float(fe.padding_value)
-        )
 
     def __call__(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         waves = waves.float()
@@ -151,7 +146,7 @@ class WaveformFrontEnd:
 
 
 @dataclass(frozen=True)
-class ClapFrontEnd:
+class ClapFrontEnd(ExtractorFrontEnd):
     """CLAP: log-mel (dB) spectrograms, (w, samples <= nb_max_samples) -> (w, channels, frames, mels)."""
 
     sampling_rate: int
@@ -166,17 +161,7 @@ class ClapFrontEnd:
 
     @classmethod
     def from_extractor(cls, fe: Any) -> "ClapFrontEnd":
-        front = cls(
-            int(fe.sampling_rate),
-            int(fe.feature_size),
-            int(fe.fft_window_size),
-            int(fe.hop_length),
-            int(fe.nb_max_samples),
-            float(fe.frequency_min),
-            float(fe.frequency_max),
-            str(fe.truncation),
-            str(fe.padding),
-        )
+        front = super().from_extractor(fe)
         if front.truncation not in CLAP_TRUNCATION:
             raise ValueError(
                 f"CLAP truncation {front.truncation!r} is not supported; valid values: {', '.join(CLAP_TRUNCATION)}"
@@ -246,13 +231,15 @@ class ClapFrontEnd:
 
 def front_end_options(family_kind: str, fe: Any) -> dict[str, Any]:
     """The picklable front-end parameters of one model type, for the encoder spec."""
-    cls = {"ast": FbankFrontEnd, "waveform": WaveformFrontEnd, "clap": ClapFrontEnd}[family_kind]
-    return asdict(cls.from_extractor(fe))
+    return asdict(_front_end_class(family_kind).from_extractor(fe))
 
 
 def front_end_from_options(family_kind: str, params: Mapping[str, Any]) -> Any:
-    cls = {"ast": FbankFrontEnd, "waveform": WaveformFrontEnd, "clap": ClapFrontEnd}[family_kind]
-    return cls(**params)
+    return _front_end_class(family_kind)(**params)
+
+
+def _front_end_class(family_kind: str) -> Any:
+    return {"ast": FbankFrontEnd, "waveform": WaveformFrontEnd, "clap": ClapFrontEnd}[family_kind]
 
 
 def resolve_window_options(opts: dict[str, Any], rate: int, model_window_s: float | None, min_seconds: float) -> None:

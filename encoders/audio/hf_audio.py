@@ -1,12 +1,12 @@
 """hf-audio: Hugging Face audio encoders, AST and wav2vec2 / HuBERT.
 
 Prepare (CPU task, encoders/audio/prepare.py): decode, mono, resample to the extractor's
-``sampling_rate``, cap at ``max_windows`` windows. Encode (actor): windows of the model's length
-(``preprocessing.window_seconds``, declared from the folder; ``hop_seconds``) cut on the device,
-the front end of encoders/audio/features.py there (encoders/audio/windows.py), the model, one vector per window, then the
-windows of a clip pooled (``window_pooling``, mean by default; with ``normalize`` the window
-vectors are L2-normalized before and the clip vector after). The window count goes to
-``<output>_windows``.
+``sampling_rate``, cap at ``max_windows`` windows. Encode (actor, encoders/audio/windows.py):
+windows of the model's length (``preprocessing.window_seconds``, declared from the folder;
+``hop_seconds``) cut on the device, the front end of encoders/audio/features.py there, the
+model, one vector per window, then the windows of a clip pooled (``window_pooling``, mean by
+default; with ``normalize`` the window vectors are L2-normalized before and the clip vector
+after). The window count goes to ``<output>_windows``.
 
 hf-audio, by the folder's ``config.json`` model_type:
   - ``audio-spectrogram-transformer``: Kaldi fbank -> ``ASTModel``; ``pooling: cls`` is the
@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from encoders.audio import HF_AUDIO_KINDS as AUDIO_KINDS
+from encoders.audio.family import AudioFamily
 from encoders.audio.features import (
     FBANK_FRAME_MS,
     HF_WINDOW_OPTIONS,
@@ -38,7 +39,6 @@ from encoders.audio.features import (
     load_feature_extractor,
     resolve_window_options,
 )
-from encoders.audio.prepare import AudioFamily
 from encoders.audio.windows import WindowEncoder
 from encoders.core.device import autocast
 from encoders.core.probe import spec_with_dim
@@ -83,7 +83,8 @@ class HFAudioFamily(AudioFamily):
         opts["pooling"] = opts["pooling"] or valid_pooling[0]
         if opts["pooling"] not in valid_pooling:
             raise ValueError(
-                f"pooling {opts['pooling']!r} is not supported for {model_type}; valid modes: {', '.join(valid_pooling)}"
+                f"pooling {opts['pooling']!r} is not supported for {model_type}; valid modes: "
+                f"{', '.join(valid_pooling)}"
             )
         rate = opts["front_end"]["sampling_rate"]
         if kind == "ast":

@@ -44,7 +44,7 @@ How an audio family uses this module:
       ``window_seconds``, ``min_seconds``, ``min_coverage``) as ``preprocessing`` and checks the
       window options; a declared front end is read with ``declared_features``;
     - prepare: ``prepare_audio(values, AudioPreprocess.from_options(spec.options))``;
-    - columns: ``extra_columns`` returns ``(WINDOWS,)`` (windows.py: ``<output>_windows``);
+    - the family subclasses ``AudioFamily`` (family.py: this prepare, and ``<output>_windows``);
     - encode (windows.py): ``batch = audio_batch(values, prep, device)``; ``batch.windows(i, j,
       context)`` -> (w, samples) float32 on the device for micro-batches of windows,
       ``batch.window_lengths()`` for masks; ``pool_windows(vectors, batch.window_rows, n, mode)``
@@ -58,7 +58,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +66,7 @@ import torch
 
 from encoders.core.errors import error_value
 from encoders.core.files import RowError, open_input
-from encoders.core.spec import EncoderFamily, EncoderSpec, ExtraColumn, Prepared, SpecRequest, validate_options
+from encoders.core.spec import Prepared
 
 AUDIO_TYPE = pa.list_(pa.float32())  # per row: mono float32 samples at the model's rate
 DEFAULT_MAX_WINDOWS = 16  # 16 x 10 s windows = 2.7 min per clip, 10 MiB of samples per row at 16 kHz
@@ -161,53 +161,13 @@ class AudioPreprocess:
 
     def as_dict(self) -> dict[str, Any]:
         """The ``preprocessing`` option (the declared part; hop and cap stay top-level options)."""
-        return {
-            "sample_rate": self.sample_rate,
-            "window_seconds": self.window_seconds,
-            "min_seconds": self.min_seconds,
-            "min_coverage": self.min_coverage,
-        }
+        return {key: getattr(self, key) for key in _PREPROCESS_KEYS}
 
 
 def validate_window_pooling(value: str) -> str:
     if value not in WINDOW_POOLINGS:
         raise ValueError(f"option window_pooling: {value!r} is not valid; valid values: {', '.join(WINDOW_POOLINGS)}")
     return value
-
-
-# ``<output>_windows``: how many windows were pooled into each clip's vector (null without one).
-WINDOWS = ExtraColumn("windows", pa.int32())
-
-
-class AudioFamily(EncoderFamily):
-    """The prepare half and the extra column that every audio family shares."""
-
-    modalities: tuple[str, ...] = ("audio",)
-
-    def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
-        return prepare_audio(values, AudioPreprocess.from_options(spec.options))
-
-    def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
-        return (WINDOWS,) if modality == "audio" else ()
-
-
-class DeclaredAudioFamily(AudioFamily):
-    """An audio family whose model declares its front end as data (the registry alias's
-    ``preprocessing``, ``hop_seconds`` and ``features``): audio-speaker, audio-sfx. Subclasses
-    set ``option_table`` (``AUDIO_OPTIONS`` and their own) and ``features``."""
-
-    option_table: Mapping[str, tuple[Any, Any]]
-    features: Callable[[Mapping[str, Any]], dict[str, Any]]  # options -> the checked front end
-
-    def build_spec(self, request: SpecRequest) -> EncoderSpec:
-        from encoders.core.device import check_runtime_options
-        from encoders.core.probe import spec_with_dim
-
-        opts = validate_options(request.options, self.option_table, self.name)
-        resolve_audio_options(opts)
-        opts["features"] = self.features(opts)
-        check_runtime_options(opts)
-        return spec_with_dim(self, request, opts)
 
 
 def resolve_audio_options(opts: dict[str, Any]) -> AudioPreprocess:

@@ -30,7 +30,8 @@ from typing import Any, Mapping
 import pyarrow as pa
 import torch
 
-from encoders.audio.prepare import AUDIO_OPTIONS, AudioPreprocess, DeclaredAudioFamily, declared_features
+from encoders.audio.family import DeclaredAudioFamily
+from encoders.audio.prepare import AUDIO_OPTIONS, AudioPreprocess, declared_features
 from encoders.audio.windows import audio_batch, pool_windows
 from encoders.core.device import DeviceModel, autocast
 from encoders.core.spec import EncodeResult, EncoderSpec, check_dim

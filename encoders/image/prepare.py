@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -82,14 +82,8 @@ class ImagePreprocess:
         return prep
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "resize": self.resize,
-            "crop": self.crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "keep_aspect": self.keep_aspect,
-        }
+        """The ``preprocessing`` option as plain JSON data (lists, not tuples)."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
 
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from encoders.audio.family import AudioFamily
 from encoders.audio.features import (
     HF_WINDOW_OPTIONS,
     front_end_from_options,
@@ -21,7 +22,6 @@ from encoders.audio.features import (
     load_feature_extractor,
     resolve_window_options,
 )
-from encoders.audio.prepare import AudioFamily
 from encoders.audio.windows import WindowEncoder
 from encoders.core.batching import pad_sequences
 from encoders.core.device import autocast

@@ -103,7 +103,8 @@ def _resolve_prefix(prefix: str | None, prompt_name: str | None, folder: FolderS
     if prompt_name is not None:
         if prompt_name not in folder.prompts:
             raise ValueError(
-                f"prompt_name {prompt_name!r} is not declared by the model; declared: {', '.join(folder.prompts) or '(none)'}"
+                f"prompt_name {prompt_name!r} is not declared by the model; declared: "
+                f"{', '.join(folder.prompts) or '(none)'}"
             )
         return folder.prompts[prompt_name]
     if prefix is not None:

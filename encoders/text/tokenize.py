@@ -79,7 +79,8 @@ def _pooling_from_st(config: Mapping[str, Any]) -> str | None:
     others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING_KEYS]
     if others or len(modes) > 1:
         raise ValueError(
-            f"the folder's pooling {others or modes} is not supported; set pooling: to one of {', '.join(POOLING_MODES)}"
+            f"the folder's pooling {others or modes} is not supported; set pooling: to one of "
+            f"{', '.join(POOLING_MODES)}"
         )
     return modes[0] if modes else None
 

@@ -1,6 +1,7 @@
 """Build the downstream jobs' example data: real text, planted structure, fixed seeds.
 
-    python examples/jobs/make_data.py            # -> examples/jobs/data/{items.jsonl,interactions.parquet,transactions.parquet}
+    python examples/jobs/make_data.py
+    # -> examples/jobs/data/{items.jsonl,interactions.parquet,transactions.parquet}
 
 - ``items.jsonl`` (item_id, topic, text): real English, the first docstring paragraph of
   functions and classes of 12 areas of Python's standard library (e-mail, web, XML, asyncio,

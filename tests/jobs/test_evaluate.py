@@ -43,22 +43,9 @@ def test_plot_and_report(job_data, tmp_path):
 
 def test_cli(job_data, tmp_path, capsys):
     out = tmp_path / "cli-report"
-    assert (
-        main(
-            [
-                job_data["dataset"],
-                "--column",
-                "text_embedding",
-                "--label",
-                "topic",
-                "--output",
-                str(out),
-                "--sample",
-                "120",
-            ]
-        )
-        == 0
-    )
+    argv = [job_data["dataset"], "--column", "text_embedding", "--label", "topic", "--output", str(out)]
+    argv += ["--sample", "120"]
+    assert main(argv) == 0
     assert "recall@10" in capsys.readouterr().out and (out / "tsne.png").is_file()
     assert main([job_data["dataset"], "--column", "text_embedding", "--label", "colour"]) == 2
     assert "column 'colour' is not in dataset" in capsys.readouterr().err

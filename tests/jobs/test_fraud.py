@@ -12,33 +12,18 @@ from jobs.fraud import WITH, WITHOUT, main
 
 def test_content_vectors_add_pr_auc(job_data, tmp_path, capsys):
     out = tmp_path / "fraud"
-    argv = [
-        "--transactions",
-        job_data["transactions"],
-        "--categorical",
-        "merchant_id,device,country,channel",
-        "--numeric",
-        "amount,hour",
-        "--vectors",
-        job_data["dataset"],
-        "--column",
-        "text_embedding",
-        "--vectors-key",
-        "item_id",
-        "--output",
-        str(out),
-        "--storage-path",
-        str(tmp_path / "ray"),
-        "--epochs",
-        "20",
-    ]
+    argv = ["--transactions", job_data["transactions"], "--categorical", "merchant_id,device,country,channel"]
+    argv += ["--numeric", "amount,hour", "--vectors", job_data["dataset"], "--column", "text_embedding"]
+    argv += ["--vectors-key", "item_id", "--output", str(out), "--storage-path", str(tmp_path / "ray")]
+    argv += ["--epochs", "20"]
     assert main(argv) == 0
     assert "PR-AUC" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     with_, without = metrics[f"classifier, {WITH}"], metrics[f"classifier, {WITHOUT}"]
     print(
         f"PR-AUC with vectors {with_['pr_auc']:.4f}, without {without['pr_auc']:.4f} "
-        f"(margin {with_['pr_auc'] - without['pr_auc']:+.4f}); ROC-AUC {with_['roc_auc']:.4f} vs {without['roc_auc']:.4f}"
+        f"(margin {with_['pr_auc'] - without['pr_auc']:+.4f}); ROC-AUC {with_['roc_auc']:.4f} vs "
+        f"{without['roc_auc']:.4f}"
     )
     assert with_["pr_auc"] > without["pr_auc"] + 0.05
     assert with_["roc_auc"] > without["roc_auc"]
@@ -48,22 +33,8 @@ def test_content_vectors_add_pr_auc(job_data, tmp_path, capsys):
 
 
 def test_missing_file_is_one_line(job_data, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "--transactions",
-                str(tmp_path / "none.parquet"),
-                "--numeric",
-                "amount",
-                "--vectors",
-                job_data["dataset"],
-                "--column",
-                "text_embedding",
-                "--vectors-key",
-                "item_id",
-            ]
-        )
-        == 2
-    )
+    argv = ["--transactions", str(tmp_path / "none.parquet"), "--numeric", "amount"]
+    argv += ["--vectors", job_data["dataset"], "--column", "text_embedding", "--vectors-key", "item_id"]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "--transactions" in err and "does not exist" in err and len(err.splitlines()) == 1

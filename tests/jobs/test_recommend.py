@@ -14,22 +14,9 @@ from jobs.recommend import main
 
 def test_two_tower_beats_popularity(job_data, tmp_path, capsys):
     out = tmp_path / "recommend"
-    argv = [
-        "--interactions",
-        job_data["interactions"],
-        "--items",
-        job_data["dataset"],
-        "--column",
-        "text_embedding",
-        "--time-column",
-        "time",
-        "--output",
-        str(out),
-        "--storage-path",
-        str(tmp_path / "ray"),
-        "--epochs",
-        "25",
-    ]
+    argv = ["--interactions", job_data["interactions"], "--items", job_data["dataset"]]
+    argv += ["--column", "text_embedding", "--time-column", "time", "--output", str(out)]
+    argv += ["--storage-path", str(tmp_path / "ray"), "--epochs", "25"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "recall@10" in printed and "popularity" in printed and "content only" in printed
@@ -57,18 +44,8 @@ def test_two_tower_beats_popularity(job_data, tmp_path, capsys):
 
 
 def test_missing_column_is_one_line(job_data, tmp_path, capsys):
-    argv = [
-        "--interactions",
-        job_data["interactions"],
-        "--items",
-        job_data["dataset"],
-        "--column",
-        "text_embedding",
-        "--user-column",
-        "customer",
-        "--output",
-        str(tmp_path / "o"),
-    ]
+    argv = ["--interactions", job_data["interactions"], "--items", job_data["dataset"]]
+    argv += ["--column", "text_embedding", "--user-column", "customer", "--output", str(tmp_path / "o")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "column 'customer' is not in" in err and len(err.splitlines()) == 1
