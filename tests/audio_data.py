@@ -30,6 +30,17 @@ def require_tools(*tools: str) -> None:
             pytest.skip(f"{tool} is not installed (apt-get install espeak-ng sox alsa-utils)")
 
 
+def alsa_clips(*names: str) -> list[Path]:
+    """The ALSA voice clips (Debian's alsa-utils ships them), or a skip that says what to install."""
+    import pytest
+
+    paths = [ALSA_CLIPS / name for name in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        pytest.skip(f"the ALSA voice clip {missing[0]} is not installed (apt-get install alsa-utils)")
+    return paths
+
+
 def speak(path: Path, text: str, voice: str = "en+m3") -> Path:
     """espeak-ng speech: 22.05 kHz mono 16-bit WAV."""
     require_tools("espeak-ng")

@@ -116,3 +116,18 @@ def test_bad_custom_resources_name_the_field(bad, message):
     with pytest.raises(ConfigError) as info:
         _config(bad)
     assert str(info.value) == message
+
+
+def test_private_ray_api_only_on_checked_versions(monkeypatch, tmp_path):
+    """pipeline/cluster.py reads Ray's private API only on the Ray line it was checked on; on any
+    other Ray it falls back to the launcher's file and a plain shutdown."""
+    import ray
+
+    from pipeline import cluster
+
+    assert ray.__version__.startswith(cluster.PRIVATE_API_RAY)
+    assert hasattr(cluster._autoscaler_state(), "get_max_resources_from_cluster_config")
+    monkeypatch.setattr(ray, "__version__", "9.99.0")
+    assert cluster._autoscaler_state() is None and cluster.own_monitor_processes() == []
+    assert not can_autoscale_gpus(launcher_config=tmp_path / "absent.yaml")
+    assert can_autoscale_gpus(launcher_config=_launcher_config(tmp_path, 4))

@@ -89,3 +89,41 @@ def test_detect_family_defaults_to_hf_text(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "never-heard-of-it"}')
     assert detect_family(str(tmp_path)) == "hf-text"
     assert detect_family(str(tmp_path / "missing")) == "hf-text"
+
+
+def test_importing_encoders_loads_no_family_and_no_torch():
+    """The catalogs register families by import path: ``import encoders`` stays light (as
+    Daft's providers load lazily), and a family's module loads on its first lookup."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, encoders\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'torchaudio', 'transformers') if m in sys.modules]\n"
+        "families = [m for m in sys.modules if m.startswith('encoders.') and m.count('.') == 2"
+        " and not m.startswith('encoders.core.')]\n"
+        "assert not heavy and not families, (heavy, families)\n"
+        "assert len(encoders.FAMILIES.names()) >= 8 and 'resemblyzer' in encoders.MODELS\n"
+        "encoders.FAMILIES.get('audio-speaker')\n"
+        "assert 'encoders.audio.speaker' in sys.modules and 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_family_whose_package_is_missing_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "needs_missing_pkg.py").write_text("import omniembed_no_such_package\n\nclass Family:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    families: Registry[object] = Registry("encoder family")
+    families.register_lazy("needs-it", "needs_missing_pkg:Family")
+    assert "needs-it" in families  # listed before it is loaded
+    with pytest.raises(registry.MissingDependencyError) as info:
+        families.get("needs-it")
+    message = str(info.value)
+    assert "\n" not in message and "pip install omniembed_no_such_package" in message and "'needs-it'" in message
+    families.load_all()  # skips what cannot load instead of failing the CLI's preload
+
+
+def test_a_lazy_family_is_built_once():
+    family = FAMILIES.get("hf-text")
+    assert FAMILIES.get("hf-text") is family and family.name == "hf-text"
