@@ -7,58 +7,20 @@ sources and writes the output folder, resuming where an earlier run of the same 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from encoders import FAMILIES
-from encoders.core.spec import EncoderSpec
-from pipeline.adapter import ResolvedStage, apply_stage, named, resolve_encode_stage, resolve_task_stage, wants_gpu
-from pipeline.cluster import ClusterShape, cluster_shape
+from pipeline.adapter import apply_stage, named, resolve_task_stage
+from pipeline.cluster import cluster_shape
 from pipeline.columns import error_column
-from pipeline.config import Config, config_from_dict, load_config
-from pipeline.plan import plan_encoders
+from pipeline.config import Config
+from pipeline.plan import EncoderPlan, as_config, encoders_metadata, plan
 from pipeline.schema import plan_output_schema
 from pipeline.sink import ParquetSink, fingerprint, write_part
 from pipeline.sources import chunk_row, needs_reading, plan_chunks, prepass, read_chunk_rows
 from pipeline.stages import EncodeActor, prepare_batch
 
 log = logging.getLogger(__name__)
-# Text blocks are sorted by length inside the encoder: bigger blocks pad less.
-DEFAULT_BATCH_ROWS = {"text": 1024, "image": 64, "audio": 32}
-
-
-@dataclass(frozen=True)
-class EncoderPlan:
-    spec: EncoderSpec
-    prepare: ResolvedStage
-    encode: ResolvedStage
-
-
-def as_config(config: Config | Mapping[str, Any] | str | Path) -> Config:
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, Mapping):
-        return config_from_dict(config)
-    return load_config(config)
-
-
-def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
-    plans = []
-    cpu_encoders = sum(not wants_gpu(config.stage("encode", e), shape) for e in config.encoders)
-    for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
-        default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
-        encode = resolve_encode_stage(
-            config.stage("encode", encoder),
-            shape,
-            default_batch,
-            f"encoders[{i}].resources",
-            cpu_encoders,
-            FAMILIES.get(spec.family).cpu_actor_threads,
-        )
-        prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
-        plans.append(EncoderPlan(spec, prepare, encode))
-    return plans
 
 
 def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
@@ -86,20 +48,6 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
         config = {"sources": [{"path": "<dataset>"}], "output": {"path": "<dataset>"}, **config}
     config = as_config(config)
     return add_encoders(dataset, plan(config, cluster_shape()))
-
-
-def encoders_metadata(plans: list[EncoderPlan], config: Config) -> dict[str, Any]:
-    from encoders.core.device import planned_precision
-
-    return {
-        p.spec.output: {
-            **p.spec.metadata(
-                p.encode.device, planned_precision(p.encode.device, p.spec.options.get("precision", "auto"))
-            ),
-            "dtype": config.output.dtype,
-        }
-        for p in plans
-    }
 
 
 def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False) -> dict[str, Any]:

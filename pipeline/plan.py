@@ -1,12 +1,20 @@
-"""Config encoders -> picklable encoder specs, with D known before anything is written."""
+"""Planning, on the driver before anything runs: config encoders -> picklable encoder specs
+(D known), then each encoder's prepare and encode stages resolved for the cluster, and the
+metadata the output will carry."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 from encoders import FAMILIES
 from encoders.core.registry import MissingDependencyError, UnknownNameError, detect_family
 from encoders.core.spec import EncoderSpec, SpecRequest
 from encoders.core.weights import WeightsNotFoundError, lookup_alias, resolve_weights
-from pipeline.config import ConfigError, EncoderConfig
+from pipeline.adapter import ResolvedStage, resolve_encode_stage, resolve_task_stage, wants_gpu
+from pipeline.cluster import ClusterShape
+from pipeline.config import Config, ConfigError, EncoderConfig, config_from_dict, load_config
 
 
 def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
@@ -42,3 +50,54 @@ def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
 
 def plan_encoders(encoders: tuple[EncoderConfig, ...]) -> list[EncoderSpec]:
     return [plan_encoder(e, f"encoders[{i}]") for i, e in enumerate(encoders)]
+
+
+# Text blocks are sorted by length inside the encoder: bigger blocks pad less.
+DEFAULT_BATCH_ROWS = {"text": 1024, "image": 64, "audio": 32}
+
+
+@dataclass(frozen=True)
+class EncoderPlan:
+    spec: EncoderSpec
+    prepare: ResolvedStage
+    encode: ResolvedStage
+
+
+def as_config(config: Config | Mapping[str, Any] | str | Path) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
+    plans = []
+    cpu_encoders = sum(not wants_gpu(config.stage("encode", e), shape) for e in config.encoders)
+    for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
+        default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
+        encode = resolve_encode_stage(
+            config.stage("encode", encoder),
+            shape,
+            default_batch,
+            f"encoders[{i}].resources",
+            cpu_encoders,
+            FAMILIES.get(spec.family).cpu_actor_threads,
+        )
+        prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
+        plans.append(EncoderPlan(spec, prepare, encode))
+    return plans
+
+
+def encoders_metadata(plans: list[EncoderPlan], config: Config) -> dict[str, Any]:
+    from encoders.core.device import planned_precision
+
+    return {
+        p.spec.output: {
+            **p.spec.metadata(
+                p.encode.device, planned_precision(p.encode.device, p.spec.options.get("precision", "auto"))
+            ),
+            "dtype": config.output.dtype,
+        }
+        for p in plans
+    }
