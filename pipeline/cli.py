@@ -1,7 +1,7 @@
 """``omniembed run CONFIG.yaml`` and ``omniembed embed INPUT ...``: a thin shell over pipeline.graph.
 
 Exit codes: 0 done; 2 usage or config error (one line, nothing written); 3 done, but the
-error rate went past max_error_rate.
+error rate went past max_error_rate; 4 the run ended with fewer rows committed than planned.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ import threading
 import time
 from typing import Any, Sequence
 
-EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_INCOMPLETE = 0, 2, 3, 4
+EXIT_FOR_STATUS = {"complete": EXIT_OK, "failed_error_rate": EXIT_ERROR_RATE, "incomplete": EXIT_INCOMPLETE}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omniembed",
         description="Embed text, images and audio with Ray Data into aligned Parquet vectors.",
-        epilog="Exit codes: 0 done; 2 usage or config error; 3 done, but the error rate went past --max-error-rate.",
+        epilog="Exit codes: 0 done; 2 usage or config error; 3 done, but the error rate went past --max-error-rate; "
+        "4 fewer rows committed than planned (status incomplete).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,embed}")
 
@@ -260,7 +262,7 @@ def execute(args: argparse.Namespace) -> int:
         print(f"omniembed: error: {cause}", file=sys.stderr)
         return EXIT_USAGE
     print_summary(manifest, config.output.path, time.time() - started)
-    return EXIT_ERROR_RATE if manifest["status"] == "failed_error_rate" else EXIT_OK
+    return EXIT_FOR_STATUS[manifest["status"]]
 
 
 def _preload() -> None:

@@ -71,6 +71,7 @@ class OutputConfig:
     on_duplicate_id: str = "error"
     max_error_rate: float = 0.01
     rows_per_file: int = 100_000
+    commit_seconds: float = 30.0  # commit-log flush period: a killed driver loses at most this much
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,9 @@ def _output(data: Any) -> OutputConfig:
     rows_per_file = _get(data, "rows_per_file", int, where, 100_000)
     if rows_per_file < 1:
         raise ConfigError(f"output.rows_per_file: must be positive, got {rows_per_file!r}")
+    commit_seconds = _get(data, "commit_seconds", float, where, 30.0)
+    if commit_seconds < 0:
+        raise ConfigError(f"output.commit_seconds: must be >= 0, got {commit_seconds!r}")
     return OutputConfig(
         path=path,
         vector_type=_get(data, "vector_type", str, where, "list", VECTOR_TYPES),
@@ -286,4 +290,5 @@ def _output(data: Any) -> OutputConfig:
         on_duplicate_id=_get(data, "on_duplicate_id", str, where, "error", DUPLICATE_POLICIES),
         max_error_rate=rate,
         rows_per_file=rows_per_file,
+        commit_seconds=commit_seconds,
     )

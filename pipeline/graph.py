@@ -87,7 +87,7 @@ def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False
         sink.record(part)
     if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
         log.debug("Ray Data stats:\n%s", parts.stats())
-    return sink.close(sources.total_rows, config.output.max_error_rate)
+    return sink.close(sources.total_rows, config.output.max_error_rate, sources.total_rows - sources.skipped_rows)
 
 
 def _ray_map(fn: Any, chunks: list[Any]) -> list[Any]:

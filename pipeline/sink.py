@@ -1,10 +1,12 @@
-"""The Parquet sink: staged part files, the ``omniembed`` metadata and ``_manifest.json``.
+"""The Parquet sink: staged part files, the ``omniembed`` metadata, the commit log and
+``_manifest.json``.
 
 Write tasks stage each part file outside the dataset folder and move it in only when it is
-complete. A part is named by a hash of its ids, so a retried task rewrites the same file
-instead of adding a duplicate. The driver records each committed part in the manifest as it
-arrives: the manifest's file list is the truth (on object stores, rename is not atomic), and
-a re-run of the same config skips the ids of committed parts.
+complete. A part is named by a hash of its ids (``part_name``), so a retried task rewrites
+the same file instead of adding a duplicate. The driver commits each part as it arrives, to
+the commit log (pipeline/commits.py). The manifest's file list together with the log is the
+truth: on object stores a rename is not atomic. A re-run of the same config skips the ids of
+committed parts, and ``close`` checks that every planned row was committed exactly once.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.core.errors import error_code
+from pipeline.commits import COMMITS, CommitLog, new_run_id
 from pipeline.config import Config, ConfigError
 from pipeline.filesystems import join, open_filesystem, parent_and_name
 
 MANIFEST = "_manifest.json"
-FORMAT_VERSION = "1"
+# The output contract's version (CHANGELOG.md). An output of another version never resumes.
+FORMAT_VERSION = "2"
 PART_PREFIX = "part-"
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,7 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: l
     fs, root = open_filesystem(output)
     staging = staging_path(root)
     table = _conform(batch, schema)
-    digest = hashlib.sha256("\n".join(table.column("id").to_pylist()).encode()).hexdigest()[:24]
-    name = f"{PART_PREFIX}{digest}.parquet"
+    name = part_name(table.column("id").to_pylist())
     fs.create_dir(staging, recursive=True)
     staged = join(staging, name)
     with fs.open_output_stream(staged) as stream:
@@ -68,6 +71,17 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: l
     )
 
 
+def part_name(ids: list[str]) -> str:
+    """``part-<hash>.parquet`` from the part's ids in order, each length-prefixed: two different
+    id lists never share a name (a plain join would give ``["a\\nb"]`` and ``["a", "b"]`` one)."""
+    digest = hashlib.sha256()
+    for value in ids:
+        data = value.encode()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return f"{PART_PREFIX}{digest.hexdigest()[:32]}.parquet"
+
+
 def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
     columns = []
     for f in schema:
@@ -78,7 +92,7 @@ def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class ParquetSink:
-    """Driver side: owns the manifest of one output folder."""
+    """Driver side: owns the commit log and the manifest of one output folder."""
 
     config: Config
     encoders_meta: Mapping[str, Any]
@@ -88,27 +102,33 @@ class ParquetSink:
     def __post_init__(self) -> None:
         self.fs, self.root = open_filesystem(self.config.output.path)
         self.started = time.time()
+        self.log = CommitLog(
+            self.fs, self.root, staging_path(self.root), new_run_id(), self.config.output.commit_seconds
+        )
+        self.committed_names: set[str] = set()
 
     # -- opening: fresh, resumed or overwritten ------------------------------------------
     def check(self, overwrite: bool) -> pa.Array | None:
         """Read-only: may this run write here? Returns the ids committed by an earlier run of
         the same config (None for a fresh or overwritten run). Nothing is written."""
         self.overwrite = overwrite
+        where = f"output.path: {self.config.output.path!r}"
         entry = self.fs.get_file_info(self.root)
         if entry.type == pafs.FileType.File:
-            raise ConfigError(f"output.path: {self.config.output.path!r} is a file; give a folder")
+            raise ConfigError(f"{where} is a file; give a folder")
         existing = self._read_manifest()
         listing = self._listing()
         if existing is None and listing and (not overwrite or not all(self._ours(p) for p in listing)):
-            raise ConfigError(
-                f"output.path: {self.config.output.path!r} exists and is not an omniembed output; choose another path"
-            )
-        if existing is not None and existing.get("fingerprint") != self.fingerprint and not overwrite:
-            raise ConfigError(
-                f"output.path: {self.config.output.path!r} holds a run of a different config or model; pass "
-                "--overwrite to replace it"
-            )
-        self.resumed_files = [] if overwrite or existing is None else list(existing.get("files", []))
+            raise ConfigError(f"{where} exists and is not an omniembed output; choose another path")
+        if existing is not None and not overwrite:
+            if str(existing.get("version")) != FORMAT_VERSION:
+                raise ConfigError(
+                    f"{where} was written in output format {existing.get('version')!r}, this release writes "
+                    f"{FORMAT_VERSION!r} (CHANGELOG.md) and cannot resume it: pass --overwrite or choose another path"
+                )
+            if existing.get("fingerprint") != self.fingerprint:
+                raise ConfigError(f"{where} holds a run of a different config or model; pass --overwrite to replace it")
+        self.resumed_files = [] if overwrite or existing is None else self._committed(existing, listing)
         if not self.resumed_files:
             return None
         return pa.concat_arrays(
@@ -120,14 +140,28 @@ class ParquetSink:
             ]
         )
 
+    def _committed(self, manifest: Mapping[str, Any], listing: list[str]) -> list[dict[str, Any]]:
+        """The manifest's files and the commit log's, once each; a committed part that is gone
+        is a one-line error."""
+        files = {record["name"]: record for record in _once([*manifest.get("files", []), *self.log.read()])}
+        present = {path.rsplit("/", 1)[-1] for path in listing}
+        missing = [name for name in files if name not in present]
+        if missing:
+            raise ConfigError(
+                f"output.path: {self.config.output.path!r}: committed part {missing[0]} is missing "
+                f"({len(missing)} of {len(files)} parts); pass --overwrite to embed everything again"
+            )
+        return list(files.values())
+
     def begin(self) -> None:
-        """The first write: clear an overwritten run, drop parts no manifest recorded, and
-        write a ``running`` manifest."""
+        """The first write: clear an overwritten run, drop parts no commit recorded, write a
+        ``running`` manifest that holds every earlier commit, then clear the old log."""
         if self.overwrite:
             for path in self._listing():
                 if self._ours(path):
                     self.fs.delete_file(path)
-        self._drop_uncommitted({f["name"] for f in self.resumed_files})
+        self.committed_names = {f["name"] for f in self.resumed_files}
+        self._drop_uncommitted(self.committed_names)
         self.manifest = {
             "version": FORMAT_VERSION,
             "status": "running",
@@ -136,9 +170,11 @@ class ParquetSink:
             "config": self.config.to_dict(),
             "files": list(self.resumed_files),
             "resumed_from": len(self.resumed_files) or None,
+            "commit_log": f"{COMMITS}/",
         }
         self.fs.create_dir(self.root, recursive=True)
         self._write_manifest()
+        self.log.clear()
 
     def _listing(self) -> list[str]:
         entry = self.fs.get_file_info(self.root)
@@ -164,20 +200,22 @@ class ParquetSink:
 
     # -- progress --------------------------------------------------------------------
     def record(self, part: Mapping[str, Any]) -> None:
-        names = {f["name"] for f in self.manifest["files"]}
-        if part["name"] in names:
+        if part["name"] in self.committed_names:
             return  # a retried write task rewrote the same part
-        self.manifest["files"].append(
-            {
-                "name": part["name"],
-                "rows": int(part["rows"]),
-                "rows_with_errors": int(part["rows_with_errors"]),
-                "errors": json.loads(part["errors"]),
-            }
-        )
-        self._write_manifest()
+        record = {
+            "name": part["name"],
+            "rows": int(part["rows"]),
+            "rows_with_errors": int(part["rows_with_errors"]),
+            "errors": json.loads(part["errors"]),
+        }
+        self.committed_names.add(record["name"])
+        self.manifest["files"].append(record)
+        self.log.append(record)
 
-    def close(self, input_rows: int, max_error_rate: float) -> dict[str, Any]:
+    def close(self, input_rows: int, max_error_rate: float, planned_rows: int | None = None) -> dict[str, Any]:
+        """Compact the log into the final manifest. ``planned_rows``: the rows this run had to
+        commit (input rows less those an earlier run committed); when the commits add up to any
+        other number, the status is ``incomplete``."""
         files = self.manifest["files"]
         rows = sum(f["rows"] for f in files)
         errors: Counter[str] = Counter()
@@ -187,11 +225,19 @@ class ParquetSink:
         rate = rows_with_errors / input_rows if input_rows else 0.0
         seconds = time.time() - self.started
         new_rows = rows - sum(f["rows"] for f in files[: self.manifest.get("resumed_from") or 0])
+        status = "failed_error_rate" if rate > max_error_rate else "complete"
+        if planned_rows is not None and new_rows != planned_rows:
+            log.error(
+                "this run committed %d rows where %d were planned: the output is incomplete", new_rows, planned_rows
+            )
+            status = "incomplete"
+        self.manifest.pop("commit_log", None)
         self.manifest.update(
             {
-                "status": "failed_error_rate" if rate > max_error_rate else "complete",
+                "status": status,
                 "rows": rows,
                 "input_rows": input_rows,
+                "planned_rows": planned_rows,
                 "rows_with_errors": rows_with_errors,
                 "error_rate": rate,
                 "errors": dict(sorted(errors.items())),
@@ -205,6 +251,7 @@ class ParquetSink:
             }
         )
         self._write_manifest()
+        self.log.clear()
         staging = staging_path(self.root)
         if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
             self.fs.delete_dir(staging)
@@ -229,6 +276,26 @@ class ParquetSink:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def committed_parts(output: str) -> list[dict[str, Any]] | None:
+    """The parts committed in an output folder so far, also while a run is writing it: the
+    manifest's files and the commit log's, once each (None when there is no manifest)."""
+    fs, root = open_filesystem(output)
+    path = join(root, MANIFEST)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        manifest = json.loads(stream.read())
+    return _once([*manifest.get("files", []), *CommitLog(fs, root, staging_path(root), "reader").read()])
+
+
+def _once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Commit records by part name, the first of each (a compaction may repeat a log's record)."""
+    parts: dict[str, dict[str, Any]] = {}
+    for record in records:
+        parts.setdefault(record["name"], record)
+    return list(parts.values())
 
 
 def fingerprint(config: Config, encoders_meta: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from pipeline.sink import committed_parts  # noqa: E402
 from tests.conftest import _save_tiny_bert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def _config(tmp: Path, name: str, corpus: Path, model: Path) -> tuple[Path, Path
             "prepare": {"cpus": 0.25, "resources": {"io_slot": 1}},
             "write": {"cpus": 0.25, "resources": {"io_slot": 1}},
         },
-        "output": {"path": str(out), "rows_per_file": 100},
+        "output": {"path": str(out), "rows_per_file": 100, "commit_seconds": 0},
     }
     path = tmp / name / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +183,8 @@ def _wait_for_parts(client, job: str, out: Path, parts: int) -> dict:
     """Block until the running job has committed ``parts`` part files (and is not done)."""
     deadline = time.time() + 180
     while time.time() < deadline:
-        manifest = _manifest(out)
-        if manifest and len(manifest["files"]) >= parts:
+        manifest, committed = _manifest(out), committed_parts(str(out))
+        if manifest and committed and len(committed) >= parts:
             assert manifest["status"] == "running", "the job finished before the failure could be injected"
             return manifest
         assert str(client.get_job_status(job).value) not in TERMINAL, client.get_job_logs(job)[-3000:]
@@ -323,10 +324,10 @@ def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_p
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     assert _wait(client, job) == "FAILED"
-    killed = _manifest(out)
-    assert killed["status"] == "running" and killed["files"], "a killed run looks incomplete"
+    killed, killed_parts = _manifest(out), committed_parts(str(out))
+    assert killed["status"] == "running" and killed_parts, "a killed run looks incomplete"
     rerun = _submit(client, config)
     assert _wait(client, rerun) == "SUCCEEDED", client.get_job_logs(rerun)[-4000:]
     manifest = _manifest(out)
-    assert manifest["resumed_from"] and manifest["resumed_from"] >= len(killed["files"]), "the re-run resumed"
+    assert manifest["resumed_from"] and manifest["resumed_from"] >= len(killed_parts), "the re-run resumed"
     _assert_same(_read(out, texts), clean_run[0])

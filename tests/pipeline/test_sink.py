@@ -1,0 +1,141 @@
+"""The sink's commit protocol: unambiguous part names, an append-only commit log compacted
+into the manifest, resume from a killed run's log, and exactly-once checked at close."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.cli import main as cli_main
+from pipeline.commits import COMMITS
+from pipeline.config import config_from_dict
+from pipeline.sink import FORMAT_VERSION, ParquetSink, committed_parts, part_name
+from tests.pipeline.test_run import embed_args, read_output
+
+
+def test_part_names_cannot_collide():
+    # The old name hashed "\n".join(ids): these two different parts shared it.
+    assert "\n".join(["a\nb"]) == "\n".join(["a", "b"])
+    assert part_name(["a\nb"]) != part_name(["a", "b"])
+    assert part_name(["", "ab"]) != part_name(["a", "b"]) != part_name(["ab"])
+    assert part_name(["x", "y"]) == part_name(["x", "y"]) != part_name(["y", "x"])  # a retry gets the same name
+    assert part_name(["x"]).startswith("part-") and part_name(["x"]).endswith(".parquet")
+
+
+def _sink(tmp_path, commit_seconds: float = 0.0) -> ParquetSink:
+    config = config_from_dict(
+        {
+            "sources": [{"path": str(tmp_path / "in.parquet")}],
+            "encoders": [{"output": "t", "column": "text", "model": "m"}],
+            "output": {"path": str(tmp_path / "out"), "commit_seconds": commit_seconds},
+        }
+    )
+    sink = ParquetSink(config, {}, "fp")
+    assert sink.check(overwrite=False) is None
+    sink.begin()
+    return sink
+
+
+def _part(name: str, rows: int) -> dict:
+    return {"name": name, "rows": rows, "rows_with_errors": 1, "errors": json.dumps({"empty_text": 1})}
+
+
+def test_commits_append_to_the_log_and_compact_into_the_manifest(tmp_path):
+    sink = _sink(tmp_path)
+    out = tmp_path / "out"
+    before = (out / "_manifest.json").read_text()
+    for i in range(3):
+        sink.record(_part(f"part-{i}.parquet", 10))
+    sink.record(_part("part-1.parquet", 10))  # a retried write task: committed once
+    # Each commit is a new small segment; the manifest is not rewritten per part.
+    segments = sorted((out / COMMITS).glob("*.jsonl"))
+    assert len(segments) == 3 and all(len(s.read_text().splitlines()) == 1 for s in segments)
+    assert (out / "_manifest.json").read_text() == before
+    assert [p["name"] for p in committed_parts(str(out))] == [f"part-{i}.parquet" for i in range(3)]
+
+    manifest = sink.close(input_rows=30, max_error_rate=0.5, planned_rows=30)
+    assert manifest["status"] == "complete" and manifest["rows"] == 30 and manifest["version"] == FORMAT_VERSION
+    assert not (out / COMMITS).exists()
+    assert json.loads((out / "_manifest.json").read_text())["files"] == manifest["files"]
+
+
+def test_the_log_flushes_on_its_period(tmp_path):
+    sink = _sink(tmp_path, commit_seconds=3600)
+    for i in range(5):
+        sink.record(_part(f"part-{i}.parquet", 1))
+    assert not (tmp_path / "out" / COMMITS).exists()  # held for the period: at most this much is lost
+    sink.log.flush()
+    assert len(committed_parts(str(tmp_path / "out"))) == 5
+
+
+def test_close_detects_rows_that_never_committed(tmp_path):
+    sink = _sink(tmp_path)
+    sink.record(_part("part-a.parquet", 10))
+    manifest = sink.close(input_rows=30, max_error_rate=1.0, planned_rows=30)
+    assert manifest["status"] == "incomplete" and manifest["planned_rows"] == 30 and manifest["rows"] == 10
+
+
+def _input(tmp_path, n: int = 90):
+    src = tmp_path / "in.parquet"
+    ids = [f"r{i:03d}" for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "text": [f"the blue mug {i}" for i in range(n)]}), src)
+    return src
+
+
+def test_a_lost_commit_ends_incomplete_with_exit_code_4(ray_session, tiny_bert, tmp_path, monkeypatch):
+    src, out = _input(tmp_path), tmp_path / "out"
+    real, arrived = ParquetSink.record, []
+
+    def lossy(self, part):  # the second part's commit never reaches the driver
+        arrived.append(part["name"])
+        if len(arrived) != 2:
+            real(self, part)
+
+    monkeypatch.setattr(ParquetSink, "record", lossy)
+    assert cli_main(embed_args(src, out, tiny_bert, "--rows-per-file", "30")) == 4
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["rows"] < manifest["planned_rows"] == 90
+
+
+def test_resume_from_a_killed_runs_commit_log(ray_session, tiny_bert, tmp_path):
+    src, out = _input(tmp_path), tmp_path / "out"
+    args = embed_args(src, out, tiny_bert, "--rows-per-file", "30")
+    assert cli_main(args) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    first, second, third = manifest["files"]
+    # Killed after the log recorded the second part and the third was moved in unrecorded.
+    manifest.update(status="running", files=[first])
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    (out / COMMITS).mkdir()
+    (out / COMMITS / "20260101T000000-dead0000-000001.jsonl").write_text(json.dumps(second) + "\n")
+    assert cli_main(args) == 0
+    resumed = json.loads((out / "_manifest.json").read_text())
+    assert resumed["status"] == "complete" and resumed["resumed_from"] == 2
+    assert resumed["timing"]["rows_this_run"] == third["rows"] and resumed["rows"] == 90
+    table = read_output(out)
+    assert table.num_rows == 90 and pc.count_distinct(table.column("id")).as_py() == 90
+    assert not (out / COMMITS).exists()
+
+
+def test_older_output_format_and_missing_parts_refuse_to_resume(ray_session, tiny_bert, tmp_path, capsys):
+    src, out = _input(tmp_path, 40), tmp_path / "out"
+    args = embed_args(src, out, tiny_bert, "--rows-per-file", "20")
+    assert cli_main(args) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+
+    (out / "_manifest.json").write_text(json.dumps({**manifest, "version": "1", "status": "running"}))
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "output format '1'" in err and "--overwrite" in err
+
+    (out / "_manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    (out / manifest["files"][0]["name"]).unlink()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and manifest["files"][0]["name"] in err and "missing" in err
+    assert cli_main([*args, "--overwrite"]) == 0
+    assert read_output(out).num_rows == 40
