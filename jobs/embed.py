@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an earlier run's output instead of resuming it"
     )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
+    parser.add_argument("--dry-run", action="store_true", help="plan and count only; print one JSON line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     args = parser.parse_args(argv)
     args.command = "run"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan, find duplicates and count what an earlier run committed; print one JSON line; write nothing",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run's output instead of resuming it"
     )
@@ -251,7 +257,7 @@ def execute(args: argparse.Namespace) -> int:
         loader.join()
         from pipeline.graph import run  # re-raises here if the background import failed
 
-        manifest = run(config, overwrite=args.overwrite)
+        manifest = run(config, overwrite=args.overwrite, dry_run=getattr(args, "dry_run", False))
     except ConfigError as exc:
         print(f"omniembed: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -261,6 +267,9 @@ def execute(args: argparse.Namespace) -> int:
             raise
         print(f"omniembed: error: {cause}", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "dry_run", False):
+        print(json.dumps(manifest))  # exactly one line of JSON on stdout
+        return EXIT_OK
     print_summary(manifest, config.output.path, time.time() - started)
     return EXIT_FOR_STATUS[manifest["status"]]
 

@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.plan import EncoderPlan, as_config, encoders_metadata, plan
 from pipeline.schema import plan_output_schema
 from pipeline.sink import ParquetSink, fingerprint, write_part
-from pipeline.sources import chunk_row, needs_reading, plan_chunks, prepass, read_chunk_rows
+from pipeline.sources import SourcePlan, chunk_row, needs_reading, plan_chunks, prepass, read_chunk_rows
 from pipeline.stages import EncodeActor, prepare_batch
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,12 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
     return add_encoders(dataset, plan(config, cluster_shape()))
 
 
-def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Embed the configured sources into the output folder; return the final manifest."""
+def run(
+    config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False, dry_run: bool = False
+) -> dict[str, Any]:
+    """Embed the configured sources into the output folder; return the final manifest. With
+    ``dry_run``: planning, the duplicate pass and resume accounting only; nothing is written,
+    and the return value is ``dry_run_report``'s."""
     import ray
 
     config = as_config(config)
@@ -62,6 +66,8 @@ def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False
     committed = sink.check(overwrite)
     sources = prepass(chunks, committed, config.output.on_duplicate_id, _ray_map)
     schema = plan_output_schema(config, [p.spec for p in plans], sources.schema, meta)
+    if dry_run:
+        return dry_run_report(sources)
     sink.begin()  # the first write: every usage error above leaves the output untouched
 
     items = [chunk_row(c, sources.drops.get(c.index, [])) for c in chunks]
@@ -88,6 +94,22 @@ def run(config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False
     if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
         log.debug("Ray Data stats:\n%s", parts.stats())
     return sink.close(sources.total_rows, config.output.max_error_rate, sources.total_rows - sources.skipped_rows)
+
+
+def dry_run_report(sources: SourcePlan) -> dict[str, Any]:
+    """What ``--dry-run`` prints: input rows (before dedupe), duplicates, rows an earlier run
+    committed, rows this run would embed, read chunks, and the driver's peak RSS so far."""
+    import resource
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+    return {
+        "rows": sources.total_rows + sources.duplicates,
+        "duplicates": sources.duplicates,
+        "committed": sources.skipped_rows,
+        "to_embed": sources.total_rows - sources.skipped_rows,
+        "chunks": len(sources.chunks),
+        "driver_peak_rss_mb": round(peak_kb / 1024, 1),
+    }
 
 
 def _ray_map(fn: Any, chunks: list[Any]) -> list[Any]:

@@ -2,11 +2,13 @@
 ``_manifest.json``.
 
 Write tasks stage each part file outside the dataset folder and move it in only when it is
-complete. A part is named by a hash of its ids (``part_name``), so a retried task rewrites
+complete (on object stores, where a PUT is atomic and a move is a copy, they write it straight
+to its key). A part is named by a hash of its ids (``part_name``), so a retried task rewrites
 the same file instead of adding a duplicate. The driver commits each part as it arrives, to
 the commit log (pipeline/commits.py). The manifest's file list together with the log is the
 truth: on object stores a rename is not atomic. A re-run of the same config skips the ids of
-committed parts, and ``close`` checks that every planned row was committed exactly once.
+committed parts. ``close`` checks that every planned row was committed exactly once, and
+removes any part no commit lists.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: l
     """``map_batches`` body: conform a batch to the output schema, stage it, move it in.
     Returns one row describing the committed part."""
     fs, root = open_filesystem(output)
-    staging = staging_path(root)
     table = _conform(batch, schema)
     name = part_name(table.column("id").to_pylist())
-    fs.create_dir(staging, recursive=True)
-    staged = join(staging, name)
-    with fs.open_output_stream(staged) as stream:
-        pq.write_table(table, stream, compression="zstd")
-    fs.move(staged, join(root, name))
+    if isinstance(fs, pafs.LocalFileSystem):  # staged, then moved in: a rename is atomic here
+        staging = staging_path(root)
+        fs.create_dir(staging, recursive=True)
+        staged = join(staging, name)
+        with fs.open_output_stream(staged) as stream:
+            pq.write_table(table, stream, compression="zstd")
+        fs.move(staged, join(root, name))
+    else:  # an object store's PUT is atomic, and a move would be COPY + DELETE: twice the bytes
+        with fs.open_output_stream(join(root, name)) as stream:
+            pq.write_table(table, stream, compression="zstd")
     errors: Counter[str] = Counter()
     with_error = None
     for column in error_columns:
@@ -252,9 +258,9 @@ class ParquetSink:
         )
         self._write_manifest()
         self.log.clear()
-        staging = staging_path(self.root)
-        if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
-            self.fs.delete_dir(staging)
+        # The final sweep: a part no commit lists (moved in by a zombie task of a killed driver,
+        # or one whose commit was lost) is not part of the output.
+        self._drop_uncommitted(self.committed_names)
         return self.manifest
 
     # -- manifest I/O ------------------------------------------------------------------

@@ -139,3 +139,70 @@ def test_older_output_format_and_missing_parts_refuse_to_resume(ray_session, tin
     assert len(err.splitlines()) == 1 and manifest["files"][0]["name"] in err and "missing" in err
     assert cli_main([*args, "--overwrite"]) == 0
     assert read_output(out).num_rows == 40
+
+
+def test_close_sweeps_parts_no_commit_lists(tmp_path):
+    sink = _sink(tmp_path)
+    out = tmp_path / "out"
+    (out / "part-committed.parquet").write_bytes(b"x")
+    (out / "part-zombie.parquet").write_bytes(b"x")  # moved in by a killed driver's zombie task
+    sink.record(_part("part-committed.parquet", 5))
+    sink.close(input_rows=5, max_error_rate=1.0, planned_rows=5)
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "part-committed.parquet"]
+
+
+def test_dry_run_counts_and_writes_nothing(ray_session, tiny_bert, tmp_path, capsys):
+    src, out = tmp_path / "in.parquet", tmp_path / "out"
+    ids = [f"r{i:02d}" for i in range(60)] + ["r00", "r01", "r02"]  # three duplicates
+    pq.write_table(pa.table({"id": ids, "text": [f"red shoe {i}" for i in range(63)]}), src)
+    args = embed_args(src, out, tiny_bert, "--rows-per-file", "20", "--on-duplicate-id", "keep-first")
+    capsys.readouterr()
+    assert cli_main([*args, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    fresh = json.loads(lines[0])
+    assert {k: fresh[k] for k in ("rows", "duplicates", "committed", "to_embed")} == {
+        "rows": 63,
+        "duplicates": 3,
+        "committed": 0,
+        "to_embed": 60,
+    }
+    assert fresh["chunks"] >= 1 and fresh["driver_peak_rss_mb"] > 0
+    assert not out.exists()
+
+    assert cli_main(args) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    # Half committed: the manifest of a killed run that recorded its first parts only.
+    kept = manifest["files"][: len(manifest["files"]) // 2]
+    (out / "_manifest.json").write_text(json.dumps({**manifest, "status": "running", "files": kept}))
+    listing = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    capsys.readouterr()
+    assert cli_main([*args, "--dry-run"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["committed"] == sum(f["rows"] for f in kept) and resumed["to_embed"] == 60 - resumed["committed"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == listing  # nothing written
+
+    # Duplicates under on_duplicate_id: error stop the dry run as they stop the run.
+    strict = embed_args(src, tmp_path / "strict", tiny_bert, "--dry-run")
+    assert cli_main(strict) == 2 and not (tmp_path / "strict").exists()
+
+
+def test_job_entry_point_dry_run(ray_session, tiny_bert, tmp_path, capsys):
+    from jobs.embed import main as job_main
+
+    src = _input(tmp_path, 30)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "sources": [{"path": str(src), "id_column": "id"}],
+                "encoders": [{"output": "text", "column": "text", "model": tiny_bert}],
+                "output": {"path": str(tmp_path / "out")},
+            }
+        )
+    )
+    capsys.readouterr()
+    assert job_main(["--config", str(config), "--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rows"], report["to_embed"], report["committed"]) == (30, 30, 0)
+    assert not (tmp_path / "out").exists()
