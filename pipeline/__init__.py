@@ -19,8 +19,8 @@ def embed(dataset: Any, config: Any) -> Any:
     return _embed(dataset, config)
 
 
-def run(config: Any, overwrite: bool = False, dry_run: bool = False) -> dict[str, Any]:
+def run(config: Any, overwrite: bool = False, dry_run: bool = False, takeover: bool = False) -> dict[str, Any]:
     """Embed the configured sources into the output folder (see pipeline.graph.run)."""
     from pipeline.graph import run as _run
 
-    return _run(config, overwrite=overwrite, dry_run=dry_run)
+    return _run(config, overwrite=overwrite, dry_run=dry_run, takeover=takeover)

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--takeover", action="store_true", help="take over the output's writer lease from a run that is gone"
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="plan, find duplicates and count what an earlier run committed; print one JSON line; write nothing",
@@ -257,7 +260,12 @@ def execute(args: argparse.Namespace) -> int:
         loader.join()
         from pipeline.graph import run  # re-raises here if the background import failed
 
-        manifest = run(config, overwrite=args.overwrite, dry_run=getattr(args, "dry_run", False))
+        manifest = run(
+            config,
+            overwrite=args.overwrite,
+            dry_run=getattr(args, "dry_run", False),
+            takeover=getattr(args, "takeover", False),
+        )
     except ConfigError as exc:
         print(f"omniembed: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USAGE

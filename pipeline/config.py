@@ -72,6 +72,7 @@ class OutputConfig:
     max_error_rate: float = 0.01
     rows_per_file: int = 100_000
     commit_seconds: float = 30.0  # commit-log flush period: a killed driver loses at most this much
+    lease_seconds: float = 10.0  # writer-lease heartbeat; a lease 3 heartbeats old is abandoned
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,9 @@ def _output(data: Any) -> OutputConfig:
     commit_seconds = _get(data, "commit_seconds", float, where, 30.0)
     if commit_seconds < 0:
         raise ConfigError(f"output.commit_seconds: must be >= 0, got {commit_seconds!r}")
+    lease_seconds = _get(data, "lease_seconds", float, where, 10.0)
+    if lease_seconds <= 0:
+        raise ConfigError(f"output.lease_seconds: must be > 0, got {lease_seconds!r}")
     return OutputConfig(
         path=path,
         vector_type=_get(data, "vector_type", str, where, "list", VECTOR_TYPES),
@@ -291,4 +295,5 @@ def _output(data: Any) -> OutputConfig:
         max_error_rate=rate,
         rows_per_file=rows_per_file,
         commit_seconds=commit_seconds,
+        lease_seconds=lease_seconds,
     )

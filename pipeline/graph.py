@@ -51,26 +51,44 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
 
 
 def run(
-    config: Config | Mapping[str, Any] | str | Path, overwrite: bool = False, dry_run: bool = False
+    config: Config | Mapping[str, Any] | str | Path,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    takeover: bool = False,
 ) -> dict[str, Any]:
     """Embed the configured sources into the output folder; return the final manifest. With
     ``dry_run``: planning, the duplicate pass and resume accounting only; nothing is written,
-    and the return value is ``dry_run_report``'s."""
-    import ray
-
+    and the return value is ``dry_run_report``'s. ``takeover``: take the writer lease of a run
+    that is gone without waiting for it to go stale."""
     config = as_config(config)
     plans = plan(config, cluster_shape())
     meta = encoders_metadata(plans, config)
     chunks = plan_chunks(config.sources)
     sink = ParquetSink(config, meta, fingerprint(config, meta))
-    committed = sink.check(overwrite)
+    committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
     sources = prepass(chunks, committed, config.output.on_duplicate_id, _ray_map)
     schema = plan_output_schema(config, [p.spec for p in plans], sources.schema, meta)
     if dry_run:
         return dry_run_report(sources)
     sink.begin()  # the first write: every usage error above leaves the output untouched
+    try:
+        parts = write_parts(config, plans, sources, schema)
+        for part in parts.iter_rows():
+            sink.record(part)
+        if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
+            log.debug("Ray Data stats:\n%s", parts.stats())
+        return sink.close(sources.total_rows, config.output.max_error_rate, sources.total_rows - sources.skipped_rows)
+    except BaseException:  # an error or Ctrl-C: the next run need not wait for the lease to go stale
+        sink.lease.release()
+        raise
 
-    items = [chunk_row(c, sources.drops.get(c.index, [])) for c in chunks]
+
+def write_parts(config: Config, plans: list[EncoderPlan], sources: SourcePlan, schema: Any) -> Any:
+    """Read chunks -> per encoder (prepare -> encode) -> write parts: a Dataset of one row per
+    part written, for the driver to commit."""
+    import ray
+
+    items = [chunk_row(c, sources.drops.get(c.index, [])) for c in sources.chunks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     dataset = dataset.map_batches(
         named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs={"schema": sources.schema}
@@ -82,18 +100,13 @@ def run(
     dataset = add_encoders(dataset, plans)
     error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
     write = resolve_task_stage(config.stage("write"), config.output.rows_per_file)
-    parts = apply_stage(
+    return apply_stage(
         dataset,
         write_part,
         write,
         name="Write",
         fn_kwargs={"output": config.output.path, "schema": schema, "error_columns": error_columns},
     )
-    for part in parts.iter_rows():
-        sink.record(part)
-    if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
-        log.debug("Ray Data stats:\n%s", parts.stats())
-    return sink.close(sources.total_rows, config.output.max_error_rate, sources.total_rows - sources.skipped_rows)
 
 
 def dry_run_report(sources: SourcePlan) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from encoders.core.errors import error_code
 from pipeline.commits import COMMITS, CommitLog, new_run_id
 from pipeline.config import Config, ConfigError
 from pipeline.filesystems import join, open_filesystem, parent_and_name
+from pipeline.lease import LEASE, WriterLease
 
 MANIFEST = "_manifest.json"
 # The output contract's version (CHANGELOG.md). An output of another version never resumes.
@@ -111,20 +112,24 @@ class ParquetSink:
         self.log = CommitLog(
             self.fs, self.root, staging_path(self.root), new_run_id(), self.config.output.commit_seconds
         )
+        self.lease = WriterLease(self.fs, self.root, self.log.run_id, self.config.output.lease_seconds)
         self.committed_names: set[str] = set()
 
     # -- opening: fresh, resumed or overwritten ------------------------------------------
-    def check(self, overwrite: bool) -> pa.Array | None:
+    def check(self, overwrite: bool, takeover: bool = False) -> pa.Array | None:
         """Read-only: may this run write here? Returns the ids committed by an earlier run of
-        the same config (None for a fresh or overwritten run). Nothing is written."""
+        the same config (None for a fresh or overwritten run). Nothing is written. Another
+        run's live lease refuses, unless ``takeover``."""
         self.overwrite = overwrite
         where = f"output.path: {self.config.output.path!r}"
         entry = self.fs.get_file_info(self.root)
         if entry.type == pafs.FileType.File:
             raise ConfigError(f"{where} is a file; give a folder")
+        self.lease.check(where, takeover)
         existing = self._read_manifest()
         listing = self._listing()
-        if existing is None and listing and (not overwrite or not all(self._ours(p) for p in listing)):
+        files = [p for p in listing if p.rsplit("/", 1)[-1] != LEASE]  # a run killed as it began leaves a lease only
+        if existing is None and files and (not overwrite or not all(self._ours(p) for p in files)):
             raise ConfigError(f"{where} exists and is not an omniembed output; choose another path")
         if existing is not None and not overwrite:
             if str(existing.get("version")) != FORMAT_VERSION:
@@ -160,11 +165,14 @@ class ParquetSink:
         return list(files.values())
 
     def begin(self) -> None:
-        """The first write: clear an overwritten run, drop parts no commit recorded, write a
-        ``running`` manifest that holds every earlier commit, then clear the old log."""
+        """The first write: take the writer lease, clear an overwritten run, drop parts no commit
+        recorded, write a ``running`` manifest that holds every earlier commit, then clear the
+        old log."""
+        self.fs.create_dir(self.root, recursive=True)
+        self.lease.acquire()
         if self.overwrite:
             for path in self._listing():
-                if self._ours(path):
+                if self._ours(path) and path.rsplit("/", 1)[-1] != LEASE:
                     self.fs.delete_file(path)
         self.committed_names = {f["name"] for f in self.resumed_files}
         self._drop_uncommitted(self.committed_names)
@@ -191,7 +199,7 @@ class ParquetSink:
     @staticmethod
     def _ours(path: str) -> bool:
         name = path.rsplit("/", 1)[-1]
-        return name == MANIFEST or (name.startswith(PART_PREFIX) and name.endswith(".parquet"))
+        return name in (MANIFEST, LEASE) or (name.startswith(PART_PREFIX) and name.endswith(".parquet"))
 
     def _drop_uncommitted(self, committed: set[str]) -> None:
         """Parts moved in by a run that died before recording them: their ids run again."""
@@ -261,6 +269,7 @@ class ParquetSink:
         # The final sweep: a part no commit lists (moved in by a zombie task of a killed driver,
         # or one whose commit was lost) is not part of the output.
         self._drop_uncommitted(self.committed_names)
+        self.lease.release()
         return self.manifest
 
     # -- manifest I/O ------------------------------------------------------------------

@@ -4,14 +4,18 @@ into the manifest, resume from a killed run's log, and exactly-once checked at c
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.commits import COMMITS
-from pipeline.config import config_from_dict
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.lease import LEASE, WriterLease
 from pipeline.sink import FORMAT_VERSION, ParquetSink, committed_parts, part_name
 from tests.pipeline.test_run import embed_args, read_output
 
@@ -206,3 +210,66 @@ def test_job_entry_point_dry_run(ray_session, tiny_bert, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["rows"], report["to_embed"], report["committed"]) == (30, 30, 0)
     assert not (tmp_path / "out").exists()
+
+
+def _foreign_lease(out, age_seconds: float, seconds: float = 10.0) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lease = {
+        "run_id": "20260101T000000-other000",
+        "host": "node-7",
+        "pid": 4242,
+        "seconds": seconds,
+        "heartbeat": time.time() - age_seconds,
+    }
+    (out / LEASE).write_text(json.dumps(lease))
+
+
+def test_writer_lease_renews_refuses_and_goes_stale(tmp_path):
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    mine = WriterLease(fs, root, "mine", seconds=0.05)
+    mine.acquire()
+    first = mine.holder()["heartbeat"]
+    time.sleep(0.3)
+    assert mine.holder()["heartbeat"] > first and mine.holder()["run_id"] == "mine"  # renewed
+    other = WriterLease(fs, root, "other", seconds=0.05)
+    with pytest.raises(ConfigError) as info:
+        other.check("output.path: 'x'", takeover=False)
+    message = str(info.value)
+    assert "\n" not in message and "run mine" in message and "last heartbeat" in message and "--takeover" in message
+    other.check("output.path: 'x'", takeover=True)  # --takeover: no refusal
+    mine.release()
+    assert not (tmp_path / LEASE).exists()
+    _foreign_lease(tmp_path, age_seconds=1.0, seconds=0.1)  # 10 heartbeats old: the run died
+    other.check("output.path: 'x'", takeover=False)
+
+
+def test_a_second_writer_is_refused_and_a_run_releases_its_lease(ray_session, tiny_bert, tmp_path, capsys):
+    src, out = _input(tmp_path, 20), tmp_path / "out"
+    args = embed_args(src, out, tiny_bert)
+    _foreign_lease(out, age_seconds=2.0)
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "node-7" in err and "--takeover" in err
+    assert cli_main([*args, "--takeover"]) == 0
+    assert not (out / LEASE).exists() and read_output(out).num_rows == 20
+
+
+def test_the_lease_is_released_on_ctrl_c(ray_session, tiny_bert, tmp_path, monkeypatch):
+    from pipeline import graph
+
+    src, out = _input(tmp_path, 10), tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        assert (out / LEASE).exists()  # held while the run writes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graph, "write_parts", interrupted)
+    config = {
+        "sources": [{"path": str(src), "id_column": "id"}],
+        "output": {"path": str(out)},
+        "encoders": [{"output": "text", "column": "text", "model": tiny_bert}],
+    }
+    with pytest.raises(KeyboardInterrupt):
+        graph.run(config)
+    assert not (out / LEASE).exists()
