@@ -135,7 +135,8 @@ def _config(tmp: Path, name: str, corpus: Path, model: Path) -> tuple[Path, Path
             "prepare": {"cpus": 0.25, "resources": {"io_slot": 1}},
             "write": {"cpus": 0.25, "resources": {"io_slot": 1}},
         },
-        "output": {"path": str(out), "rows_per_file": 100, "commit_seconds": 0},
+        # Commits flushed at once; a lease fresh for 90 s, so the refused re-run below is certain.
+        "output": {"path": str(out), "rows_per_file": 100, "commit_seconds": 0, "lease_seconds": 30},
     }
     path = tmp / name / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,13 +144,13 @@ def _config(tmp: Path, name: str, corpus: Path, model: Path) -> tuple[Path, Path
     return path, out
 
 
-def _submit(client, config: Path) -> str:
+def _submit(client, config: Path, *flags: str) -> str:
     deadline = time.time() + 60
     while True:
         try:
             return client.submit_job(
                 # This machine's `python` is not the venv's; on a cluster it is the nodes' own.
-                entrypoint=f"{sys.executable} -m jobs.embed --config {config}",
+                entrypoint=" ".join([sys.executable, "-m", "jobs.embed", "--config", str(config), *flags]),
                 runtime_env={
                     "working_dir": str(ROOT),
                     "excludes": [".git", ".venv", "**/__pycache__", "examples/out", "*.egg-info", "benchmarks"],
@@ -326,7 +327,11 @@ def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_p
     assert _wait(client, job) == "FAILED"
     killed, killed_parts = _manifest(out), committed_parts(str(out))
     assert killed["status"] == "running" and killed_parts, "a killed run looks incomplete"
-    rerun = _submit(client, config)
+    # The killed driver's lease is still fresh: a second writer is refused in one line...
+    refused = _submit(client, config)
+    assert _wait(client, refused) == "FAILED" and "--takeover" in client.get_job_logs(refused)
+    # ...and --takeover resumes at once.
+    rerun = _submit(client, config, "--takeover")
     assert _wait(client, rerun) == "SUCCEEDED", client.get_job_logs(rerun)[-4000:]
     manifest = _manifest(out)
     assert manifest["resumed_from"] and manifest["resumed_from"] >= len(killed_parts), "the re-run resumed"
