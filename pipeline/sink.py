@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -95,6 +95,24 @@ def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
         column = batch.column(f.name)
         columns.append(column if column.type == f.type else column.cast(f.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+class Sink(Protocol):
+    """The driver's side of an output format: the commit protocol every output keeps (a lease,
+    a commit log, exactly-once checked at close). ``ParquetSink`` is the Parquet one; a Lance
+    output is to keep the same protocol with its own part writer."""
+
+    def check(self, overwrite: bool, takeover: bool = False) -> pa.Array | None:
+        """Read-only: may this run write here; the ids an earlier run of the config committed."""
+
+    def begin(self) -> None:
+        """The first write: take the lease, clear or resume, write a ``running`` manifest."""
+
+    def record(self, part: Mapping[str, Any]) -> None:
+        """Commit one written part (a write task's result row)."""
+
+    def close(self, input_rows: int, max_error_rate: float, planned_rows: int | None = None) -> dict[str, Any]:
+        """The final manifest: status, counts, timing; release the lease."""
 
 
 @dataclass
