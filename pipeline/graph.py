@@ -16,7 +16,7 @@ from pipeline.columns import error_column
 from pipeline.config import Config
 from pipeline.plan import EncoderPlan, as_config, encoders_metadata, plan
 from pipeline.schema import plan_output_schema
-from pipeline.sink import ParquetSink, fingerprint, write_part
+from pipeline.sink import ParquetSink, Sink, fingerprint, write_part
 from pipeline.sources import SourcePlan, chunk_row, needs_reading, plan_chunks, prepass, read_chunk_rows
 from pipeline.stages import EncodeActor, prepare_batch
 
@@ -64,7 +64,7 @@ def run(
     plans = plan(config, cluster_shape())
     meta = encoders_metadata(plans, config)
     chunks = plan_chunks(config.sources)
-    sink = ParquetSink(config, meta, fingerprint(config, meta))
+    sink: Sink = ParquetSink(config, meta, fingerprint(config, meta))
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
     sources = prepass(chunks, committed, config.output.on_duplicate_id, _ray_map)
     schema = plan_output_schema(config, [p.spec for p in plans], sources.schema, meta)
@@ -79,7 +79,7 @@ def run(
             log.debug("Ray Data stats:\n%s", parts.stats())
         return sink.close(sources.total_rows, config.output.max_error_rate, sources.total_rows - sources.skipped_rows)
     except BaseException:  # an error or Ctrl-C: the next run need not wait for the lease to go stale
-        sink.lease.release()
+        sink.release()
         raise
 
 

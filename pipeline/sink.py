@@ -114,6 +114,9 @@ class Sink(Protocol):
     def close(self, input_rows: int, max_error_rate: float, planned_rows: int | None = None) -> dict[str, Any]:
         """The final manifest: status, counts, timing; release the lease."""
 
+    def release(self) -> None:
+        """A run that stops early (an error, Ctrl-C) releases the folder to the next one."""
+
 
 @dataclass
 class ParquetSink:
@@ -172,15 +175,15 @@ class ParquetSink:
     def _committed(self, manifest: Mapping[str, Any], listing: list[str]) -> list[dict[str, Any]]:
         """The manifest's files and the commit log's, once each; a committed part that is gone
         is a one-line error."""
-        files = {record["name"]: record for record in _once([*manifest.get("files", []), *self.log.read()])}
+        records = _once([*manifest.get("files", []), *self.log.read()])
         present = {path.rsplit("/", 1)[-1] for path in listing}
-        missing = [name for name in files if name not in present]
+        missing = [r["name"] for r in records if r["name"] not in present]
         if missing:
             raise ConfigError(
                 f"output.path: {self.config.output.path!r}: committed part {missing[0]} is missing "
-                f"({len(missing)} of {len(files)} parts); pass --overwrite to embed everything again"
+                f"({len(missing)} of {len(records)} parts); pass --overwrite to embed everything again"
             )
-        return list(files.values())
+        return records
 
     def begin(self) -> None:
         """The first write: take the writer lease, clear an overwritten run, drop parts no commit
@@ -229,6 +232,9 @@ class ParquetSink:
         staging = staging_path(self.root)
         if self.fs.get_file_info(staging).type == pafs.FileType.Directory:
             self.fs.delete_dir(staging)
+
+    def release(self) -> None:
+        self.lease.release()
 
     # -- progress --------------------------------------------------------------------
     def record(self, part: Mapping[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 # Before anything imports Ray: every Ray address on 127.0.0.1.
@@ -15,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
+
+# Ray forwards its workers' and actors' log lines to the driver's stderr, prefixed with
+# "(<name> pid=<n>)" and colored, and asynchronously: a cleanup actor of an earlier test's Ray
+# Train run may print into a later test's captured stderr.
+_RAY_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(.*?pid=\d+.*?\)")
+
+
+def own_stderr(text: str) -> list[str]:
+    """The lines a command itself wrote to stderr, without the lines Ray forwarded."""
+    return [line for line in text.strip().splitlines() if not _RAY_LOG_LINE.match(line)]
+
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # The size every tiny transformer in the tests shares (BERT, ViT, CLIP, AST, wav2vec2, CLAP text).

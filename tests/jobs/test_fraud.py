@@ -8,6 +8,7 @@ import json
 import pyarrow.parquet as pq
 
 from jobs.fraud import WITH, WITHOUT, main
+from tests.conftest import own_stderr
 
 
 def test_content_vectors_add_pr_auc(job_data, tmp_path, capsys):
@@ -36,5 +37,5 @@ def test_missing_file_is_one_line(job_data, tmp_path, capsys):
     argv = ["--transactions", str(tmp_path / "none.parquet"), "--numeric", "amount"]
     argv += ["--vectors", job_data["dataset"], "--column", "text_embedding", "--vectors-key", "item_id"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--transactions" in err and "does not exist" in err and len(err.splitlines()) == 1
+    err = own_stderr(capsys.readouterr().err)
+    assert len(err) == 1 and "--transactions" in err[0] and "does not exist" in err[0]

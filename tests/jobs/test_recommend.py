@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.recommend import main
+from tests.conftest import own_stderr
 
 
 def test_two_tower_beats_popularity(job_data, tmp_path, capsys):
@@ -47,6 +48,6 @@ def test_missing_column_is_one_line(job_data, tmp_path, capsys):
     argv = ["--interactions", job_data["interactions"], "--items", job_data["dataset"]]
     argv += ["--column", "text_embedding", "--user-column", "customer", "--output", str(tmp_path / "o")]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "column 'customer' is not in" in err and len(err.splitlines()) == 1
+    err = own_stderr(capsys.readouterr().err)
+    assert len(err) == 1 and "column 'customer' is not in" in err[0]
     assert main(argv[:4] + ["--items", str(Path(tmp_path) / "missing"), "--column", "x", "--output", "o"]) == 2

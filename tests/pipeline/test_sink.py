@@ -17,6 +17,7 @@ from pipeline.commits import COMMITS
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.lease import LEASE, WriterLease
 from pipeline.sink import FORMAT_VERSION, ParquetSink, committed_parts, part_name
+from tests.conftest import own_stderr
 from tests.pipeline.test_run import embed_args, read_output
 
 
@@ -133,14 +134,14 @@ def test_older_output_format_and_missing_parts_refuse_to_resume(ray_session, tin
     (out / "_manifest.json").write_text(json.dumps({**manifest, "version": "1", "status": "running"}))
     capsys.readouterr()
     assert cli_main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "output format '1'" in err and "--overwrite" in err
+    (err,) = own_stderr(capsys.readouterr().err)
+    assert "output format '1'" in err and "--overwrite" in err
 
     (out / "_manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
     (out / manifest["files"][0]["name"]).unlink()
     assert cli_main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and manifest["files"][0]["name"] in err and "missing" in err
+    (err,) = own_stderr(capsys.readouterr().err)
+    assert manifest["files"][0]["name"] in err and "missing" in err
     assert cli_main([*args, "--overwrite"]) == 0
     assert read_output(out).num_rows == 40
 
@@ -249,8 +250,8 @@ def test_a_second_writer_is_refused_and_a_run_releases_its_lease(ray_session, ti
     _foreign_lease(out, age_seconds=2.0)
     capsys.readouterr()
     assert cli_main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "node-7" in err and "--takeover" in err
+    (err,) = own_stderr(capsys.readouterr().err)
+    assert "node-7" in err and "--takeover" in err
     assert cli_main([*args, "--takeover"]) == 0
     assert not (out / LEASE).exists() and read_output(out).num_rows == 20
 
