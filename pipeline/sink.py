@@ -298,11 +298,7 @@ class ParquetSink:
 
     # -- manifest I/O ------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
-        path = join(self.root, MANIFEST)
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
+        return read_manifest(self.fs, self.root)
 
     def _write_manifest(self) -> None:
         staging = staging_path(self.root)
@@ -317,15 +313,22 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def committed_parts(output: str) -> list[dict[str, Any]] | None:
-    """The parts committed in an output folder so far, also while a run is writing it: the
-    manifest's files and the commit log's, once each (None when there is no manifest)."""
-    fs, root = open_filesystem(output)
+def read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
+    """An output folder's ``_manifest.json``, or None where there is none."""
     path = join(root, MANIFEST)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
-        manifest = json.loads(stream.read())
+        return json.loads(stream.read())
+
+
+def committed_parts(output: str) -> list[dict[str, Any]] | None:
+    """The parts committed in an output folder so far, also while a run is writing it: the
+    manifest's files and the commit log's, once each (None when there is no manifest)."""
+    fs, root = open_filesystem(output)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        return None
     return _once([*manifest.get("files", []), *CommitLog(fs, root, staging_path(root), "reader").read()])
 
 
