@@ -13,7 +13,8 @@ from pipeline.config import ConfigError, SourceConfig
 
 def read_table(path: str, flag: str, required: Sequence[str] = ()) -> pa.Table:
     """The whole table; ``required`` columns must be there (a one-line error names the flag)."""
-    from pipeline.sources import plan_chunks, read_chunk
+    from pipeline.chunks import plan_chunks
+    from pipeline.sources import read_chunk
 
     try:
         chunks = plan_chunks([SourceConfig(path=path, derive_ids=True)])

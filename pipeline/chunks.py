@@ -1,0 +1,275 @@
+"""Planning: sources -> read chunks, one Arrow row each, with file metadata read in tasks.
+
+A read chunk is a Parquet row-group range, a JSONL or CSV file, or a group of files in a folder.
+Its ``key`` is stable across runs: a hash of the source, the file's relative path, the row
+range and the file's size and modification time (or ETag). It is never a position in a
+listing, which shifts when a file is added. Folder groups are cut where a file's path hashes
+to a boundary (content-defined, as rsync cuts blocks), so an added file changes only its own
+group. Progress and resume count rows per key (pipeline/progress.py).
+
+Each source is listed once, in a task. Parquet footers are read, and JSONL and CSV files
+parsed for their row counts and schemas, in tasks over batches of files. The driver holds the
+chunk table: one Arrow row per chunk, never a Python object per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError, SourceConfig
+from pipeline.filesystems import open_filesystem
+from pipeline.sources import FOLDER_KINDS, FORMAT_SUFFIXES, REFERENCE_KINDS, ReadChunk, read_table_file
+from pipeline.tasks import LocalTasks, Tasks
+
+ROWS_PER_PARQUET_CHUNK = 65_536
+FILES_PER_CHUNK = 256  # a folder group's mean size; a group is cut at 4x this at the latest
+FILES_PER_PLANNING_TASK = 32
+LOCAL_PLANNING_FILES = 16  # fewer files are planned on the driver: no worker start for a small job
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.int32()),
+        ("root", pa.string()),
+        ("format", pa.string()),  # parquet | jsonl | csv | folder
+        ("kind", pa.string()),  # table | text | image | audio
+        ("id_column", pa.string()),
+        ("path", pa.string()),
+        ("relpath", pa.string()),
+        ("row_groups", pa.list_(pa.int32())),
+        ("first_row", pa.int64()),  # the chunk's first row in its file, for derived ids
+        ("rows", pa.int64()),
+        ("files", pa.list_(pa.string())),  # a folder group's relative paths
+    ]
+)
+FILE_SCHEMA = pa.schema([("path", pa.string()), ("rel", pa.string()), ("version", pa.string())])
+
+
+@dataclass
+class ChunkPlan:
+    chunks: pa.Table  # CHUNK_SCHEMA, in read order: source, file, row
+    schema: pa.Schema  # the read stage's unified schema: id first
+
+
+def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
+    listings = tasks.map(list_source, list(enumerate(sources)), local=all("://" not in s.path for s in sources))
+    jobs, folder_parts = [], []
+    for (s_index, source), (fmt, files) in zip(enumerate(sources), listings):
+        if fmt == "folder":
+            folder_parts.append(_folder_chunks(s_index, source, files))
+            continue
+        for start in range(0, files.num_rows, FILES_PER_PLANNING_TASK):
+            jobs.append((s_index, source, fmt, files.slice(start, FILES_PER_PLANNING_TASK)))
+    n_files = sum(job[3].num_rows for job in jobs)
+    described = tasks.map(describe_files, jobs, local=n_files <= LOCAL_PLANNING_FILES)
+    by_source: dict[int, list[pa.Table]] = {}
+    for (s_index, *_), (table, _) in zip(jobs, described):
+        by_source.setdefault(s_index, []).append(table)
+    for part in folder_parts:
+        by_source.setdefault(part.column("source")[0].as_py(), []).append(part)
+    ordered = [t for s in sorted(by_source) for t in by_source[s]]
+    chunks = pa.concat_tables(ordered) if ordered else CHUNK_SCHEMA.empty_table()
+    schemas = [schema for _, schema in described] + [_folder_schema(s.kind) for s in sources if s.kind != "table"]
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConfigError(f"sources: columns disagree in type across files ({str(exc).splitlines()[0]})") from None
+    return ChunkPlan(chunks.combine_chunks(), schema)
+
+
+def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
+    """One listing per source: its format, and its files (path, relative path, version)."""
+    s_index, source = item
+    where = f"sources[{s_index}]"
+    fs, root = open_filesystem(source.path)
+    entry = fs.get_file_info(root)
+    if entry.type == pafs.FileType.NotFound:
+        raise ConfigError(f"{where}.path: {source.path!r} does not exist")
+    if source.kind != "table":
+        if source.kind not in FOLDER_KINDS:
+            raise ConfigError(f"{where}.kind: {source.kind!r} sources are not supported yet")
+        if entry.type != pafs.FileType.Directory:
+            raise ConfigError(f"{where}.path: a {source.kind} source must be a folder, got a file {source.path!r}")
+        suffixes = FOLDER_KINDS[source.kind][0]
+        files = _with_suffix(_listing(fs, root), suffixes)
+        if not files.num_rows:
+            raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(suffixes)}) in {source.path!r}")
+        return "folder", files
+    if source.id_column is None and not source.derive_ids:
+        raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
+    if entry.type != pafs.FileType.Directory:
+        fmt = source.format or format_of(root, where)
+        name = root.rstrip("/").rpartition("/")[2]
+        return fmt, pa.table({"path": [root], "rel": [name], "version": [_version(entry)]}, schema=FILE_SCHEMA)
+    listing = _listing(fs, root)
+    if source.format:
+        fmt = source.format
+    else:
+        found = [f for f, suffixes in FORMAT_SUFFIXES.items() if _with_suffix(listing, suffixes).num_rows]
+        if len(found) != 1:
+            raise ConfigError(
+                f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of "
+                f"{', '.join(FORMAT_SUFFIXES)}"
+            )
+        fmt = found[0]
+    files = _with_suffix(listing, FORMAT_SUFFIXES[fmt])
+    if not files.num_rows:
+        raise ConfigError(f"{where}.path: no {fmt} files in {source.path!r}")
+    return fmt, files
+
+
+def format_of(path: str, where: str) -> str:
+    lower = path.lower()
+    for fmt, suffixes in FORMAT_SUFFIXES.items():
+        if lower.endswith(suffixes):
+            return fmt
+    raise ConfigError(
+        f"{where}.format: cannot tell the format of {path!r}; set format: to one of {', '.join(FORMAT_SUFFIXES)}"
+    )
+
+
+def _listing(fs: pafs.FileSystem, root: str) -> pa.Table:
+    """Every file under root, sorted by relative path; hidden and underscore-prefixed names
+    (``_manifest.json``, ``.staging``) are skipped."""
+    paths, rels, versions = [], [], []
+    prefix = len(root.rstrip("/")) + 1
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[prefix:]
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        paths.append(entry.path)
+        rels.append(rel)
+        versions.append(_version(entry))
+    table = pa.table({"path": paths, "rel": rels, "version": versions}, schema=FILE_SCHEMA)
+    return table.sort_by("rel")
+
+
+def _version(entry: pafs.FileInfo) -> str:
+    # Size and modification time: what an object store's listing gives without a HEAD per file.
+    mtime = entry.mtime_ns if entry.mtime_ns is not None else ""
+    return f"{entry.size}:{mtime}"
+
+
+def _with_suffix(files: pa.Table, suffixes: tuple[str, ...]) -> pa.Table:
+    keep = [path.lower().endswith(suffixes) for path in files.column("path").to_pylist()]
+    return files.filter(pa.array(keep, pa.bool_()))
+
+
+def chunk_key(s_index: int, *parts: Any) -> str:
+    digest = hashlib.sha256(repr((s_index, *parts)).encode()).hexdigest()[:24]
+    return f"s{s_index}-{digest}"
+
+
+def source_of_key(key: str) -> int:
+    return int(key[1 : key.index("-")])
+
+
+def _folder_chunks(s_index: int, source: SourceConfig, files: pa.Table) -> pa.Table:
+    """Content-defined groups: a group ends after a file whose path hashes to a boundary."""
+    rels = files.column("rel").to_pylist()
+    versions = files.column("version").to_pylist()
+    groups, start = [], 0
+    for i, rel in enumerate(rels):
+        size = i + 1 - start
+        if zlib.crc32(rel.encode()) % FILES_PER_CHUNK == 0 or size >= 4 * FILES_PER_CHUNK or i == len(rels) - 1:
+            groups.append((start, i + 1))
+            start = i + 1
+    rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
+    for a, b in groups:
+        group = rels[a:b]
+        values = {
+            "key": chunk_key(s_index, "folder", list(zip(group, versions[a:b]))),
+            "source": s_index,
+            "root": source.path,
+            "format": "folder",
+            "kind": source.kind,
+            "id_column": None,
+            "path": "",
+            "relpath": group[0],
+            "row_groups": [],
+            "first_row": 0,
+            "rows": len(group),
+            "files": group,
+        }
+        for name, value in values.items():
+            rows[name].append(value)
+    return pa.table(rows, schema=CHUNK_SCHEMA)
+
+
+def _folder_schema(kind: str) -> pa.Schema:
+    column = FOLDER_KINDS[kind][1]
+    return pa.schema([("id", pa.string()), (column, pa.string() if kind in REFERENCE_KINDS else pa.binary())])
+
+
+def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Table, pa.Schema]:
+    """A task: the chunks and unified schema of a batch of table files (Parquet footers, or a
+    full parse of JSONL/CSV, which has no row count without one)."""
+    s_index, source, fmt, files = job
+    where = f"sources[{s_index}]"
+    fs, _ = open_filesystem(source.path)
+    rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
+    schemas = []
+    for path, rel, version in zip(*(files.column(c).to_pylist() for c in FILE_SCHEMA.names)):
+        if fmt == "parquet":
+            ranges, schema = _row_group_ranges(fs, path, where)
+        else:
+            table = read_table_file(fs, path, fmt, rel, s_index)
+            ranges, schema = [((), 0, table.num_rows)], table.schema
+        schemas.append(_read_schema(schema, source.id_column))
+        for groups, first, count in ranges:
+            values = {
+                "key": chunk_key(s_index, fmt, rel, version, groups),
+                "source": s_index,
+                "root": source.path,
+                "format": fmt,
+                "kind": "table",
+                "id_column": source.id_column,
+                "path": path,
+                "relpath": rel,
+                "row_groups": list(groups),
+                "first_row": first,
+                "rows": count,
+                "files": [],
+            }
+            for name, value in values.items():
+                rows[name].append(value)
+    return pa.table(rows, schema=CHUNK_SCHEMA), pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def _read_schema(schema: pa.Schema, id_column: str | None) -> pa.Schema:
+    names = [n for n in schema.names if n not in ("id", id_column)]
+    return pa.schema([pa.field("id", pa.string())] + [schema.field(n) for n in names])
+
+
+def _row_group_ranges(fs: pafs.FileSystem, path: str, where: str) -> tuple[list[tuple], pa.Schema]:
+    """(row groups, first row, rows) per chunk of about ROWS_PER_PARQUET_CHUNK rows, and the schema."""
+    try:
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            meta, schema = parquet.metadata, parquet.schema_arrow
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"{where}: {path!r} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    ranges, current, rows, first = [], [], 0, 0
+    for group in range(meta.num_row_groups):
+        current.append(group)
+        rows += meta.row_group(group).num_rows
+        if rows >= ROWS_PER_PARQUET_CHUNK:
+            ranges.append((tuple(current), first, rows))
+            current, first, rows = [], first + rows, 0
+    if current or not ranges:
+        ranges.append((tuple(current), first, rows))
+    return ranges, schema
+
+
+def plan_chunks(sources: Sequence[SourceConfig]) -> list[ReadChunk]:
+    """The read chunks of some sources, planned here without Ray (for the jobs' own inputs)."""
+    return [ReadChunk.from_row(row) for row in plan_sources(sources, LocalTasks()).chunks.to_pylist()]
