@@ -15,7 +15,7 @@ SOURCE_KINDS = ("table", "text", "image", "audio")
 TABLE_FORMATS = ("parquet", "jsonl", "csv")
 VECTOR_TYPES = ("list", "fixed_size_list")
 VECTOR_DTYPES = ("float32", "float16")
-DUPLICATE_POLICIES = ("error", "keep-first")
+DUPLICATE_POLICIES = ("error", "keep-first", "trust")
 STAGES = ("read", "prepare", "encode", "write")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -70,8 +70,8 @@ class OutputConfig:
     dtype: str = "float32"
     on_duplicate_id: str = "error"
     max_error_rate: float = 0.01
-    rows_per_file: int = 100_000
-    commit_seconds: float = 30.0  # commit-log flush period: a killed driver loses at most this much
+    rows_per_file: int | None = None  # rows per part: None picks about a minute of encoder work
+    commit_seconds: float = 15.0  # commit-log flush period: a killed driver loses at most this much
     lease_seconds: float = 10.0  # writer-lease heartbeat; a lease 3 heartbeats old is abandoned
 
 
@@ -278,10 +278,10 @@ def _output(data: Any) -> OutputConfig:
     rate = _get(data, "max_error_rate", float, where, 0.01)
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"output.max_error_rate: must be between 0 and 1, got {rate!r}")
-    rows_per_file = _get(data, "rows_per_file", int, where, 100_000)
-    if rows_per_file < 1:
+    rows_per_file = _get(data, "rows_per_file", int, where, None)
+    if rows_per_file is not None and rows_per_file < 1:
         raise ConfigError(f"output.rows_per_file: must be positive, got {rows_per_file!r}")
-    commit_seconds = _get(data, "commit_seconds", float, where, 30.0)
+    commit_seconds = _get(data, "commit_seconds", float, where, 15.0)
     if commit_seconds < 0:
         raise ConfigError(f"output.commit_seconds: must be >= 0, got {commit_seconds!r}")
     lease_seconds = _get(data, "lease_seconds", float, where, 10.0)

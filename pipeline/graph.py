@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.adapter import apply_stage, named, resolve_task_stage
+from pipeline.chunks import plan_sources
 from pipeline.cluster import cluster_shape
 from pipeline.columns import error_column
 from pipeline.config import Config
-from pipeline.plan import EncoderPlan, as_config, encoders_metadata, plan
+from pipeline.dedupe import find_duplicates
+from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan
+from pipeline.progress import ReadPlan, account
 from pipeline.schema import plan_output_schema
 from pipeline.sink import ParquetSink, Sink, fingerprint, write_part
-from pipeline.sources import SourcePlan, chunk_row, needs_reading, plan_chunks, prepass, read_chunk_rows
+from pipeline.sources import read_chunk_rows
 from pipeline.stages import EncodeActor, prepare_batch
+from pipeline.tasks import RayTasks
 
 log = logging.getLogger(__name__)
 
@@ -63,43 +67,46 @@ def run(
     config = as_config(config)
     plans = plan(config, cluster_shape())
     meta = encoders_metadata(plans, config)
-    chunks = plan_chunks(config.sources)
+    tasks = RayTasks()
+    chunks = plan_sources(config.sources, tasks)  # listings and footers, read in tasks
     sink: Sink = ParquetSink(config, meta, fingerprint(config, meta))
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
-    sources = prepass(chunks, committed, config.output.on_duplicate_id, _ray_map)
+    duplicates = find_duplicates(chunks.chunks, config.output.on_duplicate_id, tasks)
+    sources = account(chunks, duplicates, committed, config.output.path, tasks)
     schema = plan_output_schema(config, [p.spec for p in plans], sources.schema, meta)
     if dry_run:
-        return dry_run_report(sources)
-    sink.begin()  # the first write: every usage error above leaves the output untouched
+        return sources.report()
+    sink.begin(sources.expect)  # the first write: every usage error above leaves the output untouched
     try:
-        parts = write_parts(config, plans, sources, schema)
-        for part in parts.iter_rows():
-            sink.record(part)
-        if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
-            log.debug("Ray Data stats:\n%s", parts.stats())
-        return sink.close(sources.total_rows, config.output.max_error_rate, sources.total_rows - sources.skipped_rows)
+        if sources.chunks.num_rows:
+            parts = write_parts(config, plans, sources, schema)
+            for part in parts.iter_rows():
+                sink.record(part)
+            if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
+                log.debug("Ray Data stats:\n%s", parts.stats())
+        return sink.close(sources.unique_rows, config.output.max_error_rate, sources.to_embed)
     except BaseException:  # an error or Ctrl-C: the next run need not wait for the lease to go stale
         sink.release()
         raise
 
 
-def write_parts(config: Config, plans: list[EncoderPlan], sources: SourcePlan, schema: Any) -> Any:
+def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, schema: Any) -> Any:
     """Read chunks -> per encoder (prepare -> encode) -> write parts: a Dataset of one row per
     part written, for the driver to commit."""
     import ray
 
-    items = [chunk_row(c, sources.drops.get(c.index, [])) for c in sources.chunks]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset = dataset.map_batches(
-        named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs={"schema": sources.schema}
+    n = sources.chunks.num_rows
+    read_kwargs = {"chunks": sources.chunks, "schema": sources.schema, "output": config.output.path}
+    dataset = ray.data.range(n, override_num_blocks=n).map_batches(
+        named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs
     )
-    # A chunk (256 files, or a Parquet row-group range) becomes blocks of an encoder batch, cut
-    # inside the read task. Without it Ray Data fuses read with the first prepare and bundles
+    # A chunk (a folder group, or a Parquet row-group range) becomes blocks of an encoder batch,
+    # cut inside the read task. Without it Ray Data fuses read with the first prepare and bundles
     # `batch_size` *chunks* into one task: no overlap with the encoder, and no read parallelism.
     dataset = dataset.repartition(target_num_rows_per_block=min(p.encode.batch_size for p in plans))
     dataset = add_encoders(dataset, plans)
     error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
-    write = resolve_task_stage(config.stage("write"), config.output.rows_per_file)
+    write = resolve_task_stage(config.stage("write"), config.output.rows_per_file or default_part_rows(plans))
     return apply_stage(
         dataset,
         write_part,
@@ -107,31 +114,3 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: SourcePlan, s
         name="Write",
         fn_kwargs={"output": config.output.path, "schema": schema, "error_columns": error_columns},
     )
-
-
-def dry_run_report(sources: SourcePlan) -> dict[str, Any]:
-    """What ``--dry-run`` prints: input rows (before dedupe), duplicates, rows an earlier run
-    committed, rows this run would embed, read chunks, and the driver's peak RSS so far."""
-    import resource
-
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
-    return {
-        "rows": sources.total_rows + sources.duplicates,
-        "duplicates": sources.duplicates,
-        "committed": sources.skipped_rows,
-        "to_embed": sources.total_rows - sources.skipped_rows,
-        "chunks": len(sources.chunks),
-        "driver_peak_rss_mb": round(peak_kb / 1024, 1),
-    }
-
-
-def _ray_map(fn: Any, chunks: list[Any]) -> list[Any]:
-    """Chunks whose files must be opened run as Ray tasks; folder listings run right here,
-    which saves starting worker processes before the real work."""
-    import ray
-
-    remote = ray.remote(num_cpus=1)(fn)
-    refs = {i: remote.remote(c) for i, c in enumerate(chunks) if needs_reading(c)}
-    local = {i: fn(c) for i, c in enumerate(chunks) if i not in refs}
-    fetched = dict(zip(refs, ray.get(list(refs.values()))))
-    return [fetched[i] if i in fetched else local[i] for i in range(len(chunks))]

@@ -6,9 +6,10 @@ complete (on object stores, where a PUT is atomic and a move is a copy, they wri
 to its key). A part is named by a hash of its ids (``part_name``), so a retried task rewrites
 the same file instead of adding a duplicate. The driver commits each part as it arrives, to
 the commit log (pipeline/commits.py). The manifest's file list together with the log is the
-truth: on object stores a rename is not atomic. A re-run of the same config skips the ids of
-committed parts. ``close`` checks that every planned row was committed exactly once, and
-removes any part no commit lists.
+truth: on object stores a rename is not atomic. Each commit records the rows it holds per read
+chunk, so a re-run of the same config skips finished chunks whole (pipeline/progress.py).
+``record`` refuses a part that would commit more rows of a chunk than planned. ``close`` checks
+that every planned row was committed exactly once, and removes any part no commit lists.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from pipeline.commits import COMMITS, CommitLog, new_run_id
 from pipeline.config import Config, ConfigError
 from pipeline.filesystems import join, open_filesystem, parent_and_name
 from pipeline.lease import LEASE, WriterLease
+from pipeline.sources import CHUNK_COLUMN
 
 MANIFEST = "_manifest.json"
 # The output contract's version (CHANGELOG.md). An output of another version never resumes.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 PART_PREFIX = "part-"
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,10 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: l
     """``map_batches`` body: conform a batch to the output schema, stage it, move it in.
     Returns one row describing the committed part."""
     fs, root = open_filesystem(output)
-    table = _conform(batch, schema)
+    table = _conform(batch, schema)  # drops the chunk key column
+    chunks = {}  # rows per read chunk: resume counts these, never ids
+    if CHUNK_COLUMN in batch.column_names:
+        chunks = {c["values"]: c["counts"] for c in pc.value_counts(batch.column(CHUNK_COLUMN)).to_pylist()}
     name = part_name(table.column("id").to_pylist())
     if isinstance(fs, pafs.LocalFileSystem):  # staged, then moved in: a rename is atomic here
         staging = staging_path(root)
@@ -74,6 +79,7 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: l
             "rows": [table.num_rows],
             "rows_with_errors": [rows_with_errors],
             "errors": [json.dumps(dict(errors))],
+            "chunks": [json.dumps(chunks, sort_keys=True)],
         }
     )
 
@@ -102,11 +108,12 @@ class Sink(Protocol):
     a commit log, exactly-once checked at close). ``ParquetSink`` is the Parquet one; a Lance
     output is to keep the same protocol with its own part writer."""
 
-    def check(self, overwrite: bool, takeover: bool = False) -> pa.Array | None:
-        """Read-only: may this run write here; the ids an earlier run of the config committed."""
+    def check(self, overwrite: bool, takeover: bool = False) -> list[dict[str, Any]] | None:
+        """Read-only: may this run write here; the parts an earlier run of the config committed."""
 
-    def begin(self) -> None:
-        """The first write: take the lease, clear or resume, write a ``running`` manifest."""
+    def begin(self, expect: Mapping[str, int]) -> None:
+        """The first write: take the lease, clear or resume, write a ``running`` manifest.
+        ``expect``: per read chunk key, the rows this run is to commit."""
 
     def record(self, part: Mapping[str, Any]) -> None:
         """Commit one written part (a write task's result row)."""
@@ -137,8 +144,8 @@ class ParquetSink:
         self.committed_names: set[str] = set()
 
     # -- opening: fresh, resumed or overwritten ------------------------------------------
-    def check(self, overwrite: bool, takeover: bool = False) -> pa.Array | None:
-        """Read-only: may this run write here? Returns the ids committed by an earlier run of
+    def check(self, overwrite: bool, takeover: bool = False) -> list[dict[str, Any]] | None:
+        """Read-only: may this run write here? Returns the commit records of an earlier run of
         the same config (None for a fresh or overwritten run). Nothing is written. Another
         run's live lease refuses, unless ``takeover``."""
         self.overwrite = overwrite
@@ -161,16 +168,7 @@ class ParquetSink:
             if existing.get("fingerprint") != self.fingerprint:
                 raise ConfigError(f"{where} holds a run of a different config or model; pass --overwrite to replace it")
         self.resumed_files = [] if overwrite or existing is None else self._committed(existing, listing)
-        if not self.resumed_files:
-            return None
-        return pa.concat_arrays(
-            [
-                pq.read_table(join(self.root, f["name"]), columns=["id"], filesystem=self.fs)
-                .column("id")
-                .combine_chunks()
-                for f in self.resumed_files
-            ]
-        )
+        return self.resumed_files or None
 
     def _committed(self, manifest: Mapping[str, Any], listing: list[str]) -> list[dict[str, Any]]:
         """The manifest's files and the commit log's, once each; a committed part that is gone
@@ -185,7 +183,7 @@ class ParquetSink:
             )
         return records
 
-    def begin(self) -> None:
+    def begin(self, expect: Mapping[str, int]) -> None:
         """The first write: take the writer lease, clear an overwritten run, drop parts no commit
         recorded, write a ``running`` manifest that holds every earlier commit, then clear the
         old log."""
@@ -196,6 +194,7 @@ class ParquetSink:
                 if self._ours(path) and path.rsplit("/", 1)[-1] != LEASE:
                     self.fs.delete_file(path)
         self.committed_names = {f["name"] for f in self.resumed_files}
+        self.expect, self.run_rows = dict(expect), Counter()
         self._drop_uncommitted(self.committed_names)
         self.manifest = {
             "version": FORMAT_VERSION,
@@ -245,7 +244,13 @@ class ParquetSink:
             "rows": int(part["rows"]),
             "rows_with_errors": int(part["rows_with_errors"]),
             "errors": json.loads(part["errors"]),
+            "chunks": json.loads(part["chunks"]),
         }
+        over = [k for k, n in record["chunks"].items() if self.run_rows[k] + n > self.expect.get(k, 0)]
+        if over:  # rows some other part committed already: never twice; close() reports the gap
+            log.error("part %s overlaps committed rows of read chunk %s; it is not committed", record["name"], over[0])
+            return
+        self.run_rows.update(record["chunks"])
         self.committed_names.add(record["name"])
         self.manifest["files"].append(record)
         self.log.append(record)
