@@ -30,7 +30,7 @@ def test_part_names_cannot_collide():
     assert part_name(["x"]).startswith("part-") and part_name(["x"]).endswith(".parquet")
 
 
-def _sink(tmp_path, commit_seconds: float = 0.0) -> ParquetSink:
+def _sink(tmp_path, commit_seconds: float = 0.0, expect: dict | None = None) -> ParquetSink:
     config = config_from_dict(
         {
             "sources": [{"path": str(tmp_path / "in.parquet")}],
@@ -40,12 +40,13 @@ def _sink(tmp_path, commit_seconds: float = 0.0) -> ParquetSink:
     )
     sink = ParquetSink(config, {}, "fp")
     assert sink.check(overwrite=False) is None
-    sink.begin()
+    sink.begin(expect or {"c": 1000})
     return sink
 
 
-def _part(name: str, rows: int) -> dict:
-    return {"name": name, "rows": rows, "rows_with_errors": 1, "errors": json.dumps({"empty_text": 1})}
+def _part(name: str, rows: int, chunk: str = "c") -> dict:
+    errors = json.dumps({"empty_text": 1})
+    return {"name": name, "rows": rows, "rows_with_errors": 1, "errors": errors, "chunks": json.dumps({chunk: rows})}
 
 
 def test_commits_append_to_the_log_and_compact_into_the_manifest(tmp_path):
@@ -81,6 +82,17 @@ def test_close_detects_rows_that_never_committed(tmp_path):
     sink.record(_part("part-a.parquet", 10))
     manifest = sink.close(input_rows=30, max_error_rate=1.0, planned_rows=30)
     assert manifest["status"] == "incomplete" and manifest["planned_rows"] == 30 and manifest["rows"] == 10
+
+
+def test_a_part_that_overlaps_committed_rows_of_a_chunk_is_refused(tmp_path, caplog):
+    sink = _sink(tmp_path, expect={"c": 25, "d": 5})
+    sink.record(_part("part-a.parquet", 20))
+    sink.record(_part("part-b.parquet", 10))  # 30 rows of a chunk that has 25 left: some twice
+    sink.record(_part("part-c.parquet", 5, chunk="d"))
+    assert "part-b.parquet overlaps committed rows of read chunk c" in caplog.text
+    manifest = sink.close(input_rows=30, max_error_rate=1.0, planned_rows=30)
+    assert [f["name"] for f in manifest["files"]] == ["part-a.parquet", "part-c.parquet"]
+    assert manifest["status"] == "incomplete" and manifest["files"][0]["chunks"] == {"c": 20}
 
 
 def _input(tmp_path, n: int = 90):

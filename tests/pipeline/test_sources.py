@@ -1,5 +1,6 @@
-"""Sources without Ray: the pre-pass runs its tasks in a loop, and reads go through the same
-``read_chunk_rows`` body that Ray Data maps over the chunks."""
+"""Sources without Ray: planning, the duplicate pass and resume accounting run their tasks in
+a loop, and reads go through the same ``read_chunk_rows`` body that Ray Data maps over the
+chunks."""
 
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.chunks import ROWS_PER_PARQUET_CHUNK, plan_chunks, plan_sources
 from pipeline.config import ConfigError, SourceConfig
-from pipeline.sources import ROWS_PER_PARQUET_CHUNK, chunk_row, plan_chunks, prepass, read_chunk_rows
+from pipeline.dedupe import find_duplicates
+from pipeline.progress import account
+from pipeline.sources import CHUNK_COLUMN, read_chunk_rows
+from pipeline.tasks import LocalTasks
 
 
-def loop(fn, chunks):
-    return [fn(c) for c in chunks]
-
-
-def read_all(sources, committed=None, on_duplicate_id="error") -> tuple[pa.Table, object]:
-    chunks = plan_chunks(sources)
-    plan = prepass(chunks, committed, on_duplicate_id, loop)
-    batch = pa.table({"chunk": [chunk_row(c, plan.drops.get(c.index, []))["chunk"] for c in chunks]})
-    return read_chunk_rows(batch, plan.schema), plan
+def read_all(sources, records=None, on_duplicate_id="error", output="/nonexistent", ids_per_task=3):
+    """Plan, dedupe (a shuffle over several map and reduce tasks) and read, as a run does."""
+    tasks = LocalTasks()
+    chunks = plan_sources(sources, tasks)
+    duplicates = find_duplicates(chunks.chunks, on_duplicate_id, tasks, ids_per_task=ids_per_task)
+    plan = account(chunks, duplicates, records, output, tasks)
+    batch = pa.table({"id": list(range(plan.chunks.num_rows))})
+    return read_chunk_rows(batch, plan.chunks, plan.schema, output).drop_columns([CHUNK_COLUMN]), plan
 
 
 @pytest.fixture
@@ -43,7 +47,7 @@ def test_each_format_gives_string_ids_first(tables, name):
     assert table.column("id").to_pylist() == [str(100 + i) for i in range(6)]
     assert table.column("title").to_pylist() == [f"item {i}" for i in range(6)]
     assert "sku" not in table.column_names
-    assert plan.total_rows == 6
+    assert plan.unique_rows == 6
 
 
 def test_folder_of_files_and_uri(tables, tmp_path):
@@ -120,15 +124,7 @@ def test_duplicates_error_or_keep_first(tmp_path):
         read_all(sources)
     table, plan = read_all(sources, on_duplicate_id="keep-first")
     assert sorted(zip(table.column("id").to_pylist(), table.column("v").to_pylist())) == [("a", 1), ("b", 2), ("c", 5)]
-    assert plan.total_rows == 3 and plan.duplicates == 2
-
-
-def test_committed_ids_are_skipped(tables):
-    table, plan = read_all(
-        [SourceConfig(path=str(tables / "items.parquet"), id_column="sku")], committed=pa.array(["100", "103"])
-    )
-    assert table.column("id").to_pylist() == ["101", "102", "104", "105"]
-    assert plan.total_rows == 6 and plan.skipped_rows == 2
+    assert plan.unique_rows == 3 and plan.duplicates == 2
 
 
 def test_sources_with_different_columns_are_unified(tmp_path):
