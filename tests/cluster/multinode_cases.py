@@ -180,12 +180,13 @@ def _manifest(out: Path) -> dict | None:
         return None
 
 
-def _wait_for_parts(client, job: str, out: Path, parts: int) -> dict:
-    """Block until the running job has committed ``parts`` part files (and is not done)."""
+def _wait_for_parts(client, job: str, out: Path, parts: int, rows: int = 0) -> dict:
+    """Block until the running job has committed ``parts`` part files and ``rows`` rows (and is
+    not done)."""
     deadline = time.time() + 180
     while time.time() < deadline:
         manifest, committed = _manifest(out), committed_parts(str(out))
-        if manifest and committed and len(committed) >= parts:
+        if manifest and committed and len(committed) >= parts and sum(p["rows"] for p in committed) >= rows:
             assert manifest["status"] == "running", "the job finished before the failure could be injected"
             return manifest
         assert str(client.get_job_status(job).value) not in TERMINAL, client.get_job_logs(job)[-3000:]
@@ -316,10 +317,12 @@ def test_worker_loss(cluster, client, corpus, model, clean_run, tmp_path_factory
 
 
 def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_path_factory):
+    """The driver killed at about 75% of the run: the re-run finds at least half the rows
+    committed, by read chunk, and ends with every id exactly once."""
     folder, texts = corpus
     config, out = _config(tmp_path_factory.mktemp("driver-loss"), "driver-loss", folder, model)
     job = _submit(client, config)
-    _wait_for_parts(client, job, out, 3)
+    _wait_for_parts(client, job, out, 1, rows=ROWS * 3 // 4)
     pids = _driver_pids(config)
     assert pids, "driver process not found"
     for pid in pids:
@@ -327,6 +330,13 @@ def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_p
     assert _wait(client, job) == "FAILED"
     killed, killed_parts = _manifest(out), committed_parts(str(out))
     assert killed["status"] == "running" and killed_parts, "a killed run looks incomplete"
+    # A dry run plans the resume without writing: at least half the rows are already committed.
+    dry = _submit(client, config, "--dry-run")
+    assert _wait(client, dry) == "SUCCEEDED", client.get_job_logs(dry)[-4000:]
+    line = next(x for x in client.get_job_logs(dry).splitlines() if x.startswith('{"rows"'))
+    report = json.loads(line)
+    assert report["rows"] == ROWS and report["committed"] >= ROWS // 2, report
+    assert report["committed"] + report["to_embed"] == ROWS and report["chunks_to_read"] < report["chunks"]
     # The killed driver's lease is still fresh: a second writer is refused in one line...
     refused = _submit(client, config)
     assert _wait(client, refused) == "FAILED" and "--takeover" in client.get_job_logs(refused)
@@ -335,4 +345,5 @@ def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_p
     assert _wait(client, rerun) == "SUCCEEDED", client.get_job_logs(rerun)[-4000:]
     manifest = _manifest(out)
     assert manifest["resumed_from"] and manifest["resumed_from"] >= len(killed_parts), "the re-run resumed"
+    assert manifest["timing"]["rows_this_run"] == report["to_embed"] <= ROWS // 2
     _assert_same(_read(out, texts), clean_run[0])
