@@ -15,6 +15,7 @@ chunk table: one Arrow row per chunk, never a Python object per row.
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -59,11 +60,14 @@ class ChunkPlan:
 
 
 def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
-    listings = tasks.map(list_source, list(enumerate(sources)), local=all("://" not in s.path for s in sources))
+    # A local file is listed here; a folder or a URI in a task (a listing of 10^5 files is
+    # 10^5 Python objects, which the driver should not hold).
+    local = all("://" not in s.path and os.path.isfile(s.path) for s in sources)
+    listings = tasks.map(list_source, list(enumerate(sources)), local=local)
     jobs, folder_parts = [], []
     for (s_index, source), (fmt, files) in zip(enumerate(sources), listings):
-        if fmt == "folder":
-            folder_parts.append(_folder_chunks(s_index, source, files))
+        if fmt == "folder":  # the listing task already cut the folder into groups
+            folder_parts.append(files)
             continue
         for start in range(0, files.num_rows, FILES_PER_PLANNING_TASK):
             jobs.append((s_index, source, fmt, files.slice(start, FILES_PER_PLANNING_TASK)))
@@ -85,7 +89,8 @@ def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
 
 
 def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
-    """One listing per source: its format, and its files (path, relative path, version)."""
+    """One listing per source: its format, and its files (path, relative path, version); for a
+    folder source, its read chunks."""
     s_index, source = item
     where = f"sources[{s_index}]"
     fs, root = open_filesystem(source.path)
@@ -101,7 +106,7 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
         files = _with_suffix(_listing(fs, root), suffixes)
         if not files.num_rows:
             raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(suffixes)}) in {source.path!r}")
-        return "folder", files
+        return "folder", _folder_chunks(s_index, source, files)
     if source.id_column is None and not source.derive_ids:
         raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
     if entry.type != pafs.FileType.Directory:
