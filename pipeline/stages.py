@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import replace
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from encoders import FAMILIES
 from encoders.core.node_weights import weights_on_this_node
@@ -21,6 +23,7 @@ from pipeline.columns import (
     prepared_column,
     vectors_to_arrow,
 )
+from pipeline.faults import RowGuard
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class EncodeActor:
         spec = replace(spec, weights=_weights_here(spec.weights))
         self.spec = spec
         self.max_tokens = max_tokens
+        self.guard = RowGuard()
         self.model = FAMILIES.get(spec.family).load(spec, device)
         self.extras = {modality: extra_columns(spec, modality) for modality in spec.columns}
         log.info(
@@ -81,10 +85,26 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         for modality in self.spec.columns:
             name = prepared_column(self.spec, modality)
-            result = self.model(modality, batch.column(name).combine_chunks(), max_tokens=self.max_tokens)
+            values = batch.column(name).combine_chunks()
+
+            def encode(part: pa.Array, max_tokens: int, modality: str = modality) -> Any:
+                return self.model(modality, part, max_tokens=max_tokens)
+
+            # A row the model fails on becomes encode_failed; a bug stops the job (pipeline/faults.py).
+            result, failures = self.guard.encode(encode, values, self.max_tokens, self.spec.dim)
             batch = batch.drop_columns([name]).append_column(
                 embedding_column(self.spec, modality), vectors_to_arrow(result.vectors, result.valid)
             )
+            if any(failures):
+                errors = error_column(self.spec, modality)
+                merged = pc.coalesce(batch.column(errors), pa.array(failures, pa.string()))
+                batch = batch.set_column(batch.column_names.index(errors), errors, merged)
             for key, column, arrow_type in self.extras[modality]:  # patch grids, window counts
-                batch = batch.append_column(column, extra_to_arrow(result.extras[key], result.valid, arrow_type))
+                extra = result.extras.get(key)
+                value = (
+                    pa.nulls(len(values), arrow_type)
+                    if extra is None
+                    else extra_to_arrow(extra, result.valid, arrow_type)
+                )
+                batch = batch.append_column(column, value)
         return batch
