@@ -80,7 +80,9 @@ def _resolve_encode_stage(
     batch = res.batch_rows or default_batch
     if gpus > 0:
         cpus = res.cpus if res.cpus is not None else 1.0
-        slots = max(1, math.floor(max(shape.gpus, gpus) / gpus)) if shape.gpus else 1
+        # The pool may grow to every GPU the cluster can have: the ones up now, or the
+        # autoscaler's maximum, over GPUs per actor (fractions give several replicas per GPU).
+        slots = max(1, math.floor(max(shape.gpus, shape.max_gpus, gpus) / gpus))
         pool = res.pool or (1, slots)
         return ResolvedStage(cpus, gpus, batch, pool, res.memory, res.threads or 2, res.max_tokens)
     spare = (shape.cpus - 1.0) / max(1, cpu_encoders)  # one logical CPU stays free for tasks

@@ -24,11 +24,15 @@ LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """What the cluster offers now, plus whether GPU nodes can be autoscaled in."""
+    """What the cluster offers now, plus the most GPUs its autoscaler can bring up."""
 
     cpus: float
     gpus: float
-    gpu_autoscale: bool = False
+    max_gpus: float = 0.0  # the autoscaler's GPU limit (0: no autoscaled GPUs)
+
+    @property
+    def gpu_autoscale(self) -> bool:
+        return self.max_gpus > 0
 
 
 def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any = None) -> ClusterShape:
@@ -42,32 +46,39 @@ def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any 
     return ClusterShape(
         cpus=float(resources.get("CPU", 0)),
         gpus=float(resources.get("GPU", 0)),
-        gpu_autoscale=can_autoscale_gpus(autoscaler),
+        max_gpus=autoscaler_max_gpus(autoscaler),
     )
 
 
-def can_autoscale_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> bool:
-    """True when some autoscaled node type offers GPUs and may have nodes. Two sources: the
+def autoscaler_max_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> float:
+    """The most GPUs the autoscaler can bring up (0 when it can add none). Two sources: the
     cluster config the autoscaler publishes to the GCS (KubeRay and autoscaler v2; what Ray
-    Data's own autoscaler reads), then the cluster launcher's config on the head (``ray up``).
-    Tests pass fakes for both; ``autoscaler`` has ``get_max_resources_from_cluster_config()``."""
+    Data's own autoscaler reads), then the cluster launcher's config on the head (``ray up``):
+    per GPU node type, ``max_workers`` x its GPUs. Tests pass fakes for both; ``autoscaler``
+    has ``get_max_resources_from_cluster_config()``."""
     autoscaler = autoscaler if autoscaler is not None else _autoscaler_state()
     limits = autoscaler.get_max_resources_from_cluster_config() if autoscaler is not None else None
     if limits and float(limits.get("GPU", 0) or 0) > 0:
-        return True
-    return launcher_has_gpu_nodes(Path(launcher_config).expanduser())
+        return float(limits["GPU"])
+    return launcher_max_gpus(Path(launcher_config).expanduser())
 
 
-def launcher_has_gpu_nodes(path: Path) -> bool:
+def can_autoscale_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> bool:
+    return autoscaler_max_gpus(autoscaler, launcher_config) > 0
+
+
+def launcher_max_gpus(path: Path) -> float:
     import yaml
 
     if not path.is_file():
-        return False
-    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
-    return any(
-        float((t.get("resources") or {}).get("GPU", 0) or 0) > 0 and t.get("max_workers", 1) != 0
-        for t in node_types.values()
-    )
+        return 0.0
+    config = yaml.safe_load(path.read_text()) or {}
+    cap = config.get("max_workers", 0) or 0  # the launcher's default for a node type's max_workers
+    total = 0.0
+    for node_type in (config.get("available_node_types") or {}).values():
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0) or 0)
+        total += gpus * float(node_type.get("max_workers", cap) or 0)
+    return total
 
 
 def own_monitor_processes() -> list[Any]:

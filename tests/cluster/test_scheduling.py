@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.adapter import resolve_encode_stage
-from pipeline.cluster import can_autoscale_gpus, cluster_shape
+from pipeline.cluster import autoscaler_max_gpus, can_autoscale_gpus, cluster_shape
 from pipeline.config import StageResources
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +29,12 @@ class FakeAutoscalerState:
 
 def test_gcs_cluster_config_with_a_gpu_group_requests_gpus(tmp_path):
     shape = cluster_shape(CPU_ONLY, FakeAutoscalerState({"CPU": 36, "GPU": 4}))
-    assert shape.gpus == 0 and shape.gpu_autoscale
+    assert shape.gpus == 0 and shape.gpu_autoscale and shape.max_gpus == 4
     stage = resolve_encode_stage(StageResources(), shape, 256, "encode")
-    assert stage.num_gpus == 1.0 and stage.device == "cuda"
-    # Fractions stay fractions.
-    assert resolve_encode_stage(StageResources(gpus=0.25), shape, 256, "encode").num_gpus == 0.25
+    assert stage.num_gpus == 1.0 and stage.device == "cuda" and stage.pool == (1, 4)  # not (1, 1)
+    # Fractions stay fractions: four replicas per GPU.
+    quarter = resolve_encode_stage(StageResources(gpus=0.25), shape, 256, "encode")
+    assert quarter.num_gpus == 0.25 and quarter.pool == (1, 16)
 
 
 @pytest.mark.parametrize("limits", [None, {}, {"CPU": 8}, {"CPU": 8, "GPU": 0}])
@@ -63,6 +64,13 @@ def test_launcher_config_on_the_head_with_gpu_group_from_zero(tmp_path):
     """`ray up cluster.yaml`: min_workers 0, so no GPU is visible, yet the group can start."""
     assert can_autoscale_gpus(FakeAutoscalerState(None), _launcher_config(tmp_path, 4))
     assert not can_autoscale_gpus(FakeAutoscalerState(None), _launcher_config(tmp_path, 0))
+    # max_workers x GPUs per node: the pool can grow to every GPU the group can start.
+    shape = cluster_shape(CPU_ONLY, FakeAutoscalerState(None))
+    assert shape.max_gpus == 0  # this machine has no launcher file
+    per_node = yaml.safe_load(_launcher_config(tmp_path, 4).read_text())["available_node_types"]["worker.gpu"]
+    assert autoscaler_max_gpus(FakeAutoscalerState(None), _launcher_config(tmp_path, 4)) == 4 * float(
+        per_node["resources"]["GPU"]
+    )
 
 
 def test_local_ray_has_no_autoscaled_gpus(ray_session, tmp_path):

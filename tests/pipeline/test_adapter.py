@@ -78,8 +78,10 @@ def test_gpus_auto_follows_the_cluster():
     assert gpu.num_gpus == 1.0 and gpu.pool == (1, 4) and gpu.device == "cuda"
     shared = resolve_encode_stage(StageResources(gpus=0.25), ClusterShape(cpus=16, gpus=2), 256, "e")
     assert shared.pool == (1, 8)
-    autoscaled = resolve_encode_stage(StageResources(), ClusterShape(cpus=4, gpus=0, gpu_autoscale=True), 256, "e")
-    assert autoscaled.num_gpus == 1.0
+    autoscaled = resolve_encode_stage(StageResources(), ClusterShape(cpus=4, gpus=0, max_gpus=4), 256, "e")
+    assert autoscaled.num_gpus == 1.0 and autoscaled.pool == (1, 4)  # grows with the autoscaler, from zero
+    growing = resolve_encode_stage(StageResources(gpus=0.5), ClusterShape(cpus=8, gpus=1, max_gpus=8), 256, "e")
+    assert growing.pool == (1, 16)  # GPUs up now do not cap a pool the autoscaler can grow
     cpu = resolve_encode_stage(StageResources(gpus=0), ClusterShape(cpus=16, gpus=4), 256, "e")
     assert cpu.num_gpus == 0 and cpu.device == "cpu"
 
