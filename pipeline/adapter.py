@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from pipeline.cluster import ClusterShape
+from pipeline.cluster import ClusterShape, NodeThreads, node_budget, threads_for_node
 from pipeline.config import ConfigError, StageResources
 
 
@@ -25,6 +25,7 @@ class ResolvedStage:
     threads: int = 1  # torch threads inside an encoder actor
     max_tokens: int = 8192
     resources: Mapping[str, float] | None = None  # Ray custom resources
+    node_threads: NodeThreads | None = None  # decides ``threads`` in the actor, from its node
 
     @property
     def device(self) -> str:
@@ -85,31 +86,40 @@ def _resolve_encode_stage(
         slots = max(1, math.floor(max(shape.gpus, shape.max_gpus, gpus) / gpus))
         pool = res.pool or (1, slots)
         return ResolvedStage(cpus, gpus, batch, pool, res.memory, res.threads or 2, res.max_tokens)
-    spare = (shape.cpus - 1.0) / max(1, cpu_encoders)  # one logical CPU stays free for tasks
+    encoders = max(1, cpu_encoders)
+    budgets = [node_budget(n) / encoders for n in shape.nodes]  # per node: one CPU stays free for tasks
+    spare = max(budgets, default=0.0)
     if spare <= 0:
-        raise ConfigError(
-            f"{where}: the cluster has {shape.cpus:g} CPU; encoders need at least 2 (one stays free for read and "
-            "prepare tasks)"
-        )
+        raise ConfigError(f"{where}: the cluster has no CPU for encoders ({shape.cpus:g} CPU)")
     if actor_threads and res.cpus is None and res.pool is None and res.threads is None:
-        actors = max(1, math.floor(shape.cpus / max(1, cpu_encoders) / actor_threads))
-        return ResolvedStage(spare / actors, 0.0, batch, (actors, actors), res.memory, actor_threads, res.max_tokens)
+        # Per node, as many actor_threads-thread actors as its cores hold, sharing its budget.
+        per_node = [(b, max(1, math.floor(n / encoders / actor_threads))) for n, b in zip(shape.nodes, budgets)]
+        reservation = min(b / actors for b, actors in per_node)
+        actors = sum(actors for _, actors in per_node)
+        return ResolvedStage(reservation, 0.0, batch, (actors, actors), res.memory, actor_threads, res.max_tokens)
     cpus = res.cpus if res.cpus is not None else min(1.0, spare)
     if cpus > spare:
         raise ConfigError(
-            f"{where}.cpus: {cpus:g} would reserve every CPU of the cluster ({shape.cpus:g} shared by "
-            f"{cpu_encoders} encoder(s)); use at most {spare:g}"
+            f"{where}.cpus: {cpus:g} would reserve every CPU of a node (at most {spare:g} of the largest node's "
+            f"{max(shape.nodes):g} for each of {encoders} encoder(s)); use at most {spare:g}"
         )
-    fit = max(1, math.floor(spare / cpus)) if cpus > 0 else 1
-    pool = res.pool or (1, fit)
-    if pool[0] * cpus > spare:
+    # The pool's maximum is what every node's budget fits; Ray Data spreads actors over nodes.
+    fit = sum(math.floor(b / cpus + 1e-9) for b in budgets) if cpus > 0 else 1
+    pool = res.pool or (1, max(1, fit))
+    if cpus > 0 and pool[0] > fit:
         raise ConfigError(
-            f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU ({shape.cpus:g}); lower pool or "
-            "cpus"
+            f"{where}.pool: {pool[0]} actors x {cpus:g} CPU would reserve every CPU of a node ({fit} fit, one CPU "
+            "per node stays free); lower pool or cpus"
         )
     pool = (pool[0], min(pool[1], fit)) if cpus > 0 else pool
-    threads = res.threads or max(1, math.floor(shape.cpus / (pool[1] * max(1, cpu_encoders))))
-    return ResolvedStage(cpus, 0.0, batch, pool, res.memory, threads, res.max_tokens)
+    if res.threads:
+        return ResolvedStage(cpus, 0.0, batch, pool, res.memory, res.threads, res.max_tokens)
+    # Threads are decided in each actor from its own node; ``threads`` is the largest node's figure.
+    if cpus <= 0:
+        return ResolvedStage(cpus, 0.0, batch, pool, res.memory, max(1, math.floor(max(shape.nodes))), res.max_tokens)
+    node_threads = NodeThreads(cpus, encoders, math.ceil(pool[1] / len(shape.nodes)))
+    threads = threads_for_node(max(shape.nodes), cpus, encoders, node_threads.most_actors)
+    return ResolvedStage(cpus, 0.0, batch, pool, res.memory, threads, res.max_tokens, node_threads=node_threads)
 
 
 def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:

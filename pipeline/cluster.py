@@ -10,6 +10,7 @@ launcher's config on the head; a plain ``ray.shutdown``), and says so in the deb
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +30,11 @@ class ClusterShape:
     cpus: float
     gpus: float
     max_gpus: float = 0.0  # the autoscaler's GPU limit (0: no autoscaled GPUs)
+    node_cpus: tuple[float, ...] = ()  # each alive node's CPUs; () reads as one node of ``cpus``
+
+    @property
+    def nodes(self) -> tuple[float, ...]:
+        return self.node_cpus or (self.cpus,)
 
     @property
     def gpu_autoscale(self) -> bool:
@@ -42,12 +48,60 @@ def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any 
     publishes to the GCS; absent on a local Ray)."""
     import ray
 
-    resources = ray.cluster_resources() if resources is None else resources
+    nodes: tuple[float, ...] = ()
+    if resources is None:
+        resources = ray.cluster_resources()
+        nodes = tuple(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
     return ClusterShape(
         cpus=float(resources.get("CPU", 0)),
         gpus=float(resources.get("GPU", 0)),
         max_gpus=autoscaler_max_gpus(autoscaler),
+        node_cpus=nodes,
     )
+
+
+def node_budget(cpus: float) -> float:
+    """The CPUs encoder actors may reserve on one node: all but one, so that read, prepare and
+    write tasks always have a CPU there; on a 1-CPU node, half of it."""
+    return cpus - 1.0 if cpus >= 2 else cpus * 0.5
+
+
+def threads_for_node(node_cpus: float, reservation: float, encoders: int = 1, most_actors: int | None = None) -> int:
+    """Torch threads for a CPU actor reserving ``reservation`` CPUs on a node of ``node_cpus``:
+    the node's cores shared by the actors its budget fits, or by ``most_actors`` when the pool
+    is smaller (one actor reserving 1 CPU on a 2-core node runs 2 threads; 15 such actors on a
+    16-core node run 1 each; a pool of one on that node runs 16)."""
+    actors = max(1, math.floor(node_budget(node_cpus) / max(1, encoders) / reservation + 1e-9))
+    if most_actors is not None:
+        actors = max(1, min(actors, most_actors))
+    return max(1, math.floor(node_cpus / (actors * max(1, encoders))))
+
+
+@dataclass(frozen=True)
+class NodeThreads:
+    """Decided inside the actor, from the node it landed on as Ray reports it (the driver only
+    knows the cluster): passed to the encode stage, which imports no Ray."""
+
+    reservation: float
+    encoders: int = 1
+    most_actors: int | None = None  # a node's share of a pool smaller than the cluster fits
+
+    def __call__(self) -> int:
+        return threads_for_node(this_node_cpus(), self.reservation, self.encoders, self.most_actors)
+
+
+def this_node_cpus() -> float:
+    """This process's node's logical CPUs, as Ray reports them (the machine's count outside Ray)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        here = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == here:
+                return float(node["Resources"].get("CPU", 0)) or float(os.cpu_count() or 1)
+    return float(os.cpu_count() or 1)
 
 
 def autoscaler_max_gpus(autoscaler: Any = None, launcher_config: str | Path = LAUNCHER_CONFIG) -> float:

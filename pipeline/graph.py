@@ -37,7 +37,12 @@ def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
             EncodeActor,
             p.encode,
             name=f"Encode[{p.spec.output}]",
-            fn_constructor_kwargs={"spec": p.spec, "threads": p.encode.threads, "max_tokens": p.encode.max_tokens},
+            fn_constructor_kwargs={
+                "spec": p.spec,
+                "threads": p.encode.threads,
+                "max_tokens": p.encode.max_tokens,
+                "node_threads": p.encode.node_threads,
+            },
         )
     return dataset
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,7 +49,9 @@ def prepare_batch(batch: pa.Table, spec: EncoderSpec) -> pa.Table:
 class EncodeActor:
     """One loaded model per actor: prepared values in, vectors out, in input order."""
 
-    def __init__(self, spec: EncoderSpec, threads: int, max_tokens: int) -> None:
+    def __init__(
+        self, spec: EncoderSpec, threads: int, max_tokens: int, node_threads: Callable[[], int] | None = None
+    ) -> None:
         import os
         import sys
 
@@ -67,7 +69,8 @@ class EncodeActor:
         device = pick_device()
         # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores
         # (and this worker may have imported torch for earlier tasks).
-        torch.set_num_threads(threads)
+        # ``node_threads`` decides from the node this actor landed on (pipeline/cluster.py).
+        torch.set_num_threads(node_threads() if node_threads is not None else threads)
         spec = replace(spec, weights=_weights_here(spec.weights))
         self.spec = spec
         self.max_tokens = max_tokens

@@ -69,8 +69,8 @@ def test_pool_that_takes_every_cpu_is_refused():
         resolve_encode_stage(StageResources(cpus=2), ClusterShape(cpus=2, gpus=0), 256, "encoders[0].resources")
     with pytest.raises(ConfigError, match="pool"):
         resolve_encode_stage(StageResources(pool=(2, 4)), ClusterShape(cpus=2, gpus=0), 256, "e")
-    with pytest.raises(ConfigError, match="at least 2"):
-        resolve_encode_stage(StageResources(), ClusterShape(cpus=1, gpus=0), 256, "e")
+    one = resolve_encode_stage(StageResources(), ClusterShape(cpus=1, gpus=0), 256, "e")
+    assert (one.num_cpus, one.pool) == (0.5, (1, 1))  # a 1-CPU node: an actor reserves at most half
 
 
 def test_gpus_auto_follows_the_cluster():
@@ -197,3 +197,35 @@ def test_named_stage_keeps_the_callable_and_its_arguments():
     assert task.__name__ == "Prepare[t]"
     batch = __import__("pyarrow").table({"x": [1, 2]})
     assert task(batch).column("task_pid").to_pylist() == _task_pid(batch).column("task_pid").to_pylist()
+
+
+def test_cpu_budgets_are_per_node_not_per_cluster():
+    """100 x 16-core nodes: one CPU stays free on every node, not one in 1,600."""
+    from pipeline.cluster import threads_for_node
+
+    shape = ClusterShape(cpus=1600, gpus=0, node_cpus=(16.0,) * 100)
+    stage = resolve_encode_stage(StageResources(), shape, 256, "e")
+    assert (stage.num_cpus, stage.pool, stage.threads) == (1.0, (1, 1500), 1)  # 15 a node
+    assert stage.node_threads() >= 1  # decided in the actor, from the node it runs on
+    lstm = resolve_encode_stage(StageResources(), shape, 32, "e", actor_threads=1)
+    assert lstm.pool == (1600, 1600) and lstm.num_cpus * 16 <= 15 and lstm.threads == 1
+    # Nodes of different sizes: each fits what its own budget holds; a 1-CPU node half a CPU.
+    mixed = ClusterShape(cpus=19, gpus=0, node_cpus=(16.0, 2.0, 1.0))
+    small = resolve_encode_stage(StageResources(cpus=0.5), mixed, 256, "e")
+    assert small.pool == (1, 30 + 2 + 1)
+    with pytest.raises(ConfigError, match="every CPU of a node"):
+        resolve_encode_stage(StageResources(cpus=16), mixed, 256, "e")
+    # Threads per node, in the actor: the node's cores over the actors its budget fits.
+    assert threads_for_node(2, 1.0) == 2 and threads_for_node(16, 1.0) == 1 and threads_for_node(2, 0.5) == 1
+    assert threads_for_node(16, 1.0, most_actors=1) == 16  # a pool of one uses the whole node
+    assert threads_for_node(16, 1.0, encoders=2) == 1 and threads_for_node(1, 0.5) == 1
+
+
+def test_node_threads_reads_the_node_ray_reports(ray_session):
+    import ray
+
+    from pipeline.cluster import NodeThreads, this_node_cpus, threads_for_node
+
+    cpus = ray.cluster_resources()["CPU"]
+    assert this_node_cpus() == cpus  # one local node, as Ray reports it
+    assert NodeThreads(1.0)() == threads_for_node(cpus, 1.0) and NodeThreads(0.5, most_actors=1)() == int(cpus)
