@@ -33,7 +33,8 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Emulated bf16 (T4, V100) is slower than fp16: only a GPU that runs it natively gets it.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 
