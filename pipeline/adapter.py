@@ -95,8 +95,9 @@ def _resolve_encode_stage(
         # Per node, as many actor_threads-thread actors as its cores hold, sharing its budget.
         per_node = [(b, max(1, math.floor(n / encoders / actor_threads))) for n, b in zip(shape.nodes, budgets)]
         reservation = min(b / actors for b, actors in per_node)
-        actors = sum(actors for _, actors in per_node)
-        return ResolvedStage(reservation, 0.0, batch, (actors, actors), res.memory, actor_threads, res.max_tokens)
+        # Starts with one node's worth (the whole pool on one machine, as measured) and grows.
+        pool = (max(actors for _, actors in per_node), sum(actors for _, actors in per_node))
+        return ResolvedStage(reservation, 0.0, batch, pool, res.memory, actor_threads, res.max_tokens)
     cpus = res.cpus if res.cpus is not None else min(1.0, spare)
     if cpus > spare:
         raise ConfigError(

@@ -208,7 +208,7 @@ def test_cpu_budgets_are_per_node_not_per_cluster():
     assert (stage.num_cpus, stage.pool, stage.threads) == (1.0, (1, 1500), 1)  # 15 a node
     assert stage.node_threads() >= 1  # decided in the actor, from the node it runs on
     lstm = resolve_encode_stage(StageResources(), shape, 32, "e", actor_threads=1)
-    assert lstm.pool == (1600, 1600) and lstm.num_cpus * 16 <= 15 and lstm.threads == 1
+    assert lstm.pool == (16, 1600) and lstm.num_cpus * 16 <= 15 and lstm.threads == 1  # one node's worth first
     # Nodes of different sizes: each fits what its own budget holds; a 1-CPU node half a CPU.
     mixed = ClusterShape(cpus=19, gpus=0, node_cpus=(16.0, 2.0, 1.0))
     small = resolve_encode_stage(StageResources(cpus=0.5), mixed, 256, "e")
