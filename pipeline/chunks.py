@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from encoders.core.retry import retrying
 from pipeline.config import ConfigError, SourceConfig
 from pipeline.filesystems import open_filesystem
 from pipeline.sources import FOLDER_KINDS, FORMAT_SUFFIXES, REFERENCE_KINDS, ReadChunk, read_table_file
@@ -94,7 +95,7 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
     s_index, source = item
     where = f"sources[{s_index}]"
     fs, root = open_filesystem(source.path)
-    entry = fs.get_file_info(root)
+    entry = retrying(fs.get_file_info, root)
     if entry.type == pafs.FileType.NotFound:
         raise ConfigError(f"{where}.path: {source.path!r} does not exist")
     if source.kind != "table":
@@ -145,7 +146,7 @@ def _listing(fs: pafs.FileSystem, root: str) -> pa.Table:
     (``_manifest.json``, ``.staging``) are skipped."""
     paths, rels, versions = [], [], []
     prefix = len(root.rstrip("/")) + 1
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+    for entry in retrying(fs.get_file_info, pafs.FileSelector(root, recursive=True)):
         if entry.type != pafs.FileType.File:
             continue
         rel = entry.path[prefix:]
@@ -255,12 +256,16 @@ def _read_schema(schema: pa.Schema, id_column: str | None) -> pa.Schema:
     return pa.schema([pa.field("id", pa.string())] + [schema.field(n) for n in names])
 
 
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData, pa.Schema]:
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        return parquet.metadata, parquet.schema_arrow
+
+
 def _row_group_ranges(fs: pafs.FileSystem, path: str, where: str) -> tuple[list[tuple], pa.Schema]:
     """(row groups, first row, rows) per chunk of about ROWS_PER_PARQUET_CHUNK rows, and the schema."""
     try:
-        with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            meta, schema = parquet.metadata, parquet.schema_arrow
+        meta, schema = retrying(_footer, fs, path)  # a transient storage error is retried first
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"{where}: {path!r} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     ranges, current, rows, first = [], [], 0, 0

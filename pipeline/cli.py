@@ -254,6 +254,9 @@ def execute(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         config = load_config(args.config) if args.command == "run" else config_from_dict(config_from_flags(args))
+        from pipeline.filesystems import check_filesystems
+
+        check_filesystems([s.path for s in config.sources] + [config.output.path])  # before Ray starts
         # torch, the encoder families and Ray Data (~2 s of imports) load while Ray starts its
         # processes: ray.init mostly waits for them. Ray itself is imported here first, so the
         # two threads never import the same package at once.

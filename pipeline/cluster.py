@@ -60,6 +60,14 @@ def cluster_shape(resources: Mapping[str, float] | None = None, autoscaler: Any 
     )
 
 
+def retried_io_errors() -> list[str]:
+    """Ray Data's patterns for transient storage errors (``DataContext.retried_io_errors``),
+    for the encoders' and sink's own I/O, which import no Ray."""
+    from ray.data import DataContext
+
+    return list(DataContext.get_current().retried_io_errors)
+
+
 def node_budget(cpus: float) -> float:
     """The CPUs encoder actors may reserve on one node: all but one, so that read, prepare and
     write tasks always have a CPU there; on a 1-CPU node, half of it."""

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
-from pipeline.filesystems import join
+from pipeline.filesystems import get, join, put
 
 COMMITS = "_commits"
 FLUSH_SECONDS = 30.0
@@ -50,8 +50,7 @@ class CommitLog:
         entries = self.fs.get_file_info(pafs.FileSelector(self.folder))
         records = []
         for path in sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".jsonl")):
-            with self.fs.open_input_stream(path) as stream:
-                records += [json.loads(line) for line in stream.read().decode().splitlines() if line.strip()]
+            records += [json.loads(line) for line in get(self.fs, path).decode().splitlines() if line.strip()]
         return records
 
     def append(self, record: Mapping[str, Any]) -> None:
@@ -67,15 +66,7 @@ class CommitLog:
         name = f"{self.run_id}-{self.sequence:06d}.jsonl"
         data = ("\n".join(self.pending) + "\n").encode()
         self.fs.create_dir(self.folder, recursive=True)
-        if isinstance(self.fs, pafs.LocalFileSystem):  # staged and moved in: readers never see half a segment
-            self.fs.create_dir(self.staging, recursive=True)
-            staged = join(self.staging, name)
-            with self.fs.open_output_stream(staged) as stream:
-                stream.write(data)
-            self.fs.move(staged, join(self.folder, name))
-        else:  # an object store's PUT is atomic
-            with self.fs.open_output_stream(join(self.folder, name)) as stream:
-                stream.write(data)
+        put(self.fs, join(self.folder, name), data, self.staging)  # readers never see half a segment
         self.pending = []
 
     def clear(self) -> None:

@@ -8,6 +8,8 @@ import os
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from encoders.core.retry import retrying
+
 
 @functools.lru_cache(maxsize=32)
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -19,7 +21,16 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         import fsspec  # ray[data] brings fsspec; it covers memory://, http(s)://, gcs, azure, ...
 
-        fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as exc:  # an unknown protocol, or its backend not installed
+            from pipeline.config import ConfigError
+
+            scheme = uri.split("://", 1)[0]
+            raise ConfigError(
+                f"{uri!r}: no filesystem for {scheme}:// ({str(exc).splitlines()[0]}); install its fsspec backend "
+                "(s3fs, gcsfs, adlfs, ...) on every node"
+            ) from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
@@ -52,3 +63,40 @@ def list_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> lis
         if entry.path.lower().endswith(suffixes):
             out.append((entry.path, rel))
     return sorted(out, key=lambda item: item[1])
+
+
+def put(fs: pafs.FileSystem, path: str, data: bytes, staging: str) -> None:
+    """Write a whole file so that readers never see half of it: on local disk staged in
+    ``staging`` and moved in (a rename is atomic); on object stores one PUT (atomic; a move
+    would be a COPY and a DELETE). A transient storage error is retried."""
+
+    def write() -> None:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(staging, recursive=True)
+            staged = join(staging, f".{path.rsplit('/', 1)[-1]}.{os.getpid()}.tmp")
+            with fs.open_output_stream(staged) as stream:
+                stream.write(data)
+            fs.move(staged, path)
+        else:
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+
+    retrying(write)
+
+
+def get(fs: pafs.FileSystem, path: str) -> bytes:
+    """A whole file; a transient storage error is retried."""
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return retrying(read)
+
+
+def check_filesystems(paths: list[str]) -> None:
+    """Before Ray starts: every URI's filesystem exists here (a one-line ``ConfigError`` names a
+    protocol with no installed backend)."""
+    for path in paths:
+        if "://" in path:
+            open_filesystem(path)

@@ -10,9 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from encoders.core.retry import configure as configure_retries
 from pipeline.adapter import apply_stage, named, resolve_task_stage
 from pipeline.chunks import plan_sources
-from pipeline.cluster import cluster_shape
+from pipeline.cluster import cluster_shape, retried_io_errors
 from pipeline.columns import error_column
 from pipeline.config import Config
 from pipeline.dedupe import find_duplicates
@@ -30,7 +31,11 @@ log = logging.getLogger(__name__)
 def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
     for p in plans:
         dataset = apply_stage(
-            dataset, prepare_batch, p.prepare, name=f"Prepare[{p.spec.output}]", fn_kwargs={"spec": p.spec}
+            dataset,
+            prepare_batch,
+            p.prepare,
+            name=f"Prepare[{p.spec.output}]",
+            fn_kwargs={"spec": p.spec, "retried_io_errors": retried_io_errors()},
         )
         dataset = apply_stage(
             dataset,
@@ -72,7 +77,8 @@ def run(
     config = as_config(config)
     plans = plan(config, cluster_shape())
     meta = encoders_metadata(plans, config)
-    tasks = RayTasks()
+    configure_retries(retried_io_errors())  # the driver's own manifest, log and lease I/O
+    tasks = RayTasks(retried_io_errors())
     chunks = plan_sources(config.sources, tasks)  # listings and footers, read in tasks
     sink: Sink = ParquetSink(config, meta, fingerprint(config, meta))
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
@@ -101,7 +107,9 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
     import ray
 
     n = sources.chunks.num_rows
+    transient = retried_io_errors()
     read_kwargs = {"chunks": sources.chunks, "schema": sources.schema, "output": config.output.path}
+    read_kwargs["retried_io_errors"] = transient
     dataset = ray.data.range(n, override_num_blocks=n).map_batches(
         named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs
     )
@@ -117,5 +125,10 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
         write_part,
         write,
         name="Write",
-        fn_kwargs={"output": config.output.path, "schema": schema, "error_columns": error_columns},
+        fn_kwargs={
+            "output": config.output.path,
+            "schema": schema,
+            "error_columns": error_columns,
+            "retried_io_errors": transient,
+        },
     )

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError
-from pipeline.filesystems import join
+from pipeline.filesystems import get, join, put
 
 LEASE = "_lease.json"
 STALE_AFTER = 3  # heartbeats missed before a lease counts as abandoned
@@ -29,6 +29,7 @@ STALE_AFTER = 3  # heartbeats missed before a lease counts as abandoned
 class WriterLease:
     def __init__(self, fs: pafs.FileSystem, root: str, run_id: str, seconds: float) -> None:
         self.fs, self.path, self.run_id, self.seconds = fs, join(root, LEASE), run_id, seconds
+        self.root = root
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -36,9 +37,8 @@ class WriterLease:
         if self.fs.get_file_info(self.path).type != pafs.FileType.File:
             return None
         try:
-            with self.fs.open_input_stream(self.path) as stream:
-                return json.loads(stream.read())
-        except (OSError, ValueError):  # half-written by a dying run: no lease to honour
+            return json.loads(get(self.fs, self.path))
+        except (OSError, ValueError):  # gone between the two calls: no lease to honour
             return None
 
     def check(self, where: str, takeover: bool) -> None:
@@ -81,5 +81,6 @@ class WriterLease:
             "heartbeat": time.time(),
             "seconds": self.seconds,
         }
-        with self.fs.open_output_stream(self.path) as stream:
-            stream.write(json.dumps(lease).encode())
+        # Staged beside the lease (a hidden name) and moved over it: never half a lease. Not in the
+        # sink's staging folder, which a run clears while this thread may be writing.
+        put(self.fs, self.path, json.dumps(lease).encode(), self.root)

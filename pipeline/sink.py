@@ -28,9 +28,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.core.errors import error_code
+from encoders.core.retry import configure as configure_retries
 from pipeline.commits import COMMITS, CommitLog, new_run_id
 from pipeline.config import Config, ConfigError
-from pipeline.filesystems import join, open_filesystem, parent_and_name
+from pipeline.filesystems import get, join, open_filesystem, parent_and_name, put
 from pipeline.lease import LEASE, WriterLease
 from pipeline.sources import CHUNK_COLUMN
 
@@ -46,25 +47,25 @@ def staging_path(output: str) -> str:
     return join(parent, f".{name}.omniembed-staging")
 
 
-def write_part(batch: pa.Table, output: str, schema: pa.Schema, error_columns: list[str]) -> pa.Table:
-    """``map_batches`` body: conform a batch to the output schema, stage it, move it in.
-    Returns one row describing the committed part."""
+def write_part(
+    batch: pa.Table,
+    output: str,
+    schema: pa.Schema,
+    error_columns: list[str],
+    retried_io_errors: list[str] | None = None,
+) -> pa.Table:
+    """``map_batches`` body: conform a batch to the output schema, stage it, move it in (a
+    transient storage error is retried). Returns one row describing the written part."""
+    configure_retries(retried_io_errors)
     fs, root = open_filesystem(output)
     table = _conform(batch, schema)  # drops the chunk key column
     chunks = {}  # rows per read chunk: resume counts these, never ids
     if CHUNK_COLUMN in batch.column_names:
         chunks = {c["values"]: c["counts"] for c in pc.value_counts(batch.column(CHUNK_COLUMN)).to_pylist()}
     name = part_name(table.column("id").to_pylist())
-    if isinstance(fs, pafs.LocalFileSystem):  # staged, then moved in: a rename is atomic here
-        staging = staging_path(root)
-        fs.create_dir(staging, recursive=True)
-        staged = join(staging, name)
-        with fs.open_output_stream(staged) as stream:
-            pq.write_table(table, stream, compression="zstd")
-        fs.move(staged, join(root, name))
-    else:  # an object store's PUT is atomic, and a move would be COPY + DELETE: twice the bytes
-        with fs.open_output_stream(join(root, name)) as stream:
-            pq.write_table(table, stream, compression="zstd")
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    put(fs, join(root, name), buffer.getvalue().to_pybytes(), staging_path(root))
     errors: Counter[str] = Counter()
     with_error = None
     for column in error_columns:
@@ -219,6 +220,8 @@ class ParquetSink:
     @staticmethod
     def _ours(path: str) -> bool:
         name = path.rsplit("/", 1)[-1]
+        if name.startswith(f".{LEASE}.") and name.endswith(".tmp"):  # a lease being renewed
+            return True
         return name in (MANIFEST, LEASE) or (name.startswith(PART_PREFIX) and name.endswith(".parquet"))
 
     def _drop_uncommitted(self, committed: set[str]) -> None:
@@ -306,12 +309,8 @@ class ParquetSink:
         return read_manifest(self.fs, self.root)
 
     def _write_manifest(self) -> None:
-        staging = staging_path(self.root)
-        self.fs.create_dir(staging, recursive=True)
-        tmp = join(staging, MANIFEST)
-        with self.fs.open_output_stream(tmp) as stream:
-            stream.write(json.dumps(self.manifest, indent=2, default=str).encode())
-        self.fs.move(tmp, join(self.root, MANIFEST))
+        data = json.dumps(self.manifest, indent=2, default=str).encode()
+        put(self.fs, join(self.root, MANIFEST), data, staging_path(self.root))
 
 
 def _iso(ts: float) -> str:
@@ -323,8 +322,7 @@ def read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
     path = join(root, MANIFEST)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read())
+    return json.loads(get(fs, path))
 
 
 def committed_parts(output: str) -> list[dict[str, Any]] | None:

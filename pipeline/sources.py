@@ -18,6 +18,8 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from encoders.core.retry import configure as configure_retries
+from encoders.core.retry import retrying
 from pipeline.config import ConfigError
 from pipeline.filesystems import join, open_filesystem
 
@@ -65,7 +67,11 @@ class ReadChunk:
 
 def read_chunk(chunk: ReadChunk, columns: list[str] | None = None) -> pa.Table:
     """The chunk's rows with an ``id`` string column first. ``columns`` limits what is read
-    (the id is always read)."""
+    (the id is always read). A transient storage error is retried (encoders/core/retry.py)."""
+    return retrying(_read_chunk, chunk, columns)
+
+
+def _read_chunk(chunk: ReadChunk, columns: list[str] | None) -> pa.Table:
     fs, _ = open_filesystem(chunk.root)
     if chunk.format == "folder":
         return _read_folder_chunk(fs, chunk, columns)
@@ -145,10 +151,13 @@ def _read_folder_chunk(fs: pafs.FileSystem, chunk: ReadChunk, columns: list[str]
     return pa.table({"id": ids, column: pa.array(contents, pa.binary())})
 
 
-def read_chunk_rows(batch: pa.Table, chunks: pa.Table, schema: pa.Schema, output: str) -> pa.Table:
+def read_chunk_rows(
+    batch: pa.Table, chunks: pa.Table, schema: pa.Schema, output: str, retried_io_errors: list[str] | None = None
+) -> pa.Table:
     """``map_batches`` body: chunk ordinals in, the chunks' rows out, conformed to ``schema``,
     tagged with their chunk's key. A chunk's ``drops`` (later duplicates) are left out, and
     so are ids already committed in its ``against`` parts (a partly done or re-planned chunk)."""
+    configure_retries(retried_io_errors)
     tables = []
     for ordinal in batch.column("id").to_pylist():
         row = chunks.slice(ordinal, 1).to_pylist()[0]
@@ -175,7 +184,7 @@ def drop_rows(table: Any, rows: list[int] | None) -> Any:
 def committed_ids(output: str, parts: list[str]) -> pa.Array:
     """The ids of some committed part files of an output folder."""
     fs, root = open_filesystem(output)
-    ids = [pq.read_table(join(root, name), columns=["id"], filesystem=fs).column("id") for name in parts]
+    ids = [retrying(pq.read_table, join(root, name), columns=["id"], filesystem=fs).column("id") for name in parts]
     return pa.chunked_array([c for column in ids for c in column.chunks], pa.string()).combine_chunks()
 
 

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from encoders import FAMILIES
 from encoders.core.node_weights import weights_on_this_node
+from encoders.core.retry import configure as configure_retries
 from encoders.core.spec import EncoderSpec
 from encoders.core.weights import ResolvedWeights
 from pipeline.columns import (
@@ -35,8 +36,10 @@ def _weights_here(weights: ResolvedWeights) -> ResolvedWeights:
     return weights_on_this_node(weights)
 
 
-def prepare_batch(batch: pa.Table, spec: EncoderSpec) -> pa.Table:
-    """CPU work (tokenize, decode, resample): input column -> compact prepared values + errors."""
+def prepare_batch(batch: pa.Table, spec: EncoderSpec, retried_io_errors: list[str] | None = None) -> pa.Table:
+    """CPU work (tokenize, decode, resample): input column -> compact prepared values + errors.
+    A file a row names is read with transient storage errors retried (encoders/core/retry.py)."""
+    configure_retries(retried_io_errors)
     spec = replace(spec, weights=_weights_here(spec.weights))  # the tokenizer lives with the weights
     family = FAMILIES.get(spec.family)
     for modality, column in spec.columns.items():

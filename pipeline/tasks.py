@@ -33,9 +33,11 @@ class LocalTasks:
 
 class RayTasks:
     """One Ray task per item. Partitions stay in the object store: the driver holds only
-    references, map count x partition count of them, and the reducers' small results."""
+    references, map count x partition count of them, and the reducers' small results. Each
+    task retries transient storage errors on the run's patterns (``retried_io_errors``)."""
 
-    def __init__(self, num_cpus: float = 1.0) -> None:
+    def __init__(self, retried_io_errors: Sequence[str] | None = None, num_cpus: float = 1.0) -> None:
+        self.patterns = list(retried_io_errors) if retried_io_errors is not None else None
         self.num_cpus = num_cpus
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], local: bool = False) -> list[Any]:
@@ -43,8 +45,8 @@ class RayTasks:
             return [fn(item) for item in items]
         import ray
 
-        remote = ray.remote(num_cpus=self.num_cpus)(fn)
-        return ray.get([remote.remote(item) for item in items])
+        remote = ray.remote(num_cpus=self.num_cpus)(_configured)
+        return ray.get([remote.remote(self.patterns, fn, item) for item in items])
 
     def shuffle(
         self, map_fn: Callable[[Any, int], Sequence[Any]], reduce_fn: Callable[..., Any], items: Sequence[Any], n: int
@@ -52,13 +54,20 @@ class RayTasks:
         import ray
 
         if n == 1:  # one return is stored as one object: the partition, not a list of one
-            mapper = ray.remote(num_cpus=self.num_cpus)(_only_partition)
-            mapped = [[mapper.remote(map_fn, item, n)] for item in items]
+            mapper = ray.remote(num_cpus=self.num_cpus)(_configured)
+            mapped = [[mapper.remote(self.patterns, _only_partition, map_fn, item, n)] for item in items]
         else:
-            mapper = ray.remote(num_cpus=self.num_cpus, num_returns=n)(map_fn)
-            mapped = [mapper.remote(item, n) for item in items]
-        reducer = ray.remote(num_cpus=self.num_cpus)(reduce_fn)
-        return ray.get([reducer.remote(*[parts[p] for parts in mapped]) for p in range(n)])
+            mapper = ray.remote(num_cpus=self.num_cpus, num_returns=n)(_configured)
+            mapped = [mapper.remote(self.patterns, map_fn, item, n) for item in items]
+        reducer = ray.remote(num_cpus=self.num_cpus)(_configured)
+        return ray.get([reducer.remote(self.patterns, reduce_fn, *[parts[p] for parts in mapped]) for p in range(n)])
+
+
+def _configured(patterns: list[str] | None, fn: Callable[..., Any], *args: Any) -> Any:
+    from encoders.core.retry import configure
+
+    configure(patterns)
+    return fn(*args)
 
 
 def _only_partition(map_fn: Callable[[Any, int], Sequence[Any]], item: Any, n: int) -> Any:

@@ -13,6 +13,8 @@ from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 
+from encoders.core.retry import retrying
+
 
 class RowError(Exception):
     """A bad row: carries the error code for ``error_value``."""
@@ -28,11 +30,15 @@ def read_bytes(value: Any) -> bytes:
         if len(value) == 0:
             raise RowError("decode_failed", "zero bytes")
         return bytes(value)
-    with open_input(value) as handle:
-        data = handle.read()
+    data = retrying(_read_all, value)  # a transient storage error is retried, then raised
     if not data:
         raise RowError("decode_failed", f"{value!r} has zero bytes")
     return data
+
+
+def _read_all(value: Any) -> bytes:
+    with open_input(value) as handle:
+        return handle.read()
 
 
 @contextlib.contextmanager
@@ -57,7 +63,7 @@ def open_input(value: Any) -> Iterator[BinaryIO]:
         except PermissionError:
             raise RowError("missing_file", f"{value!r} cannot be read (permission denied)") from None
     else:
-        handle = _open_uri(value)
+        handle = retrying(_open_uri, value)
     with handle:
         yield handle
 
