@@ -17,7 +17,7 @@ def read_table(path: str, flag: str, required: Sequence[str] = ()) -> pa.Table:
     from pipeline.sources import read_chunk
 
     try:
-        chunks = plan_chunks([SourceConfig(path=path, derive_ids=True)])
+        chunks = plan_chunks([SourceConfig(path=path, derive_ids=True, infer_types=True)])  # typed columns
         tables = [read_chunk(c).drop_columns(["id"]) for c in chunks]
     except ConfigError as exc:
         raise JobError(f"{flag}: {str(exc).split(': ', 1)[-1]}") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -49,6 +50,8 @@ CHUNK_SCHEMA = pa.schema(
         ("first_row", pa.int64()),  # the chunk's first row in its file, for derived ids
         ("rows", pa.int64()),
         ("files", pa.list_(pa.string())),  # a folder group's relative paths
+        ("infer_types", pa.bool_()),
+        ("id_prefix", pa.string()),
     ]
 )
 FILE_SCHEMA = pa.schema([("path", pa.string()), ("rel", pa.string()), ("version", pa.string())])
@@ -81,12 +84,40 @@ def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
         by_source.setdefault(part.column("source")[0].as_py(), []).append(part)
     ordered = [t for s in sorted(by_source) for t in by_source[s]]
     chunks = pa.concat_tables(ordered) if ordered else CHUNK_SCHEMA.empty_table()
+    chunks = _prefix_colliding_derived_ids(chunks, sources)
     schemas = [schema for _, schema in described] + [_folder_schema(s.kind) for s in sources if s.kind != "table"]
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ConfigError(f"sources: columns disagree in type across files ({str(exc).splitlines()[0]})") from None
     return ChunkPlan(chunks.combine_chunks(), schema)
+
+
+def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConfig]) -> pa.Table:
+    """Derived ids (``<file>:<row>``, a folder's relative paths) of two sources can collide:
+    ``2023/part-0.parquet`` and ``2024/part-0.parquet`` both give ``part-0.parquet:0``. Only
+    then does each derived-id source get its path from the common root of those sources
+    (``2023/part-0.parquet:0``). Ids read from an id column are never rewritten."""
+    derived = [i for i, s in enumerate(sources) if s.kind != "table" or s.id_column is None]
+    if len(derived) < 2:
+        return chunks
+    names: dict[int, set[str]] = {i: set() for i in derived}
+    for source, relpath, files in zip(*(chunks.column(c).to_pylist() for c in ("source", "relpath", "files"))):
+        if source in names:
+            names[source].update(files or [relpath])
+    if sum(len(n) for n in names.values()) == len(set().union(*names.values())):
+        return chunks  # no two derived-id sources share a name: ids stay as they are
+    files = set(zip(chunks.column("source").to_pylist(), chunks.column("path").to_pylist()))
+    bases = {}
+    for i in derived:  # a file source's folder, or the folder itself
+        inner = open_filesystem(sources[i].path)[1].rstrip("/")
+        bases[i] = posixpath.dirname(inner) if (i, inner) in files else inner
+    common = posixpath.commonpath(list(bases.values())) if len(set(bases.values())) > 1 else ""
+    relative = {i: posixpath.relpath(bases[i], common) if common else "." for i in derived}
+    prefixes = {i: "" if rel == "." else rel + "/" for i, rel in relative.items()}
+    column = [prefixes.get(source, "") for source in chunks.column("source").to_pylist()]
+    index = chunks.schema.get_field_index("id_prefix")
+    return chunks.set_column(index, "id_prefix", pa.array(column, pa.string()))
 
 
 def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
@@ -205,6 +236,8 @@ def _folder_chunks(s_index: int, source: SourceConfig, files: pa.Table) -> pa.Ta
             "first_row": 0,
             "rows": len(group),
             "files": group,
+            "infer_types": False,
+            "id_prefix": "",
         }
         for name, value in values.items():
             rows[name].append(value)
@@ -228,7 +261,8 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
         if fmt == "parquet":
             ranges, schema = _row_group_ranges(fs, path, where)
         else:
-            table = read_table_file(fs, path, fmt, rel, s_index)
+            probe = ReadChunk("", s_index, source.path, fmt, id_column=source.id_column, infer_types=source.infer_types)
+            table = read_table_file(fs, path, fmt, rel, s_index, probe)
             ranges, schema = [((), 0, table.num_rows)], table.schema
         schemas.append(_read_schema(schema, source.id_column))
         for groups, first, count in ranges:
@@ -245,6 +279,8 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
                 "first_row": first,
                 "rows": count,
                 "files": [],
+                "infer_types": source.infer_types,
+                "id_prefix": "",
             }
             for name, value in values.items():
                 rows[name].append(value)

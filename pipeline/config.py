@@ -51,6 +51,7 @@ class SourceConfig:
     id_column: str | None = None
     derive_ids: bool = False
     passthrough: tuple[str, ...] | None = None
+    infer_types: bool = False  # CSV: infer column types instead of reading text (ids stay text)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def _mapping(data: Any, where: str) -> Mapping[str, Any]:
 
 def _source(data: Any, where: str) -> SourceConfig:
     data = _mapping(data, where)
-    _no_unknown(data, ("path", "kind", "format", "id_column", "derive_ids", "passthrough"), where)
+    _no_unknown(data, ("path", "kind", "format", "id_column", "derive_ids", "passthrough", "infer_types"), where)
     path = _get(data, "path", str, where)
     if not path:
         raise ConfigError(f"{where}.path is required")
@@ -193,6 +194,7 @@ def _source(data: Any, where: str) -> SourceConfig:
         id_column=_get(data, "id_column", str, where),
         derive_ids=_get(data, "derive_ids", bool, where, False),
         passthrough=tuple(passthrough) if passthrough is not None else None,
+        infer_types=_get(data, "infer_types", bool, where, False),
     )
 
 

@@ -49,14 +49,18 @@ def find_duplicates(
     runs.append((start, chunks.slice(start, chunks.num_rows - start)))
     results = tasks.shuffle(partition_ids, duplicates_in, runs, partitions)
     ids = sum(r["ids"] for r in results)
-    if ids and on_duplicate_id == "error":
-        sample = ", ".join(repr(i) for i in sorted(i for r in results for i in r["sample"])[:SAMPLES])
-        raise ConfigError(
-            f"sources: {ids} ids occur more than once (e.g. {sample}); "
-            "fix the input or set output.on_duplicate_id: keep-first"
-        )
     positions = np.sort(np.concatenate([r["drops"] for r in results] + [np.empty(0, np.int64)]))
     ordinals = positions >> ROW_BITS
+    if ids and on_duplicate_id == "error":
+        sample = ", ".join(repr(i) for i in sorted(i for r in results for i in r["sample"])[:SAMPLES])
+        derived = pc.any(pc.is_null(chunks.column("id_column").take(pa.array(np.unique(ordinals))))).as_py()
+        # keep-first would silently drop a whole file whose derived ids repeat another's
+        fix = (
+            "ids derived from file paths repeat: give the sources an id_column"
+            if derived
+            else "fix the input or set output.on_duplicate_id: keep-first"
+        )
+        raise ConfigError(f"sources: {ids} ids occur more than once (e.g. {sample}); {fix}")
     offsets = np.searchsorted(ordinals, np.arange(chunks.num_rows + 1)).astype(np.int32)
     values = pa.array((positions & ((1 << ROW_BITS) - 1)).astype(np.int32))
     return Duplicates(pa.ListArray.from_arrays(pa.array(offsets), values), len(positions), ids)

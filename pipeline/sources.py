@@ -55,6 +55,8 @@ class ReadChunk:
     first_row: int = 0
     rows: int = 0
     files: tuple[str, ...] = ()  # a folder group's relative paths
+    infer_types: bool = False  # CSV: infer column types (the id column stays text)
+    id_prefix: str = ""  # derived ids: the source's path from the common root of colliding sources
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "ReadChunk":
@@ -80,20 +82,30 @@ def _read_chunk(chunk: ReadChunk, columns: list[str] | None) -> pa.Table:
         with fs.open_input_file(chunk.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=_present(handle, wanted))
     else:
-        table = read_table_file(fs, chunk.path, chunk.format, chunk.relpath, chunk.source)
+        table = read_table_file(fs, chunk.path, chunk.format, chunk.relpath, chunk.source, chunk)
         if wanted is not None:
             table = table.select([c for c in wanted if c in table.column_names])
     return _with_ids(table, chunk)
 
 
-def read_table_file(fs: pafs.FileSystem, path: str, fmt: str, relpath: str, source: int) -> pa.Table:
-    """A whole JSONL or CSV file (TSV by its suffix); gzip is detected."""
+def read_table_file(
+    fs: pafs.FileSystem, path: str, fmt: str, relpath: str, source: int, chunk: "ReadChunk | None" = None
+) -> pa.Table:
+    """A whole JSONL or CSV file (TSV by its suffix); gzip is detected. CSV columns are read as
+    text, as written (``00123`` stays ``00123``), unless the source sets ``infer_types``; the
+    id column is always text."""
     try:
         with fs.open_input_stream(path, compression="detect") as stream:
             if fmt == "jsonl":
                 return pajson.read_json(stream)
-            delimiter = "\t" if path.endswith(".tsv") else ","
-            return pacsv.read_csv(stream, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            data = stream.read()
+        parse = pacsv.ParseOptions(delimiter="\t" if path.endswith(".tsv") else ",")
+        if chunk is not None and chunk.infer_types:
+            names = [chunk.id_column] if chunk.id_column else []
+        else:
+            names = pacsv.open_csv(pa.BufferReader(data), parse_options=parse).schema.names
+        types = pacsv.ConvertOptions(column_types={name: pa.string() for name in names})
+        return pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=types)
     except pa.ArrowInvalid as exc:
         # e.g. a JSON field that is a string in one row and a number in another: Arrow
         # columns have one type. Say where, rather than guess a type for the user.
@@ -110,7 +122,7 @@ def _present(handle: Any, wanted: list[str] | None) -> list[str] | None:
 def _with_ids(table: pa.Table, chunk: ReadChunk) -> pa.Table:
     if chunk.id_column is None:
         first = chunk.first_row
-        ids = pa.array([f"{chunk.relpath}:{first + i}" for i in range(table.num_rows)], pa.string())
+        ids = pa.array([f"{chunk.id_prefix}{chunk.relpath}:{first + i}" for i in range(table.num_rows)], pa.string())
         return table.add_column(0, "id", ids)
     if chunk.id_column not in table.column_names:
         raise ConfigError(
@@ -136,7 +148,7 @@ def _with_ids(table: pa.Table, chunk: ReadChunk) -> pa.Table:
 
 def _read_folder_chunk(fs: pafs.FileSystem, chunk: ReadChunk, columns: list[str] | None) -> pa.Table:
     _, column = FOLDER_KINDS[chunk.kind]
-    ids = pa.array(chunk.files, pa.string())
+    ids = pa.array([chunk.id_prefix + rel for rel in chunk.files], pa.string())
     if columns is not None and column not in columns:
         return pa.table({"id": ids})
     _, root = open_filesystem(chunk.root)

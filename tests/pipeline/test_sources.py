@@ -144,3 +144,35 @@ def test_unreadable_table_is_a_one_line_user_error(tmp_path):
     (tmp_path / "mixed.jsonl").write_text('{"id": "a", "text": "hello"}\n{"id": "b", "text": 5}\n')
     with pytest.raises(ConfigError, match=r"cannot read 'mixed.jsonl' as jsonl: .*changed from string to number"):
         read_all([SourceConfig(path=str(tmp_path / "mixed.jsonl"), id_column="id")])
+
+
+def test_csv_is_read_as_written(tmp_path):
+    """Type inference would turn 00123 into 123 (colliding with 123) and 1e3 into 1000."""
+    (tmp_path / "ids.csv").write_text("sku,code,qty\n00123,1e3,5\n123,007,6\n")
+    table, plan = read_all([SourceConfig(path=str(tmp_path / "ids.csv"), id_column="sku")])
+    assert table.column("id").to_pylist() == ["00123", "123"] and plan.duplicates == 0
+    assert table.column("code").to_pylist() == ["1e3", "007"] and table.schema.field("qty").type == pa.string()
+    typed, _ = read_all([SourceConfig(path=str(tmp_path / "ids.csv"), id_column="sku", infer_types=True)])
+    assert typed.column("id").to_pylist() == ["00123", "123"]  # the id column stays text
+    assert typed.column("qty").to_pylist() == [5, 6]
+
+
+def test_derived_ids_of_two_sources_get_their_paths_only_when_they_collide(tmp_path):
+    for year in ("2023", "2024"):
+        (tmp_path / year).mkdir()
+        pq.write_table(pa.table({"text": [f"{year} a", f"{year} b"]}), tmp_path / year / "part-0.parquet")
+    sources = [SourceConfig(path=str(tmp_path / y / "part-0.parquet"), derive_ids=True) for y in ("2023", "2024")]
+    table, plan = read_all(sources)
+    assert table.column("id").to_pylist() == [f"{y}/part-0.parquet:{r}" for y in ("2023", "2024") for r in (0, 1)]
+    alone, _ = read_all(sources[:1])  # one derived-id source: ids as they always were
+    assert alone.column("id").to_pylist() == ["part-0.parquet:0", "part-0.parquet:1"]
+    for name in ("a", "b"):  # two image folders that both hold 0001.jpg
+        (tmp_path / "img" / name).mkdir(parents=True)
+        (tmp_path / "img" / name / "0001.jpg").write_bytes(b"jpeg")
+    folders = [SourceConfig(path=str(tmp_path / "img" / n), kind="image") for n in ("a", "b")]
+    table, _ = read_all(folders)
+    assert table.column("id").to_pylist() == ["a/0001.jpg", "b/0001.jpg"]
+    # The same folder twice still collides; the error never suggests keep-first for derived ids.
+    with pytest.raises(ConfigError, match="derived from file paths repeat: give the sources an id_column") as info:
+        read_all([folders[0], folders[0]])
+    assert "keep-first" not in str(info.value)
