@@ -18,6 +18,7 @@ Normalization and the float conversion happen on the encoder's device (encoders/
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
@@ -31,6 +32,8 @@ from encoders.core.files import RowError as ImageError  # shared with audio
 from encoders.core.files import read_bytes as _read
 from encoders.core.spec import Prepared
 
+# Past this many pixels after the resize, only the centre crop is resized (bounded memory).
+MAX_RESIZED_PIXELS = 64_000_000
 IMAGE_TYPE = pa.binary()  # per row: uint8 CHW bytes, shape (3, crop, crop) from the spec
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -245,6 +248,17 @@ def resize_crop(image: torch.Tensor, prep: ImagePreprocess) -> torch.Tensor:
     from torchvision.transforms import InterpolationMode
 
     mode = InterpolationMode(prep.interpolation)
+    height, width = image.shape[-2:]
+    scale = prep.resize / min(height, width)
+    if prep.keep_aspect and height * width * scale * scale > MAX_RESIZED_PIXELS:
+        # An elongated image (1 x 200000 px is a few hundred bytes and passes max_pixels) would
+        # resize to a tensor of tens of GB. Crop the centre box in source coordinates and resize
+        # only that: memory bounded by the crop (vectors may differ slightly from the exact path).
+        box_h, box_w = min(height, math.ceil(prep.crop / scale)), min(width, math.ceil(prep.crop / scale))
+        top, left = (height - box_h) // 2, (width - box_w) // 2
+        return F.resized_crop(
+            image, top, left, box_h, box_w, [prep.crop, prep.crop], interpolation=mode, antialias=True
+        ).contiguous()
     size = [prep.resize] if prep.keep_aspect else [prep.resize, prep.resize]
     image = F.resize(image, size, interpolation=mode, antialias=True)
     return F.center_crop(image, [prep.crop, prep.crop]).contiguous()

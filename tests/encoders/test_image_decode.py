@@ -174,3 +174,37 @@ def test_wrong_type_is_bad_type():
 def test_preprocessing_is_validated(raw, message):
     with pytest.raises(ValueError, match=message):
         ImagePreprocess.from_options({"preprocessing": raw})
+
+
+def test_an_elongated_image_gets_a_vector_in_bounded_memory(tmp_path):
+    """A 1 x 200000 PNG is a few hundred bytes and passes max_pixels; resizing its short side to
+    256 would build a ~39 GB tensor. In a process of its own: a valid row, and little memory."""
+    import subprocess
+    import sys
+
+    Image.new("RGB", (200_000, 1), (200, 30, 30)).save(tmp_path / "strip.png")
+    code = (
+        "import resource, sys, pyarrow as pa\n"
+        "from encoders.image.prepare import ImagePreprocess, prepare_images\n"
+        "prep = ImagePreprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)\n"
+        f"out = prepare_images(pa.array([{str(tmp_path / 'strip.png')!r}]), prep)\n"
+        "assert out.errors == [None], out.errors\n"
+        "assert len(out.values[0].as_py()) == 3 * 224 * 224\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 1500  # MB: torch and Pillow alone are most of it
+
+
+def test_the_bounded_path_matches_the_exact_one_where_both_run(photo, monkeypatch):
+    from encoders.image import prepare
+
+    prep = ImagePreprocess(resize=64, crop=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    image = decode_rgb(encode(photo, "PNG"))
+    exact = resize_crop(image, prep).float()
+    monkeypatch.setattr(prepare, "MAX_RESIZED_PIXELS", 0)  # the crop-first path on an ordinary photo
+    bounded = resize_crop(image, prep).float()
+    assert bounded.shape == exact.shape == (3, 48, 48)
+    # The same picture, up to resampling at the box's edge (uint8 levels, mean over pixels).
+    assert (bounded - exact).abs().mean() < 6
