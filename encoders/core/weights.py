@@ -13,6 +13,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class ResolvedWeights:
     reference: str  # what metadata records: a hub id, or "local:<folder name>"
     revision: str | None  # hub commit, or "<distribution>==<version>" for a bundled copy
     source: str  # "local" | "bundled" | "hub"
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # an LFS blob's name in the Hugging Face cache
 
 
 def lookup_alias(reference: str) -> ModelAlias | None:
@@ -139,18 +143,28 @@ def weight_files(path: str) -> list[Path]:
 
 
 def weights_sha256(path: str) -> str:
-    """One hash over the weight files of a folder (or a single file), in sorted order."""
-    files = weight_files(path)
+    """One hash of the weight files of a folder (or a single file): a single file's sha256, or
+    the sha256 of the files' sha256s in sorted order. A file in the Hugging Face cache is a link
+    to ``blobs/<sha256 of its content>``: the name is its hash, and no byte is read again."""
+    digests = [_file_sha256(f) for f in weight_files(path)]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs" and _SHA256.fullmatch(target.name):
+        return target.name
+    stat = target.stat()
     # ctime changes on every write, even when size and mtime are kept (cp -p, tar -x).
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ctime_ns, f.stat().st_ino) for f in files)
-    return _sha256_of(key)
+    return _sha256_of(str(target), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256_of(key: tuple[tuple[str, int, int, int, int], ...]) -> str:
+def _sha256_of(name: str, *stat: int) -> str:
     digest = hashlib.sha256()
-    for name, *_ in key:
-        with open(name, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+    with open(name, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()

@@ -151,3 +151,19 @@ def test_weights_sha256_follows_content_not_timestamps(bert_copy):
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert weights_sha256(str(bert_copy)) == hashlib.sha256(bytes(data)).hexdigest() != before
+
+
+def test_a_hugging_face_cache_blob_is_hashed_by_its_name(tmp_path):
+    """Cache snapshots link to blobs/<sha256 of the content>: that name is the hash, read from
+    the link, not from the bytes (here deliberately other bytes, to show none were read)."""
+    name = hashlib.sha256(b"the declared weights").hexdigest()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / name).write_bytes(b"other bytes")
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(tmp_path / "blobs" / name)
+    assert weights_sha256(str(snapshot)) == name
+    (snapshot / "model-2.safetensors").write_bytes(b"a second shard, not in the cache")
+    second = hashlib.sha256(b"a second shard, not in the cache").hexdigest()
+    # Files in sorted order ("model-2" before "model."), their hashes joined.
+    assert weights_sha256(str(snapshot)) == hashlib.sha256(f"{second}\n{name}".encode()).hexdigest()
