@@ -36,6 +36,32 @@ def read_bytes(value: Any) -> bytes:
     return data
 
 
+_FILESYSTEMS: dict[str, tuple[Any, str]] = {}  # "scheme://netloc" -> (filesystem, inner path prefix)
+
+
+def _filesystem(value: str) -> tuple[Any, str]:
+    """The filesystem of a URI and the path inside it, one filesystem per bucket and process:
+    building an S3 or GCS client per row costs more than reading a small image."""
+    import pyarrow.fs as pafs
+
+    scheme, _, rest = value.partition("://")
+    netloc, _, tail = rest.partition("/")
+    root = f"{scheme}://{netloc}"
+    if root in _FILESYSTEMS and "%" not in value:
+        fs, prefix = _FILESYSTEMS[root]
+        return fs, prefix + tail
+    try:
+        fs, inner = pafs.FileSystem.from_uri(value)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec  # memory://, http(s)://, ... (ray[data] brings fsspec)
+
+        fsspec_fs, inner = fsspec.core.url_to_fs(value)
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+    if tail and inner.endswith(tail) and "%" not in value:  # how this filesystem spells paths
+        _FILESYSTEMS[root] = (fs, inner[: len(inner) - len(tail)])
+    return fs, inner
+
+
 def _read_all(value: Any) -> bytes:
     with open_input(value) as handle:
         return handle.read()
@@ -69,16 +95,8 @@ def open_input(value: Any) -> Iterator[BinaryIO]:
 
 
 def _open_uri(value: str) -> BinaryIO:
-    import pyarrow.fs as pafs
-
     try:
-        try:
-            fs, inner = pafs.FileSystem.from_uri(value)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-            import fsspec  # memory://, http(s)://, ... (ray[data] brings fsspec)
-
-            fsspec_fs, inner = fsspec.core.url_to_fs(value)
-            fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+        fs, inner = _filesystem(value)
         return fs.open_input_file(inner)  # random access: readers seek instead of reading all
     except FileNotFoundError:
         raise RowError("missing_file", f"{value!r} does not exist") from None
