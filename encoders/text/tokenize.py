@@ -55,6 +55,11 @@ def read_folder_settings(path: str) -> FolderSettings:
             pooling = _pooling_from_st(_read_json(root / module.get("path", "") / "config.json") or {})
         elif kind.endswith(".Normalize"):
             normalize = True
+        else:  # Dense, LayerNorm, ...: running only the modules above would give other vectors and D
+            raise ValueError(
+                f"the folder's module {module.get('name', '?')!r} ({kind or 'no type'}) is not supported: omniembed "
+                "runs Transformer, Pooling and Normalize modules only, and would give other vectors"
+            )
     st_config = (
         _read_json(model_dir / "sentence_bert_config.json") or _read_json(root / "sentence_bert_config.json") or {}
     )

@@ -766,3 +766,29 @@ def test_encoder_rejects_a_spec_dim_that_disagrees(tiny_bert_weights):
     assert spec.dim == 31  # an explicit dim is not probed
     with pytest.raises(RuntimeError, match=r"32-d.*expected 31"):
         FAMILY.load(spec, CPU)
+
+
+def test_a_sentence_transformers_module_we_do_not_run_is_refused_in_one_line(tiny_st, tmp_path):
+    """A Dense 32 -> 16 head after pooling: running only Transformer and Pooling would give
+    other vectors and D=32 instead of 16, silently. Refused, naming the module."""
+    import shutil
+
+    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.plan import plan_encoders
+
+    folder = tmp_path / "st-dense"
+    shutil.copytree(tiny_st, folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "v", "column": "text", "model": str(folder)}],
+        }
+    )
+    with pytest.raises(ConfigError) as info:
+        plan_encoders(config.encoders)
+    message = str(info.value)
+    assert "\n" not in message and "sentence_transformers.models.Dense" in message and message.startswith("encoders[0]")
