@@ -53,7 +53,6 @@ class ReadPlan:
 
     def report(self) -> dict[str, Any]:
         """What ``--dry-run`` prints, with the driver's own peak RSS so far."""
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
         return {
             "rows": self.rows,
             "duplicates": self.duplicates,
@@ -61,8 +60,18 @@ class ReadPlan:
             "to_embed": self.to_embed,
             "chunks": self.planned_chunks,
             "chunks_to_read": self.chunks.num_rows,
-            "driver_peak_rss_mb": round(peak_kb / 1024, 1),
+            "driver_peak_rss_mb": round(peak_rss_kb() / 1024, 1),
         }
+
+
+def peak_rss_kb() -> int:
+    """This process's own peak RSS (KiB): VmHWM on Linux. ``ru_maxrss`` is no good in a process
+    started by a big one: it carries the parent's peak across fork and exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux and BSD report KiB
 
 
 def account(

@@ -57,7 +57,14 @@ class HFVisionFamily(ImageFamily):
             raise ValueError(
                 f"pooling {opts['pooling']!r} is not supported for images; valid modes: {', '.join(VISION_POOLING)}"
             )
-        resolve_image_options(opts, preprocessing_from_processor(request.weights.path))
+        declared = (
+            None
+            if opts["preprocessing"] is not None
+            else preprocessing_from_processor(
+                request.weights.path, trust_remote_code=bool(opts.get("trust_remote_code", False))
+            )
+        )
+        resolve_image_options(opts, declared)
         check_runtime_options(opts)
         vision = _vision_config(request.weights.path)
         crop, patch = opts["preprocessing"]["crop"], int(vision.patch_size)

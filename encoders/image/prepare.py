@@ -17,6 +17,7 @@ Normalization and the float conversion happen on the encoder's device (encoders/
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -89,45 +90,60 @@ class ImagePreprocess:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
 
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def preprocessing_from_processor(folder: str) -> dict[str, Any] | None:
-    """The ``preprocessing`` data of a Hugging Face ``preprocessor_config.json`` (ViT, BiT/DINOv2,
-    CLIP image processors), or None when the folder has none."""
-    import json
+def preprocessing_from_processor(folder: str, trust_remote_code: bool = False) -> dict[str, Any] | None:
+    """The ``preprocessing`` data of a folder's Hugging Face image processor (ViT, BiT/DINOv2,
+    CLIP, ...), or None when the folder has none. The values are the processor's effective ones
+    (``AutoImageProcessor`` with the PIL backend, whose resampling is the reference), class defaults
+    included: a CLIP config without ``do_center_crop`` still crops, as CLIP's processor does."""
     from pathlib import Path
 
-    try:
-        config = json.loads((Path(folder) / "preprocessor_config.json").read_text())
-    except FileNotFoundError:
+    if not (Path(folder) / "preprocessor_config.json").is_file():
         return None
-    size = config.get("size") or {}
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(folder, backend="pil", trust_remote_code=trust_remote_code)
+    size = _size(getattr(proc, "size", None))
     if "shortest_edge" in size:
         resize, keep_aspect = int(size["shortest_edge"]), True
     elif "height" in size and size.get("height") == size.get("width"):
         resize, keep_aspect = int(size["height"]), False
     else:
+        raise ValueError(f"image processor: size {size!r} is not supported (shortest_edge, or square height/width)")
+    crop = resize
+    if getattr(proc, "do_center_crop", False):
+        crop = int(_size(getattr(proc, "crop_size", None)).get("height", resize))
+    factor = float(getattr(proc, "rescale_factor", 1 / 255))
+    if getattr(proc, "do_rescale", True) is False or abs(factor - 1 / 255) > 1e-9:
+        raise ValueError("image processor: only rescale_factor 1/255 is supported")
+    resample = _PIL_RESAMPLE.get(int(getattr(proc, "resample", 2)), "?")
+    if resample not in INTERPOLATIONS:
         raise ValueError(
-            f"preprocessor_config.json: size {size!r} is not supported (shortest_edge, or square height/width)"
+            f"image processor: resample {resample!r} has no tensor equivalent here; set preprocessing.interpolation "
+            f"to one of {', '.join(INTERPOLATIONS)} to approximate it"
         )
-    crop = config.get("crop_size") or {}
-    crop = (
-        int(crop.get("height", resize) if isinstance(crop, dict) else crop) if config.get("do_center_crop") else resize
-    )
-    if config.get("do_rescale", True) is False or abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise ValueError("preprocessor_config.json: only rescale_factor 1/255 is supported")
-    normalize = config.get("do_normalize", True)
+    normalize = getattr(proc, "do_normalize", True)
     return {
         "resize": resize,
         "crop": crop,
         "keep_aspect": keep_aspect,
-        "interpolation": _PIL_RESAMPLE.get(int(config.get("resample", 2)), "bilinear"),
-        "mean": list(config.get("image_mean", [0.0] * 3)) if normalize else [0.0] * 3,
-        "std": list(config.get("image_std", [1.0] * 3)) if normalize else [1.0] * 3,
+        "interpolation": resample,
+        "mean": [float(v) for v in proc.image_mean] if normalize else [0.0] * 3,
+        "std": [float(v) for v in proc.image_std] if normalize else [1.0] * 3,
     }
+
+
+def _size(value: Any) -> dict[str, int]:
+    """A processor's size (a ``SizeDict``, a dict or an int) as a plain dict of the set keys."""
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {"shortest_edge": value, "height": value}
+    if dataclasses.is_dataclass(value):  # transformers' SizeDict
+        value = dataclasses.asdict(value)
+    return {k: int(v) for k, v in dict(value).items() if v is not None}
 
 
 def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:

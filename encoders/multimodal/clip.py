@@ -49,7 +49,8 @@ class HFClipFamily(ImageFamily):
         from encoders.core.weights import weights_sha256
 
         opts = validate_options(request.options, CLIP_OPTIONS, self.name)
-        resolve_image_options(opts, preprocessing_from_processor(request.weights.path))
+        declared = None if opts["preprocessing"] is not None else preprocessing_from_processor(request.weights.path)
+        resolve_image_options(opts, declared)
         check_runtime_options(opts)
         config = AutoConfig.from_pretrained(request.weights.path)
         resolve_max_length(opts, int(config.text_config.max_position_embeddings))
