@@ -347,3 +347,43 @@ def test_driver_loss_then_rerun(cluster, client, corpus, model, clean_run, tmp_p
     assert manifest["resumed_from"] and manifest["resumed_from"] >= len(killed_parts), "the re-run resumed"
     assert manifest["timing"]["rows_this_run"] == report["to_embed"] <= ROWS // 2
     _assert_same(_read(out, texts), clean_run[0])
+
+
+def test_pool_and_threads_follow_each_nodes_cpus(cluster):
+    """Nodes of different CPU counts (three of 2, one of 8 added here): one CPU stays free on
+    each, the pool's maximum sums what each fits, and the thread decision an encoder actor makes
+    on its node, run as a task pinned to each node, follows that node's CPUs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.adapter import resolve_encode_stage
+    from pipeline.cluster import cluster_shape
+    from pipeline.config import StageResources
+
+    cluster.add_node(
+        num_cpus=8, dashboard_agent_listen_port=_free_port(), runtime_env_dir_name="runtime_resources_wide"
+    )
+    ray.init(address=cluster.address)
+    try:
+        deadline = time.time() + 60  # not cluster.wait_for_nodes(): it also waits for the node killed above
+        while 8.0 not in [n["Resources"].get("CPU") for n in ray.nodes() if n["Alive"]] and time.time() < deadline:
+            time.sleep(0.5)
+        shape = cluster_shape()
+        assert sorted(shape.node_cpus) == [2.0, 2.0, 2.0, 8.0]
+        free = resolve_encode_stage(StageResources(), shape, 256, "e")
+        assert free.pool == (1, 1 + 1 + 1 + 7) and free.num_cpus == 1.0  # not 13 of 14 CPUs
+        small = resolve_encode_stage(StageResources(pool=(1, 4)), shape, 256, "e")  # about one actor a node
+
+        @ray.remote(num_cpus=0)
+        def decide(policy):
+            return policy()
+
+        threads = {}
+        for node in ray.nodes():
+            if node["Alive"]:
+                pinned = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                cpus = node["Resources"]["CPU"]
+                threads[cpus] = ray.get(decide.options(scheduling_strategy=pinned).remote(small.node_threads))
+        assert threads == {2.0: 2, 8.0: 8}  # each actor uses its own node's cores
+    finally:
+        ray.shutdown()

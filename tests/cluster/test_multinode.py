@@ -51,5 +51,6 @@ def test_multinode_cluster_cases(tmp_path):
         "test_stages_spread_over_the_nodes",
         "test_worker_loss",
         "test_driver_loss_then_rerun",
+        "test_pool_and_threads_follow_each_nodes_cpus",
     ):
         assert f"PASSED tests/cluster/multinode_cases.py::{case}" in result.stdout, summary
