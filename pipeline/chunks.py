@@ -14,6 +14,7 @@ chunk table: one Arrow row per chunk, never a Python object per row.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import posixpath
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from encoders.core.retry import retrying
 from pipeline.config import ConfigError, SourceConfig
-from pipeline.filesystems import open_filesystem
+from pipeline.filesystems import LISTING_SCHEMA, file_version, listing, open_filesystem, with_suffix
 from pipeline.sources import FOLDER_KINDS, FORMAT_SUFFIXES, REFERENCE_KINDS, ReadChunk, read_table_file
 from pipeline.tasks import LocalTasks, Tasks
 
@@ -54,7 +55,6 @@ CHUNK_SCHEMA = pa.schema(
         ("id_prefix", pa.string()),
     ]
 )
-FILE_SCHEMA = pa.schema([("path", pa.string()), ("rel", pa.string()), ("version", pa.string())])
 
 
 @dataclass
@@ -135,7 +135,7 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
         if entry.type != pafs.FileType.Directory:
             raise ConfigError(f"{where}.path: a {source.kind} source must be a folder, got a file {source.path!r}")
         suffixes = FOLDER_KINDS[source.kind][0]
-        files = _with_suffix(_listing(fs, root), suffixes)
+        files = with_suffix(listing(fs, root), suffixes)
         if not files.num_rows:
             raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(suffixes)}) in {source.path!r}")
         return "folder", _folder_chunks(s_index, source, files)
@@ -144,19 +144,19 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
     if entry.type != pafs.FileType.Directory:
         fmt = source.format or format_of(root, where)
         name = root.rstrip("/").rpartition("/")[2]
-        return fmt, pa.table({"path": [root], "rel": [name], "version": [_version(entry)]}, schema=FILE_SCHEMA)
-    listing = _listing(fs, root)
+        return fmt, pa.table({"path": [root], "rel": [name], "version": [file_version(entry)]}, schema=LISTING_SCHEMA)
+    every = listing(fs, root)
     if source.format:
         fmt = source.format
     else:
-        found = [f for f, suffixes in FORMAT_SUFFIXES.items() if _with_suffix(listing, suffixes).num_rows]
+        found = [f for f, suffixes in FORMAT_SUFFIXES.items() if with_suffix(every, suffixes).num_rows]
         if len(found) != 1:
             raise ConfigError(
                 f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of "
                 f"{', '.join(FORMAT_SUFFIXES)}"
             )
         fmt = found[0]
-    files = _with_suffix(listing, FORMAT_SUFFIXES[fmt])
+    files = with_suffix(every, FORMAT_SUFFIXES[fmt])
     if not files.num_rows:
         raise ConfigError(f"{where}.path: no {fmt} files in {source.path!r}")
     return fmt, files
@@ -170,35 +170,6 @@ def format_of(path: str, where: str) -> str:
     raise ConfigError(
         f"{where}.format: cannot tell the format of {path!r}; set format: to one of {', '.join(FORMAT_SUFFIXES)}"
     )
-
-
-def _listing(fs: pafs.FileSystem, root: str) -> pa.Table:
-    """Every file under root, sorted by relative path; hidden and underscore-prefixed names
-    (``_manifest.json``, ``.staging``) are skipped."""
-    paths, rels, versions = [], [], []
-    prefix = len(root.rstrip("/")) + 1
-    for entry in retrying(fs.get_file_info, pafs.FileSelector(root, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
-        rel = entry.path[prefix:]
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue
-        paths.append(entry.path)
-        rels.append(rel)
-        versions.append(_version(entry))
-    table = pa.table({"path": paths, "rel": rels, "version": versions}, schema=FILE_SCHEMA)
-    return table.sort_by("rel")
-
-
-def _version(entry: pafs.FileInfo) -> str:
-    # Size and modification time: what an object store's listing gives without a HEAD per file.
-    mtime = entry.mtime_ns if entry.mtime_ns is not None else ""
-    return f"{entry.size}:{mtime}"
-
-
-def _with_suffix(files: pa.Table, suffixes: tuple[str, ...]) -> pa.Table:
-    keep = [path.lower().endswith(suffixes) for path in files.column("path").to_pylist()]
-    return files.filter(pa.array(keep, pa.bool_()))
 
 
 def chunk_key(s_index: int, *parts: Any) -> str:
@@ -220,28 +191,26 @@ def _folder_chunks(s_index: int, source: SourceConfig, files: pa.Table) -> pa.Ta
         if zlib.crc32(rel.encode()) % FILES_PER_CHUNK == 0 or size >= 4 * FILES_PER_CHUNK or i == len(rels) - 1:
             groups.append((start, i + 1))
             start = i + 1
-    rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
-    for a, b in groups:
-        group = rels[a:b]
-        values = {
-            "key": chunk_key(s_index, "folder", list(zip(group, versions[a:b]))),
-            "source": s_index,
-            "root": source.path,
-            "format": "folder",
-            "kind": source.kind,
-            "id_column": None,
-            "path": "",
-            "relpath": group[0],
-            "row_groups": [],
-            "first_row": 0,
-            "rows": len(group),
-            "files": group,
-            "infer_types": False,
-            "id_prefix": "",
-        }
-        for name, value in values.items():
-            rows[name].append(value)
-    return pa.table(rows, schema=CHUNK_SCHEMA)
+    return _table(
+        [
+            ReadChunk(
+                key=chunk_key(s_index, "folder", list(zip(rels[a:b], versions[a:b]))),
+                source=s_index,
+                root=source.path,
+                format="folder",
+                kind=source.kind,
+                relpath=rels[a],
+                rows=b - a,
+                files=tuple(rels[a:b]),
+            )
+            for a, b in groups
+        ]
+    )
+
+
+def _table(chunks: list[ReadChunk]) -> pa.Table:
+    """Chunks as rows of the chunk table: ``ReadChunk``'s fields are its columns."""
+    return pa.Table.from_pylist([dataclasses.asdict(c) for c in chunks], schema=CHUNK_SCHEMA)
 
 
 def _folder_schema(kind: str) -> pa.Schema:
@@ -255,36 +224,28 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
     s_index, source, fmt, files = job
     where = f"sources[{s_index}]"
     fs, _ = open_filesystem(source.path)
-    rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
-    schemas = []
-    for path, rel, version in zip(*(files.column(c).to_pylist() for c in FILE_SCHEMA.names)):
+    chunks, schemas = [], []
+    for path, rel, version in zip(*(files.column(c).to_pylist() for c in LISTING_SCHEMA.names)):
+        file = ReadChunk(
+            "",
+            s_index,
+            source.path,
+            fmt,
+            id_column=source.id_column,
+            path=path,
+            relpath=rel,
+            infer_types=source.infer_types,
+        )
         if fmt == "parquet":
             ranges, schema = _row_group_ranges(fs, path, where)
         else:
-            probe = ReadChunk("", s_index, source.path, fmt, id_column=source.id_column, infer_types=source.infer_types)
-            table = read_table_file(fs, path, fmt, rel, s_index, probe)
+            table = read_table_file(fs, file)
             ranges, schema = [((), 0, table.num_rows)], table.schema
         schemas.append(_read_schema(schema, source.id_column))
         for groups, first, count in ranges:
-            values = {
-                "key": chunk_key(s_index, fmt, rel, version, groups),
-                "source": s_index,
-                "root": source.path,
-                "format": fmt,
-                "kind": "table",
-                "id_column": source.id_column,
-                "path": path,
-                "relpath": rel,
-                "row_groups": list(groups),
-                "first_row": first,
-                "rows": count,
-                "files": [],
-                "infer_types": source.infer_types,
-                "id_prefix": "",
-            }
-            for name, value in values.items():
-                rows[name].append(value)
-    return pa.table(rows, schema=CHUNK_SCHEMA), pa.unify_schemas(schemas, promote_options="permissive")
+            key = chunk_key(s_index, fmt, rel, version, groups)
+            chunks.append(dataclasses.replace(file, key=key, row_groups=groups, first_row=first, rows=count))
+    return _table(chunks), pa.unify_schemas(schemas, promote_options="permissive")
 
 
 def _read_schema(schema: pa.Schema, id_column: str | None) -> pa.Schema:

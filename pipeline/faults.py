@@ -90,6 +90,8 @@ class RowGuard:
 def _assemble(
     segments: list[tuple[int, EncodeResult | None, list[str | None]]], n: int, dim: int
 ) -> tuple[EncodeResult, list[str | None]]:
+    if len(segments) == 1 and segments[0][1] is not None:
+        return segments[0][1], segments[0][2]  # the clean path: the batch as the model gave it
     vectors, valid = np.zeros((n, dim), np.float32), np.zeros(n, bool)
     extras: dict[str, np.ndarray] = {}
     errors: list[str | None] = []
@@ -105,8 +107,6 @@ def _assemble(
                     extras[key] = np.zeros((n, *value.shape[1:]), value.dtype)
                 extras[key][start : start + rows] = value
         start += rows
-    if len(segments) == 1 and segments[0][1] is not None:
-        return segments[0][1], errors  # the clean path: no copy
     return EncodeResult(vectors, valid, extras), errors
 
 

@@ -48,24 +48,46 @@ def info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
     return fs.get_file_info(path)
 
 
-def list_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(path, path relative to root) of files under root with one of the suffixes, sorted.
-
-    Hidden and underscore-prefixed names (``_manifest.json``, ``.staging``) are skipped.
-    """
-    out = []
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+def listing(fs: pafs.FileSystem, root: str) -> pa.Table:
+    """Every file under root (path, path relative to root, version: size and modification time,
+    what an object store's listing gives without a HEAD per file), sorted by relative path.
+    Hidden and underscore-prefixed names (``_manifest.json``, ``.staging``) are skipped."""
+    paths, rels, versions = [], [], []
+    prefix = len(root.rstrip("/")) + 1
+    for entry in retrying(fs.get_file_info, pafs.FileSelector(root, recursive=True)):
         if entry.type != pafs.FileType.File:
             continue
-        rel = entry.path[len(root.rstrip("/")) + 1 :]
+        rel = entry.path[prefix:]
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
-        if entry.path.lower().endswith(suffixes):
-            out.append((entry.path, rel))
-    return sorted(out, key=lambda item: item[1])
+        paths.append(entry.path)
+        rels.append(rel)
+        versions.append(file_version(entry))
+    table = pa.table({"path": paths, "rel": rels, "version": versions}, schema=LISTING_SCHEMA)
+    return table.sort_by("rel")
 
 
-def put(fs: pafs.FileSystem, path: str, data: bytes, staging: str) -> None:
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("rel", pa.string()), ("version", pa.string())])
+
+
+def file_version(entry: pafs.FileInfo) -> str:
+    mtime = entry.mtime_ns if entry.mtime_ns is not None else ""
+    return f"{entry.size}:{mtime}"
+
+
+def with_suffix(files: pa.Table, suffixes: tuple[str, ...]) -> pa.Table:
+    """The rows of a ``listing`` whose path ends with one of the suffixes (any case)."""
+    keep = [path.lower().endswith(suffixes) for path in files.column("path").to_pylist()]
+    return files.filter(pa.array(keep, pa.bool_()))
+
+
+def list_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(path, path relative to root) of files under root with one of the suffixes, sorted."""
+    files = with_suffix(listing(fs, root), suffixes)
+    return list(zip(files.column("path").to_pylist(), files.column("rel").to_pylist()))
+
+
+def put(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer, staging: str) -> None:
     """Write a whole file so that readers never see half of it: on local disk staged in
     ``staging`` and moved in (a rename is atomic); on object stores one PUT (atomic; a move
     would be a COPY and a DELETE). A transient storage error is retried."""

@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 
 
 def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
+    transient = retried_io_errors()
     for p in plans:
         dataset = apply_stage(
             dataset,
             prepare_batch,
             p.prepare,
             name=f"Prepare[{p.spec.output}]",
-            fn_kwargs={"spec": p.spec, "retried_io_errors": retried_io_errors()},
+            fn_kwargs={"spec": p.spec, "retried_io_errors": transient},
         )
         dataset = apply_stage(
             dataset,
@@ -77,8 +78,9 @@ def run(
     config = as_config(config)
     plans = plan(config, cluster_shape())
     meta = encoders_metadata(plans, config)
-    configure_retries(retried_io_errors())  # the driver's own manifest, log and lease I/O
-    tasks = RayTasks(retried_io_errors())
+    transient = retried_io_errors()
+    configure_retries(transient)  # the driver's own manifest, log and lease I/O
+    tasks = RayTasks(transient)
     chunks = plan_sources(config.sources, tasks)  # listings and footers, read in tasks
     sink: Sink = ParquetSink(config, meta, fingerprint(config, meta))
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing

@@ -65,7 +65,7 @@ def write_part(
     name = part_name(table.column("id").to_pylist())
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer, compression="zstd")
-    put(fs, join(root, name), buffer.getvalue().to_pybytes(), staging_path(root))
+    put(fs, join(root, name), buffer.getvalue(), staging_path(root))
     errors: Counter[str] = Counter()
     with_error = None
     for column in error_columns:

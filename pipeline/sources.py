@@ -82,25 +82,24 @@ def _read_chunk(chunk: ReadChunk, columns: list[str] | None) -> pa.Table:
         with fs.open_input_file(chunk.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=_present(handle, wanted))
     else:
-        table = read_table_file(fs, chunk.path, chunk.format, chunk.relpath, chunk.source, chunk)
+        table = read_table_file(fs, chunk)
         if wanted is not None:
             table = table.select([c for c in wanted if c in table.column_names])
     return _with_ids(table, chunk)
 
 
-def read_table_file(
-    fs: pafs.FileSystem, path: str, fmt: str, relpath: str, source: int, chunk: "ReadChunk | None" = None
-) -> pa.Table:
-    """A whole JSONL or CSV file (TSV by its suffix); gzip is detected. CSV columns are read as
-    text, as written (``00123`` stays ``00123``), unless the source sets ``infer_types``; the
-    id column is always text."""
+def read_table_file(fs: pafs.FileSystem, chunk: "ReadChunk") -> pa.Table:
+    """A chunk's whole JSONL or CSV file (TSV by its suffix); gzip is detected. CSV columns are
+    read as text, as written (``00123`` stays ``00123``), unless the source sets
+    ``infer_types``; the id column is always text."""
+    path, fmt = chunk.path, chunk.format
     try:
         with fs.open_input_stream(path, compression="detect") as stream:
             if fmt == "jsonl":
                 return pajson.read_json(stream)
             data = stream.read()
         parse = pacsv.ParseOptions(delimiter="\t" if path.endswith(".tsv") else ",")
-        if chunk is not None and chunk.infer_types:
+        if chunk.infer_types:
             names = [chunk.id_column] if chunk.id_column else []
         else:
             names = pacsv.open_csv(pa.BufferReader(data), parse_options=parse).schema.names
@@ -109,7 +108,9 @@ def read_table_file(
     except pa.ArrowInvalid as exc:
         # e.g. a JSON field that is a string in one row and a number in another: Arrow
         # columns have one type. Say where, rather than guess a type for the user.
-        raise ConfigError(f"sources[{source}]: cannot read {relpath!r} as {fmt}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"sources[{chunk.source}]: cannot read {chunk.relpath!r} as {fmt}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _present(handle: Any, wanted: list[str] | None) -> list[str] | None:
