@@ -33,6 +33,7 @@ from pipeline.sources import FOLDER_KINDS, FORMAT_SUFFIXES, REFERENCE_KINDS, Rea
 from pipeline.tasks import LocalTasks, Tasks
 
 ROWS_PER_PARQUET_CHUNK = 65_536
+CHUNK_BYTES = 256 * 2**20  # a Parquet chunk ends at this many uncompressed bytes (a row group at least)
 FILES_PER_CHUNK = 256  # a folder group's mean size; a group is cut at 4x this at the latest
 FILES_PER_PLANNING_TASK = 32
 LOCAL_PLANNING_FILES = 16  # fewer files are planned on the driver: no worker start for a small job
@@ -50,6 +51,7 @@ CHUNK_SCHEMA = pa.schema(
         ("row_groups", pa.list_(pa.int32())),
         ("first_row", pa.int64()),  # the chunk's first row in its file, for derived ids
         ("rows", pa.int64()),
+        ("bytes", pa.int64()),  # uncompressed, as read: stage batches and parts are sized by it
         ("files", pa.list_(pa.string())),  # a folder group's relative paths
         ("infer_types", pa.bool_()),
         ("id_prefix", pa.string()),
@@ -240,11 +242,13 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
             ranges, schema = _row_group_ranges(fs, path, where)
         else:
             table = read_table_file(fs, file)
-            ranges, schema = [((), 0, table.num_rows)], table.schema
+            ranges, schema = [((), 0, table.num_rows, table.nbytes)], table.schema
         schemas.append(_read_schema(schema, source.id_column))
-        for groups, first, count in ranges:
+        for groups, first, count, size in ranges:
             key = chunk_key(s_index, fmt, rel, version, groups)
-            chunks.append(dataclasses.replace(file, key=key, row_groups=groups, first_row=first, rows=count))
+            chunks.append(
+                dataclasses.replace(file, key=key, row_groups=groups, first_row=first, rows=count, bytes=size)
+            )
     return _table(chunks), pa.unify_schemas(schemas, promote_options="permissive")
 
 
@@ -260,20 +264,22 @@ def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData, pa.Schema]
 
 
 def _row_group_ranges(fs: pafs.FileSystem, path: str, where: str) -> tuple[list[tuple], pa.Schema]:
-    """(row groups, first row, rows) per chunk of about ROWS_PER_PARQUET_CHUNK rows, and the schema."""
+    """(row groups, first row, rows, bytes) per chunk of about ROWS_PER_PARQUET_CHUNK rows or
+    CHUNK_BYTES uncompressed bytes, whichever comes first, and the schema."""
     try:
         meta, schema = retrying(_footer, fs, path)  # a transient storage error is retried first
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"{where}: {path!r} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    ranges, current, rows, first = [], [], 0, 0
+    ranges, current, rows, size, first = [], [], 0, 0, 0
     for group in range(meta.num_row_groups):
         current.append(group)
         rows += meta.row_group(group).num_rows
-        if rows >= ROWS_PER_PARQUET_CHUNK:
-            ranges.append((tuple(current), first, rows))
-            current, first, rows = [], first + rows, 0
+        size += meta.row_group(group).total_byte_size
+        if rows >= ROWS_PER_PARQUET_CHUNK or size >= CHUNK_BYTES:
+            ranges.append((tuple(current), first, rows, size))
+            current, first, rows, size = [], first + rows, 0, 0
     if current or not ranges:
-        ranges.append((tuple(current), first, rows))
+        ranges.append((tuple(current), first, rows, size))
     return ranges, schema
 
 

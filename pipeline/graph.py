@@ -17,7 +17,7 @@ from pipeline.cluster import cluster_shape, retried_io_errors
 from pipeline.columns import error_column
 from pipeline.config import Config
 from pipeline.dedupe import find_duplicates
-from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan
+from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan, sized_for_input
 from pipeline.progress import ReadPlan, account
 from pipeline.schema import plan_output_schema
 from pipeline.sink import ParquetSink, Sink, fingerprint, write_part
@@ -89,6 +89,7 @@ def run(
     schema = plan_output_schema(config, [p.spec for p in plans], sources.schema, meta)
     if dry_run:
         return sources.report()
+    plans = sized_for_input(plans, config, sources.row_bytes)
     sink.begin(sources.expect)  # the first write: every usage error above leaves the output untouched
     try:
         if sources.chunks.num_rows:
@@ -121,7 +122,9 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
     dataset = dataset.repartition(target_num_rows_per_block=min(p.encode.batch_size for p in plans))
     dataset = add_encoders(dataset, plans)
     error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
-    write = resolve_task_stage(config.stage("write"), config.output.rows_per_file or default_part_rows(plans))
+    write = resolve_task_stage(
+        config.stage("write"), config.output.rows_per_file or default_part_rows(plans, sources.row_bytes)
+    )
     return apply_stage(
         dataset,
         write_part,

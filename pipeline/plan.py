@@ -4,7 +4,7 @@ metadata the output will carry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,6 +58,16 @@ DEFAULT_BATCH_ROWS = {"text": 1024, "image": 64, "audio": 32}
 # (MiniLM runs 60-200 rows/s on 2 CPU cores, thousands on a GPU). Long runs on GPUs still
 # write parts of tens of MB.
 PART_ROWS = {"cpu": 2048, "cuda": 32768}
+# Where rows are large (decoded images, audio windows, raw bytes passed through), a default
+# batch or part is cut to about this many bytes: Ray Data's block size, and a part that a
+# reader opens comfortably. A stage's batch_rows and output.rows_per_file are taken as given.
+BATCH_BYTES = 128 * 2**20
+PART_BYTES = 512 * 2**20
+
+
+def rows_for_bytes(rows: int, row_bytes: int, limit: int) -> int:
+    """At most ``rows`` rows, and no more than ``limit`` bytes of them (one row at least)."""
+    return rows if row_bytes <= 0 else max(1, min(rows, limit // row_bytes))
 
 
 @dataclass(frozen=True)
@@ -79,14 +89,16 @@ def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
     plans = []
     cpu_encoders = sum(not wants_gpu(config.stage("encode", e), shape) for e in config.encoders)
     for i, (encoder, spec) in enumerate(zip(config.encoders, plan_encoders(config.encoders))):
-        default_batch = min(DEFAULT_BATCH_ROWS[m] for m in spec.columns)
+        family = FAMILIES.get(spec.family)
+        prepared = sum(family.prepared_bytes(spec, m) for m in spec.columns)
+        default_batch = rows_for_bytes(min(DEFAULT_BATCH_ROWS[m] for m in spec.columns), prepared, BATCH_BYTES)
         encode = resolve_encode_stage(
             config.stage("encode", encoder),
             shape,
             default_batch,
             f"encoders[{i}].resources",
             cpu_encoders,
-            FAMILIES.get(spec.family).cpu_actor_threads,
+            family.cpu_actor_threads,
         )
         prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
         plans.append(EncoderPlan(spec, prepare, encode))
@@ -107,6 +119,23 @@ def encoders_metadata(plans: list[EncoderPlan], config: Config) -> dict[str, Any
     }
 
 
-def default_part_rows(plans: list[EncoderPlan]) -> int:
-    """The slowest encoder sets the cadence."""
-    return min(PART_ROWS[p.encode.device] for p in plans)
+def sized_for_input(plans: list[EncoderPlan], config: Config, row_bytes: int) -> list[EncoderPlan]:
+    """Default batches cut further where input rows are large (``row_bytes`` as read: a Parquet
+    column of image bytes travels with each row through every stage)."""
+    out = []
+    for encoder, p in zip(config.encoders, plans):
+        if config.stage("encode", encoder).batch_rows is None and row_bytes > 0:
+            family = FAMILIES.get(p.spec.family)
+            prepared = sum(family.prepared_bytes(p.spec, m) for m in p.spec.columns)
+            rows = rows_for_bytes(p.encode.batch_size, row_bytes + prepared, BATCH_BYTES)
+            encode = replace(p.encode, batch_size=rows)
+            prepare = p.prepare if config.stage("prepare").batch_rows else replace(p.prepare, batch_size=rows)
+            p = EncoderPlan(p.spec, prepare, encode)
+        out.append(p)
+    return out
+
+
+def default_part_rows(plans: list[EncoderPlan], row_bytes: int = 0) -> int:
+    """The slowest encoder sets the cadence; large rows cut a part to about PART_BYTES."""
+    vector_bytes = sum(4 * (p.spec.dim or 0) * len(p.spec.columns) for p in plans)
+    return rows_for_bytes(min(PART_ROWS[p.encode.device] for p in plans), row_bytes + vector_bytes, PART_BYTES)

@@ -51,6 +51,16 @@ class ReadPlan:
     def unique_rows(self) -> int:
         return self.rows - self.duplicates
 
+    @property
+    def row_bytes(self) -> int:
+        """The largest mean row size, as read, of a chunk this run reads (0 for folder groups,
+        whose rows are paths): stage batches and parts are sized by it (pipeline/plan.py)."""
+        if not self.chunks.num_rows:
+            return 0
+        rows = pc.max_element_wise(self.chunks.column("rows"), 1)
+        largest = pc.max(pc.divide(pc.cast(self.chunks.column("bytes"), pa.float64()), rows)).as_py()
+        return int(largest or 0)
+
     def report(self) -> dict[str, Any]:
         """What ``--dry-run`` prints, with the driver's own peak RSS so far."""
         return {

@@ -54,6 +54,7 @@ class ReadChunk:
     row_groups: tuple[int, ...] = ()
     first_row: int = 0
     rows: int = 0
+    bytes: int = 0  # the rows' uncompressed size as read (0 for a folder group: its rows are paths)
     files: tuple[str, ...] = ()  # a folder group's relative paths
     infer_types: bool = False  # CSV: infer column types (the id column stays text)
     id_prefix: str = ""  # derived ids: the source's path from the common root of colliding sources

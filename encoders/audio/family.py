@@ -25,6 +25,10 @@ class AudioFamily(EncoderFamily):
     def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
         return (WINDOWS,) if modality == "audio" else ()
 
+    def prepared_bytes(self, spec: EncoderSpec, modality: str) -> int:
+        # float32 samples of max_windows windows: 48 kHz x 16 x 10 s is 31 MB a row
+        return 4 * AudioPreprocess.from_options(spec.options).max_samples if modality == "audio" else 0
+
 
 class DeclaredAudioFamily(AudioFamily):
     """An audio family whose model declares its front end as data (the registry alias's

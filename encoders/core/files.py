@@ -24,15 +24,19 @@ class RowError(Exception):
         self.code = code
 
 
-def read_bytes(value: Any) -> bytes:
-    """The whole content of a path/URI, or the bytes themselves (non-empty)."""
+def read_bytes(value: Any, max_bytes: int | None = None) -> bytes:
+    """The whole content of a path/URI, or the bytes themselves (non-empty). Past ``max_bytes``
+    the row is a ``too_large`` error: a file is never read further than ``max_bytes + 1``."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) == 0:
             raise RowError("decode_failed", "zero bytes")
-        return bytes(value)
-    data = retrying(_read_all, value)  # a transient storage error is retried, then raised
-    if not data:
-        raise RowError("decode_failed", f"{value!r} has zero bytes")
+        data = bytes(value)
+    else:
+        data = retrying(_read_all, value, max_bytes)  # a transient storage error is retried, then raised
+        if not data:
+            raise RowError("decode_failed", f"{value!r} has zero bytes")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise RowError("too_large", f"more than {max_bytes} bytes, limit max_bytes={max_bytes}")
     return data
 
 
@@ -62,9 +66,9 @@ def _filesystem(value: str) -> tuple[Any, str]:
     return fs, inner
 
 
-def _read_all(value: Any) -> bytes:
+def _read_all(value: Any, max_bytes: int | None = None) -> bytes:
     with open_input(value) as handle:
-        return handle.read()
+        return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
 
 
 @contextlib.contextmanager

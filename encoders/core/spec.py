@@ -133,6 +133,11 @@ class EncoderFamily:
         """The per-row outputs this spec adds for ``modality`` (patch grids, window counts)."""
         return ()
 
+    def prepared_bytes(self, spec: EncoderSpec, modality: str) -> int:
+        """The most bytes one row's prepared value takes (0: small), so that stage batches can
+        be sized by bytes where rows are large (a decoded image, 16 windows of audio)."""
+        return 0
+
 
 def check_dim(spec: EncoderSpec, dim: int) -> int:
     """The loaded model's D against the plan's (the output schema was written with it)."""

@@ -29,7 +29,7 @@ from encoders.core.device import DeviceModel, autocast, check_runtime_options
 from encoders.core.probe import spec_with_dim
 from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, check_dim, validate_options
 from encoders.image.family import ImageFamily
-from encoders.image.prepare import DEFAULT_MAX_PIXELS, ImagePreprocess, resolve_image_options
+from encoders.image.prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImagePreprocess, resolve_image_options
 from encoders.image.tensors import encode_images, to_model_input
 
 # Option name -> (type, default). None defaults come from the folder's config.json.
@@ -40,6 +40,7 @@ CNN_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "model_kwargs": (dict, None),  # passed to torchvision.models.get_model (e.g. image_size)
     "normalize": (bool, False),
     "max_pixels": (int, DEFAULT_MAX_PIXELS),
+    "max_bytes": (int, DEFAULT_MAX_BYTES),
     "precision": (str, "auto"),
     "channels_last": (bool, True),
     "micro_batch": (int, 64),

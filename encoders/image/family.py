@@ -16,7 +16,12 @@ class ImageFamily(EncoderFamily):
     modalities: tuple[str, ...] = ("image",)
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
-        return prepare_images(values, ImagePreprocess.from_options(spec.options), spec.options["max_pixels"])
+        opts = spec.options
+        return prepare_images(values, ImagePreprocess.from_options(opts), opts["max_pixels"], opts["max_bytes"])
 
     def extra_columns(self, spec: EncoderSpec, modality: str) -> tuple[ExtraColumn, ...]:
         return patch_columns(spec.options) if modality == "image" else ()
+
+    def prepared_bytes(self, spec: EncoderSpec, modality: str) -> int:
+        crop = ImagePreprocess.from_options(spec.options).crop if modality == "image" else 0
+        return 3 * crop * crop  # uint8 CHW

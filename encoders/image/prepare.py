@@ -38,6 +38,9 @@ MAX_RESIZED_PIXELS = 64_000_000
 IMAGE_TYPE = pa.binary()  # per row: uint8 CHW bytes, shape (3, crop, crop) from the spec
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 DEFAULT_MAX_PIXELS = 100_000_000
+# One encoded image (a file, a bytes cell, a tar member) is read into memory whole: past this
+# it is a too_large row, and a file is never read further.
+DEFAULT_MAX_BYTES = 512 * 2**20
 _TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")
 _TORCHVISION_MODES = ("RGB", "RGBA", "L", "LA")
 
@@ -154,7 +157,9 @@ def _triple(value: Any, name: str, where: str) -> tuple[float, float, float]:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
-def prepare_images(values: pa.Array, prep: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+def prepare_images(
+    values: pa.Array, prep: ImagePreprocess, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Prepared:
     """Paths/URIs (str) or encoded bytes -> per row uint8 CHW bytes (null when absent or bad)
     and error values."""
     out: list[bytes | None] = [None] * len(values)
@@ -163,7 +168,7 @@ def prepare_images(values: pa.Array, prep: ImagePreprocess, max_pixels: int = DE
         if value is None:
             continue
         try:
-            data = _read(value)
+            data = _read(value, max_bytes)
             chw = decode_rgb(data, max_pixels)
             out[i] = resize_crop(chw, prep).numpy().tobytes()
         except ImageError as exc:
@@ -282,9 +287,10 @@ def resize_crop(image: torch.Tensor, prep: ImagePreprocess) -> torch.Tensor:
 
 def resolve_image_options(opts: dict[str, Any], declared: Mapping[str, Any] | None) -> None:
     """An image family's ``preprocessing`` (the user's, else what the model declares) checked and
-    stored as plain data, and ``max_pixels`` checked."""
+    stored as plain data, and ``max_pixels`` and ``max_bytes`` checked."""
     if opts["preprocessing"] is None:
         opts["preprocessing"] = declared
     opts["preprocessing"] = ImagePreprocess.from_options(opts).as_dict()
-    if opts["max_pixels"] < 1:
-        raise ValueError("option max_pixels: must be >= 1")
+    for name in ("max_pixels", "max_bytes"):
+        if opts.get(name, 1) < 1:
+            raise ValueError(f"option {name}: must be >= 1")

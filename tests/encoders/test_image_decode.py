@@ -3,7 +3,9 @@ files as error values with no row lost."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import types
 
 import numpy as np
 import pyarrow as pa
@@ -133,6 +135,32 @@ def test_pixel_limit_is_configurable(photo):
     limited = prepare_images(pa.array([data]), PREP, max_pixels=photo.shape[0] * photo.shape[1] - 1)
     assert error_code(limited.errors[0]) == "too_large"
     assert prepare_images(pa.array([data]), PREP, max_pixels=photo.shape[0] * photo.shape[1]).errors == [None]
+
+
+def test_byte_limit_holds_for_bytes_cells_and_files(photo, tmp_path, monkeypatch):
+    """One encoded image past ``max_bytes`` is a too_large row, whether a bytes cell or a file,
+    and a file is read no further than the limit (plus the one byte that proves it is over)."""
+    import encoders.core.files as files
+
+    data = encode(photo, "PNG")
+    path = tmp_path / "photo.png"
+    path.write_bytes(data)
+    reads = []
+    real_open = files.open_input
+
+    @contextlib.contextmanager
+    def counting_open(value):
+        with real_open(value) as handle:
+            real_read = handle.read
+            handle = types.SimpleNamespace(read=lambda n=-1: reads.append(n) or real_read(n))
+            yield handle
+
+    monkeypatch.setattr(files, "open_input", counting_open)
+    for value in (data, str(path)):
+        over = prepare_images(pa.array([value]), PREP, max_bytes=len(data) - 1)
+        assert error_code(over.errors[0]) == "too_large" and over.values[0].as_py() is None
+        assert prepare_images(pa.array([value]), PREP, max_bytes=len(data)).errors == [None]
+    assert reads == [len(data), len(data) + 1]  # the file was read twice, each time with a limit
 
 
 def test_sixteen_bit_rgb_png_through_torchvision(photo):
