@@ -43,7 +43,7 @@ def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
     options = {**(alias.defaults if alias else {}), **encoder.options}
     try:
         return family.build_spec(SpecRequest(encoder.output, columns, weights, options, alias.dim if alias else None))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MissingDependencyError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{where}: {message}") from None
 

@@ -92,7 +92,7 @@ class HFAudioFamily(AudioFamily):
             resolve_window_options(opts, rate, window, FBANK_FRAME_MS / 1000)
         else:
             resolve_window_options(opts, rate, None, _receptive_field_seconds(request.weights.path, rate))
-        return spec_with_dim(self, request, opts, pooling=opts["pooling"])
+        return spec_with_dim(self, request, opts, meta=_config_dim, pooling=opts["pooling"])
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFAudioEncoder":
         return HFAudioEncoder(spec, device)
@@ -130,3 +130,12 @@ class HFAudioEncoder(WindowEncoder):
         frames = self.model._get_feat_extract_output_lengths(lengths)  # (w,) frames from real samples
         valid = (torch.arange(hidden.shape[1], device=hidden.device)[None] < frames[:, None]).unsqueeze(-1)
         return (hidden.float() * valid).sum(1) / frames[:, None].clamp(min=1).float()
+
+
+def _config_dim(spec: EncoderSpec) -> int | None:
+    """D from the config, where it is exact: every pooling here (CLS + distillation token, mean
+    of patch tokens, masked mean of frames) keeps the width of ``last_hidden_state``."""
+    from transformers import AutoConfig
+
+    width = getattr(AutoConfig.from_pretrained(spec.weights.path), "hidden_size", None)
+    return width if isinstance(width, int) and width > 0 else None

@@ -42,10 +42,31 @@ def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
     return dim
 
 
-def spec_with_dim(family: Any, request: SpecRequest, options: Options, sha: str | None = None, **probe_key: Any) -> Any:
-    """The family's EncoderSpec with D: the registry's ``dim`` when given, else one CPU probe of
-    the loaded model, cached under the family, weights hash (``sha``, by default the hash of the
-    request's weights), model and ``probe_key``. ``hidden_size`` and the like are not trusted."""
+def meta_dim(build: Callable[[], Any], run: Callable[[Any], Any]) -> int | None:
+    """D from a forward on the meta device: shapes only, no weight read and no memory for them.
+    None when the model cannot run there (a data-dependent op); the CPU probe decides then."""
+    import torch
+
+    try:
+        with torch.device("meta"), torch.no_grad():
+            return int(run(build()).shape[-1])
+    except Exception:  # noqa: BLE001 - any failure on meta only means: probe on the CPU
+        return None
+
+
+def spec_with_dim(
+    family: Any,
+    request: SpecRequest,
+    options: Options,
+    sha: str | None = None,
+    meta: Callable[[Any], int | None] | None = None,
+    **probe_key: Any,
+) -> Any:
+    """The family's EncoderSpec with D: the registry's ``dim`` when given, else ``meta(spec)``
+    (the model's forward on the meta device, see ``meta_dim``) where the family has one, else
+    one CPU probe of the loaded model, cached under the family, weights hash (``sha``, by default
+    the hash of the request's weights), model and ``probe_key``. ``hidden_size`` and the like
+    are not trusted."""
     import torch
 
     from encoders.core.weights import weights_sha256
@@ -53,6 +74,9 @@ def spec_with_dim(family: Any, request: SpecRequest, options: Options, sha: str 
     sha = sha or weights_sha256(request.weights.path)
     if request.dim is not None:
         return request.spec(family.name, sha, options, request.dim)
+    dim = meta(request.spec(family.name, sha, options, 0)) if meta is not None else None
+    if dim:
+        return request.spec(family.name, sha, options, dim)
     key = {"family": family.name, "sha": sha, "model": request.weights.reference, **probe_key}
     dim = cached_probe(key, lambda: family.load(request.spec(family.name, sha, options, 0), torch.device("cpu")).dim)
     return request.spec(family.name, sha, options, dim)

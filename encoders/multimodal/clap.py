@@ -25,7 +25,7 @@ from encoders.audio.features import (
 from encoders.audio.windows import WindowEncoder
 from encoders.core.batching import pad_sequences
 from encoders.core.device import autocast
-from encoders.core.probe import spec_with_dim
+from encoders.core.probe import meta_dim, spec_with_dim
 from encoders.core.spec import EncodeResult, EncoderSpec, Prepared, SpecRequest, validate_options
 from encoders.multimodal.towers import in_batches, shared_space, token_sequences
 from encoders.text.tokenize import load_tokenizer, resolve_max_length, tokenize_truncated
@@ -58,7 +58,7 @@ class HFClapFamily(AudioFamily):
         resolve_max_length(opts, limit)
         front = opts["front_end"]
         resolve_window_options(opts, front["sampling_rate"], front["nb_max_samples"] / front["sampling_rate"], 0.0)
-        return spec_with_dim(self, request, opts)  # projection_dim is not trusted
+        return spec_with_dim(self, request, opts, meta=_meta_dim)  # projection_dim is not trusted
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         if modality == "audio":
@@ -107,3 +107,20 @@ class HFClapEncoder(WindowEncoder):
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
             ).pooler_output
             return self.model.text_projection(pooled).float().cpu()
+
+
+def _meta_dim(spec: EncoderSpec) -> int | None:
+    """D from the projections run on the meta device: no weight is read."""
+    from transformers import ClapConfig, ClapModel
+
+    config = ClapConfig.from_pretrained(spec.weights.path)
+    text_width = int(config.text_config.hidden_size)
+
+    def run(model: ClapModel) -> torch.Tensor:
+        text = model.text_projection(torch.zeros((1, text_width)))
+        audio = model.audio_projection(torch.zeros((1, int(config.audio_config.hidden_size))))
+        if text.shape[-1] != audio.shape[-1]:
+            raise ValueError("the text and audio projections disagree")
+        return text
+
+    return meta_dim(lambda: ClapModel(config), run)

@@ -1,12 +1,14 @@
 """Hugging Face text encoders (``AutoModel``), with sentence-transformers folder settings.
 
 Prepare (CPU task, encoders/text/tokenize.py): text -> token id chunks. Encode (actor): dynamic padding, forward,
-pooling, chunk pooling, L2 normalization. The vectors equal sentence-transformers' ``encode``
-for the same folder: same max_seq_length, pooling, Normalize, prompts and lowercasing.
+pooling, the folder's modules after Pooling (Dense, LayerNorm, ...: encoders/text/st_head.py),
+chunk pooling, L2 normalization. The vectors equal sentence-transformers' ``encode`` for the
+same folder: same max_seq_length, pooling, modules, Normalize, prompts and lowercasing.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -16,8 +18,9 @@ import torch
 from encoders.core.batching import pad_sequences, plan_micro_batches
 from encoders.core.device import DeviceModel, autocast, resolve_precision
 from encoders.core.pooling import check_pooling, pool_tokens
-from encoders.core.probe import spec_with_dim
+from encoders.core.probe import meta_dim, spec_with_dim
 from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, Prepared, SpecRequest, validate_options
+from encoders.text.st_head import describe, head_classes, head_files, load_head, run_head
 from encoders.text.tokenize import (
     FolderSettings,
     load_tokenizer,
@@ -74,7 +77,13 @@ class HFTextFamily(EncoderFamily):
         if opts["max_chunks"] < 1:
             raise ValueError("max_chunks must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
-        return spec_with_dim(self, request, opts, weights_sha256(folder.model_dir), pooling=opts["pooling"])
+        sha = weights_sha256(folder.model_dir)
+        if folder.head:
+            head_classes(folder.head, folder.root, opts["trust_remote_code"])  # one line, before Ray, if missing
+            opts["modules"] = describe(folder.head)
+            parts = [sha] + [weights_sha256(str(d)) for d in head_files(folder.head, folder.root)]
+            sha = hashlib.sha256("\n".join(parts + opts["modules"]).encode()).hexdigest()
+        return spec_with_dim(self, request, opts, sha, meta=_meta_dim, pooling=opts["pooling"])
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         folder = read_folder_settings(spec.weights.path)
@@ -83,6 +92,28 @@ class HFTextFamily(EncoderFamily):
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFTextEncoder":
         return HFTextEncoder(spec, device)
+
+
+def _meta_dim(spec: EncoderSpec) -> int | None:
+    """D without loading weights: the transformer on the meta device (pooling keeps its width),
+    then the folder's modules after Pooling, which are small, on the CPU."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = read_folder_settings(spec.weights.path)
+    trust = spec.options["trust_remote_code"]
+    config = AutoConfig.from_pretrained(folder.model_dir, trust_remote_code=trust)
+
+    def run(model: Any) -> torch.Tensor:
+        # No attention mask: building one from a mask tensor reads its values, which meta has not.
+        return model(input_ids=torch.zeros((1, 8), dtype=torch.long)).last_hidden_state
+
+    dim = meta_dim(lambda: AutoModel.from_config(config, trust_remote_code=trust), run)
+    if dim is None or not folder.head:
+        return dim
+    head = load_head(folder.head, folder.root, trust)
+    with torch.no_grad():
+        mask = torch.ones((1, 8), dtype=torch.long)
+        return int(run_head(head, torch.zeros((1, dim)), torch.zeros((1, 8, dim)), mask).shape[-1])
 
 
 def _model_max_length(model_dir: str, tokenizer: Any) -> int:
@@ -128,6 +159,7 @@ class HFTextEncoder(DeviceModel):
         super().__init__(spec, device)
         self.model = AutoModel.from_pretrained(folder.model_dir, trust_remote_code=trust, dtype=torch.float32)
         self.model.eval().to(device)
+        self.head = load_head(folder.head, folder.root, trust).to(device) if folder.head else None
         probe_ids = tokenizer("probe", truncation=True, max_length=spec.options["max_length"])["input_ids"]
         self.dim = int(self._forward([probe_ids]).shape[1])
         if spec.dim and spec.dim != self.dim:
@@ -166,9 +198,12 @@ class HFTextEncoder(DeviceModel):
         inputs = {"input_ids": ids, "attention_mask": mask}
         if self.pass_token_types:
             inputs["token_type_ids"] = torch.zeros_like(ids)
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            hidden = self.model(**inputs).last_hidden_state  # (n, t, d)
-            pooled = pool_tokens(hidden, mask, lengths, self.options["pooling"])
+        with torch.inference_mode():
+            with autocast(self.device, self.precision):
+                hidden = self.model(**inputs).last_hidden_state  # (n, t, d)
+                pooled = pool_tokens(hidden, mask, lengths, self.options["pooling"])
+            if self.head is not None:  # the folder's own modules, in float32 as sentence-transformers runs them
+                pooled = run_head(self.head, pooled.float(), hidden.float(), mask)
         return pooled.float().cpu()
 
 

@@ -32,6 +32,10 @@ class FolderSettings:
     lowercase: bool
     prompts: Mapping[str, str]
     default_prompt_name: str | None
+    root: str = ""
+    # The modules after Pooling (Dense, LayerNorm, ...), run by sentence-transformers' classes
+    # (encoders/text/st_head.py); () when there are none, or only a Normalize.
+    head: tuple[tuple[str, str], ...] = ()
 
 
 _ST_POOLING_KEYS = {
@@ -46,20 +50,26 @@ _ST_POOLING_KEYS = {
 def read_folder_settings(path: str) -> FolderSettings:
     root = Path(path)
     modules = _read_json(root / "modules.json") or []
-    model_dir, pooling, normalize = root, None, False
+    model_dir, pooling, normalize, head = root, None, False, []
     for module in modules:
         kind = module.get("type", "")
-        if kind.endswith(".Transformer"):
+        if pooling is not None or head:  # after Pooling: Dense, LayerNorm, Normalize, ...
+            head.append((kind, module.get("path", "")))
+        elif kind.endswith(".Transformer"):
             model_dir = root / module.get("path", "")
         elif kind.endswith(".Pooling"):
-            pooling = _pooling_from_st(_read_json(root / module.get("path", "") / "config.json") or {})
+            pooling = _pooling_from_st(_read_json(root / module.get("path", "") / "config.json") or {}) or "mean"
         elif kind.endswith(".Normalize"):
             normalize = True
-        else:  # Dense, LayerNorm, ...: running only the modules above would give other vectors and D
+        else:  # a module between the transformer and the pooling changes the token vectors
             raise ValueError(
-                f"the folder's module {module.get('name', '?')!r} ({kind or 'no type'}) is not supported: omniembed "
-                "runs Transformer, Pooling and Normalize modules only, and would give other vectors"
+                f"the folder's module {module.get('name', '?')!r} ({kind or 'no type'}) comes before Pooling, which "
+                "omniembed does not support: it runs the transformer and pooling itself"
             )
+    if head and head[-1][0].endswith(".Normalize"):
+        normalize = True
+        if len(head) == 1:
+            head = []  # hf-text normalizes itself
     st_config = (
         _read_json(model_dir / "sentence_bert_config.json") or _read_json(root / "sentence_bert_config.json") or {}
     )
@@ -72,6 +82,8 @@ def read_folder_settings(path: str) -> FolderSettings:
         lowercase=bool(st_config.get("do_lower_case", False)),
         prompts=dict(st_meta.get("prompts") or {}),
         default_prompt_name=st_meta.get("default_prompt_name"),
+        root=str(root),
+        head=tuple(head),
     )
 
 

@@ -31,7 +31,7 @@ def test_a_transient_error_reading_a_row_is_retried(monkeypatch):
     monkeypatch.setattr(retry, "FIRST_WAIT_SECONDS", 0.0)
     calls = []
 
-    def flaky(value):
+    def flaky(value, max_bytes=None):
         calls.append(value)
         if len(calls) < 3:
             raise OSError("AWS Error SLOW_DOWN during GetObject operation")

@@ -170,6 +170,18 @@ def test_model_type_picks_the_family_and_probes_dim(ast_folder, clap_folder, tmp
     assert (clap.family, clap.dim, clap.options["preprocessing"]["window_seconds"]) == ("hf-clap", 24, 10.0)
 
 
+def test_dim_without_reading_weights(ast_folder, clap_folder, tmp_path, monkeypatch):
+    from transformers import ClapModel
+
+    monkeypatch.setenv("OMNIEMBED_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(ClapModel, "from_pretrained", lambda *a, **k: pytest.fail("weights were read to probe D"))
+    assert plan(clap_folder, columns={"text": "caption", "audio": "audio"}).dim == 24
+    from transformers import AutoModel
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", lambda *a, **k: pytest.fail("weights were read to probe D"))
+    assert plan(ast_folder).dim == 32  # hf-audio: the config's width, exact for its poolings
+
+
 def test_options_are_validated(ast_folder):
     from pipeline.config import ConfigError
 

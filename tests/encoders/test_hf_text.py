@@ -731,7 +731,21 @@ def test_explicit_null_option_is_a_default_or_a_named_error(tiny_bert_weights, o
 # The output dimension
 
 
+def test_dim_comes_from_the_meta_device_without_loading_weights(tiny_bert_weights, tmp_path, monkeypatch):
+    from transformers import AutoModel
+
+    monkeypatch.setenv("OMNIEMBED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(FAMILY, "load", lambda spec, device: pytest.fail("the model was loaded to probe D"))
+    monkeypatch.setattr(AutoModel, "from_pretrained", lambda *a, **k: pytest.fail("weights were read to probe D"))
+    assert make_spec(tiny_bert_weights, dim=None).dim == 32
+    assert make_spec(tiny_bert_weights, {"pooling": "cls"}, dim=None).dim == 32
+
+
 def test_dim_is_probed_and_cached(tiny_bert_weights, tmp_path, monkeypatch):
+    """A model that cannot run on the meta device is probed once on the CPU, then cached."""
+    import encoders.text.hf_text as hf_text
+
+    monkeypatch.setattr(hf_text, "_meta_dim", lambda spec: None)
     monkeypatch.setenv("OMNIEMBED_CACHE", str(tmp_path / "cache"))
     cache_file = tmp_path / "cache" / "probed_dims.json"
     loads = []
@@ -755,6 +769,9 @@ def test_dim_is_probed_and_cached(tiny_bert_weights, tmp_path, monkeypatch):
 
 
 def test_cached_dim_is_used_without_probing(tiny_bert_weights, tmp_path, monkeypatch):
+    import encoders.text.hf_text as hf_text
+
+    monkeypatch.setattr(hf_text, "_meta_dim", lambda spec: None)
     monkeypatch.setenv("OMNIEMBED_CACHE", str(tmp_path))
     make_spec(tiny_bert_weights, dim=None)
     monkeypatch.setattr(FAMILY, "load", lambda spec, device: pytest.fail("probe ran despite the cache"))
@@ -766,29 +783,3 @@ def test_encoder_rejects_a_spec_dim_that_disagrees(tiny_bert_weights):
     assert spec.dim == 31  # an explicit dim is not probed
     with pytest.raises(RuntimeError, match=r"32-d.*expected 31"):
         FAMILY.load(spec, CPU)
-
-
-def test_a_sentence_transformers_module_we_do_not_run_is_refused_in_one_line(tiny_st, tmp_path):
-    """A Dense 32 -> 16 head after pooling: running only Transformer and Pooling would give
-    other vectors and D=32 instead of 16, silently. Refused, naming the module."""
-    import shutil
-
-    from pipeline.config import ConfigError, config_from_dict
-    from pipeline.plan import plan_encoders
-
-    folder = tmp_path / "st-dense"
-    shutil.copytree(tiny_st, folder)
-    modules = json.loads((folder / "modules.json").read_text())
-    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-    (folder / "modules.json").write_text(json.dumps(modules))
-    config = config_from_dict(
-        {
-            "sources": [{"path": "x", "id_column": "id"}],
-            "output": {"path": "o"},
-            "encoders": [{"output": "v", "column": "text", "model": str(folder)}],
-        }
-    )
-    with pytest.raises(ConfigError) as info:
-        plan_encoders(config.encoders)
-    message = str(info.value)
-    assert "\n" not in message and "sentence_transformers.models.Dense" in message and message.startswith("encoders[0]")
