@@ -5,6 +5,12 @@ halves until each failing row stands alone, and that row gets ``encode_failed: <
 every other row gets its vector. A CUDA out-of-memory error first halves the token budget and
 retries (down to ``MIN_TOKENS``), then bisects.
 
+The prepare stage (decode, tokenize, resample in CPU tasks) is guarded the same way: a row whose
+preparation raises an exception the family did not turn into an error value itself (a Pillow
+crash on a malformed file, a storage error that is not transient) gets
+``prepare_failed: <message>``. A transient storage error that outlasted its retries is raised:
+the job stops, and a re-run resumes.
+
 A circuit breaker tells a bug from bad data and stops the job with the traceback rather than
 writing 10⁹ ``encode_failed`` rows:
 - every single row of a failed batch (of ``SAME_ERROR_ROWS`` or more) fails alone, with one
@@ -16,12 +22,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from encoders.core.spec import EncodeResult
+from encoders.core.retry import is_transient
+from encoders.core.spec import EncodeResult, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +57,7 @@ class RowGuard:
         not valid; an extra that no row produced is left out) and per row an error or None."""
         self.last_error: BaseException | None = None
         segments = self._bisect(fn, values, max_tokens)
-        errors = [e for _, result, segment_errors in segments if result is None for e in segment_errors]
-        kinds = {e.split(":", 2)[1].strip() for e in errors}
-        if len(errors) >= SAME_ERROR_ROWS and len(errors) == len(values) and len(kinds) == 1:
-            raise EncoderBug(
-                f"all {len(errors)} rows of a batch failed alone with one exception type: a bug, not bad data "
-                f"({errors[0]})"
-            ) from self.last_error
+        errors = _check_not_all_alike(segments, len(values), self.last_error)
         first = self.seen < BREAKER_ROWS
         self.seen += len(values)
         self.failed += len(errors)
@@ -68,23 +69,58 @@ class RowGuard:
         return _assemble(segments, len(values), dim)
 
     def _bisect(
-        self, fn: Callable[[pa.Array, int], EncodeResult], values: pa.Array, max_tokens: int
-    ) -> list[tuple[int, EncodeResult | None, list[str | None]]]:
+        self, fn: Callable[[pa.Array, int], Any], values: pa.Array, max_tokens: int, code: str = "encode_failed"
+    ) -> list[tuple[int, Any, list[str | None]]]:
         """(rows, result or None, per-row errors) per segment, in order."""
         try:
             return [(len(values), fn(values, max_tokens), [None] * len(values))]
         except Exception as exc:  # noqa: BLE001 - every failure is judged by the breaker, none is swallowed whole
             self.last_error = exc
+            if is_transient(exc):
+                raise  # retried already where it happened; the store, not the row, is the problem
             if _out_of_memory(exc) and max_tokens > MIN_TOKENS:
                 _free_cuda_cache()
                 log.warning("CUDA out of memory at a %d-token budget; retrying with %d", max_tokens, max_tokens // 2)
-                return self._bisect(fn, values, max_tokens // 2)
+                return self._bisect(fn, values, max_tokens // 2, code)
             if len(values) == 1:
-                message = f"encode_failed: {type(exc).__name__}: {_first_line(exc)}"[:300]
+                message = f"{code}: {type(exc).__name__}: {_first_line(exc)}"[:300]
                 log.warning("%s", message)
                 return [(1, None, [message])]
         half = len(values) // 2
-        return self._bisect(fn, values.slice(0, half), max_tokens) + self._bisect(fn, values.slice(half), max_tokens)
+        return self._bisect(fn, values.slice(0, half), max_tokens, code) + self._bisect(
+            fn, values.slice(half), max_tokens, code
+        )
+
+
+def prepare_rows(fn: Callable[[pa.Array], Prepared], values: pa.Array) -> Prepared:
+    """``fn(values)``, a family's prepare, for the whole batch or bisected: a row whose
+    preparation raises alone gets ``prepare_failed``; the breaker's one-type rule applies."""
+    guard = RowGuard()
+    guard.last_error = None
+    segments = guard._bisect(lambda part, _: fn(part), values, 0, "prepare_failed")
+    _check_not_all_alike(segments, len(values), guard.last_error)
+    if len(segments) == 1 and segments[0][1] is not None:
+        return segments[0][1]
+    value_type = next((r.values.type for _, r, _ in segments if r is not None), None)
+    if value_type is None:
+        value_type = fn(values.slice(0, 0)).values.type  # every row failed: the type of no rows
+    parts, errors = [], []
+    for rows, result, segment_errors in segments:
+        parts.append(result.values if result is not None else pa.nulls(rows, value_type))
+        errors += result.errors if result is not None else segment_errors
+    return Prepared(pa.concat_arrays(parts), errors)
+
+
+def _check_not_all_alike(segments: list[tuple[int, Any, list[str | None]]], n: int, cause: Any) -> list[str]:
+    """The failed rows' errors; raises ``EncoderBug`` when every row of a batch failed alone with
+    one exception type."""
+    errors = [e for _, result, segment_errors in segments if result is None for e in segment_errors if e]
+    kinds = {e.split(":", 2)[1].strip() for e in errors}
+    if len(errors) >= SAME_ERROR_ROWS and len(errors) == n and len(kinds) == 1:
+        raise EncoderBug(
+            f"all {len(errors)} rows of a batch failed alone with one exception type: a bug, not bad data ({errors[0]})"
+        ) from cause
+    return errors
 
 
 def _assemble(

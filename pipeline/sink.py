@@ -37,7 +37,7 @@ from pipeline.sources import CHUNK_COLUMN
 
 MANIFEST = "_manifest.json"
 # The output contract's version (CHANGELOG.md). An output of another version never resumes.
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 PART_PREFIX = "part-"
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from encoders.core.retry import configure as configure_retries
-from encoders.core.retry import retrying
+from encoders.core.retry import is_transient, retrying
 from pipeline.config import ConfigError
 from pipeline.filesystems import join, open_filesystem
 
@@ -70,8 +70,19 @@ class ReadChunk:
 
 def read_chunk(chunk: ReadChunk, columns: list[str] | None = None) -> pa.Table:
     """The chunk's rows with an ``id`` string column first. ``columns`` limits what is read
-    (the id is always read). A transient storage error is retried (encoders/core/retry.py)."""
-    return retrying(_read_chunk, chunk, columns)
+    (the id is always read). A transient storage error is retried (encoders/core/retry.py); a
+    file that can no longer be read as planned (deleted, truncated, corrupt) stops the run in
+    one line that names it: its rows have no ids to give error values to, and a re-run resumes."""
+    try:
+        return retrying(_read_chunk, chunk, columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if is_transient(exc):
+            raise
+        where = chunk.relpath if chunk.format != "folder" else f"{chunk.relpath} (a group of {chunk.rows} files)"
+        raise ConfigError(
+            f"sources[{chunk.source}]: cannot read {where!r} as planned ({str(exc).splitlines()[0][:200]}); it changed "
+            "or is damaged: restore or remove it, then run again to resume"
+        ) from None
 
 
 def _read_chunk(chunk: ReadChunk, columns: list[str] | None) -> pa.Table:

@@ -24,7 +24,7 @@ from pipeline.columns import (
     prepared_column,
     vectors_to_arrow,
 )
-from pipeline.faults import RowGuard
+from pipeline.faults import RowGuard, prepare_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def prepare_batch(batch: pa.Table, spec: EncoderSpec, retried_io_errors: list[st
     spec = replace(spec, weights=_weights_here(spec.weights))  # the tokenizer lives with the weights
     family = FAMILIES.get(spec.family)
     for modality, column in spec.columns.items():
-        prepared = family.prepare(spec, modality, batch.column(column).combine_chunks())
+        values = batch.column(column).combine_chunks()
+        prepared = prepare_rows(lambda part, m=modality: family.prepare(spec, m, part), values)
         batch = batch.append_column(prepared_column(spec, modality), prepared.values)
         batch = batch.append_column(error_column(spec, modality), pa.array(prepared.errors, pa.string()))
     return batch

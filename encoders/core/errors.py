@@ -10,6 +10,7 @@ ERROR_CODES: dict[str, str] = {
     "too_large": "the input exceeds a configured size limit",
     "too_short": "the input is shorter than the model can use",
     "encode_failed": "the model raised on this row alone (after isolating it from its batch)",
+    "prepare_failed": "preparing this row (decode, tokenize, resample) raised alone, not as a known bad input",
 }
 
 

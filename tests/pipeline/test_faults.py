@@ -100,3 +100,75 @@ def test_encode_actor_gives_one_row_encode_failed_in_a_batch_of_64(tiny_bert):
     for i in range(64):
         if i != 23:  # bisecting changes micro-batch shapes: equal within 1e-5 in fp32
             np.testing.assert_allclose(vectors[i], reference[i], atol=1e-5)
+
+
+def _image_spec():
+    from pipeline.config import config_from_dict
+    from pipeline.plan import plan_encoders
+
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install 'omniembed[weights]'")
+    config = config_from_dict(
+        {
+            "sources": [{"path": "x", "id_column": "id"}],
+            "output": {"path": "o"},
+            "encoders": [{"output": "img", "column": "image", "model": "efficientnet-lite0"}],
+        }
+    )
+    return plan_encoders(config.encoders)[0]
+
+
+def test_a_row_whose_preparation_crashes_alone_is_prepare_failed(monkeypatch):
+    """A decoder crash the family does not expect (here struct.error, as a malformed file can
+    raise inside Pillow) fails that row only; every other row is prepared as in a clean run."""
+    import struct
+
+    from encoders.image import prepare as image_prepare
+    from tests.image_data import encode, real_photos
+
+    spec = _image_spec()
+    photos = [encode(p, "JPEG") for p in list(real_photos().values())[:6]]
+    batch = pa.table({"id": [f"p{i}" for i in range(6)], "image": photos})
+    clean = prepare_batch(batch, spec)
+    real = image_prepare.decode_rgb
+
+    def crashing(data, max_pixels=image_prepare.DEFAULT_MAX_PIXELS):
+        if data == photos[3]:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real(data, max_pixels)
+
+    monkeypatch.setattr(image_prepare, "decode_rgb", crashing)
+    out = prepare_batch(batch, spec)
+    errors = out.column(error_column(spec, "image")).to_pylist()
+    assert errors == [None, None, None, "prepare_failed: error: unpack requires a buffer of 4 bytes", None, None]
+    got, want = out.column(prepared_column(spec, "image")), clean.column(prepared_column(spec, "image"))
+    assert got[3].as_py() is None
+    assert [got[i].as_py() for i in (0, 1, 2, 4, 5)] == [want[i].as_py() for i in (0, 1, 2, 4, 5)]
+
+
+def test_preparation_that_fails_on_every_row_alike_or_on_a_tired_store_stops(monkeypatch):
+    from encoders.core import retry
+    from encoders.image import prepare as image_prepare
+    from tests.image_data import encode, real_photos
+
+    spec = _image_spec()
+    photos = [encode(p, "JPEG") for p in list(real_photos().values())[:4]]
+    batch = pa.table({"id": [f"p{i}" for i in range(4)], "image": photos})
+
+    def bug(data, max_pixels=0):
+        raise TypeError("an argument our code passes wrongly")
+
+    monkeypatch.setattr(image_prepare, "decode_rgb", bug)
+    with pytest.raises(EncoderBug, match="all 4 rows of a batch failed alone"):
+        prepare_batch(batch, spec)
+
+    calls = []
+
+    def tired(data, max_pixels=0):
+        calls.append(1)
+        raise OSError("AWS Error SLOW_DOWN during GetObject operation")
+
+    monkeypatch.setattr(image_prepare, "decode_rgb", tired)
+    monkeypatch.setattr(retry, "FIRST_WAIT_SECONDS", 0.0)
+    with pytest.raises(OSError, match="SLOW_DOWN"):
+        prepare_batch(batch, spec)
+    assert len(calls) == 1  # a transient error that outlasted its retries is not bisected into rows

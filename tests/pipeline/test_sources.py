@@ -176,3 +176,22 @@ def test_derived_ids_of_two_sources_get_their_paths_only_when_they_collide(tmp_p
     with pytest.raises(ConfigError, match="derived from file paths repeat: give the sources an id_column") as info:
         read_all([folders[0], folders[0]])
     assert "keep-first" not in str(info.value)
+
+
+def test_a_file_damaged_or_gone_after_planning_stops_in_one_line_naming_it(tmp_path):
+    from pipeline.sources import read_chunk
+
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), tmp_path / "t.parquet")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "one.txt").write_text("one")
+    chunks = plan_chunks([SourceConfig(path=str(tmp_path / "t.parquet"), id_column="id")])
+    folder = plan_chunks([SourceConfig(path=str(docs), kind="text")])
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(data[:4] + b"\0" * (len(data) - 8) + data[-4:])  # pages zeroed
+    (docs / "one.txt").unlink()
+    for chunk, name in ((chunks[0], "t.parquet"), (folder[0], "one.txt")):
+        with pytest.raises(ConfigError) as info:
+            read_chunk(chunk)
+        message = str(info.value)
+        assert "\n" not in message and name in message and "run again to resume" in message
