@@ -92,7 +92,10 @@ class HFAudioFamily(AudioFamily):
             resolve_window_options(opts, rate, window, FBANK_FRAME_MS / 1000)
         else:
             resolve_window_options(opts, rate, None, _receptive_field_seconds(request.weights.path, rate))
-        return spec_with_dim(self, request, opts, meta=_config_dim, pooling=opts["pooling"])
+        return spec_with_dim(self, request, opts, pooling=opts["pooling"])
+
+    def meta_dim(self, spec: EncoderSpec) -> int | None:
+        return _config_dim(spec)
 
     def load(self, spec: EncoderSpec, device: torch.device) -> "HFAudioEncoder":
         return HFAudioEncoder(spec, device)

@@ -54,19 +54,12 @@ def meta_dim(build: Callable[[], Any], run: Callable[[Any], Any]) -> int | None:
         return None
 
 
-def spec_with_dim(
-    family: Any,
-    request: SpecRequest,
-    options: Options,
-    sha: str | None = None,
-    meta: Callable[[Any], int | None] | None = None,
-    **probe_key: Any,
-) -> Any:
-    """The family's EncoderSpec with D: the registry's ``dim`` when given, else ``meta(spec)``
-    (the model's forward on the meta device, see ``meta_dim``) where the family has one, else
-    one CPU probe of the loaded model, cached under the family, weights hash (``sha``, by default
-    the hash of the request's weights), model and ``probe_key``. ``hidden_size`` and the like
-    are not trusted."""
+def spec_with_dim(family: Any, request: SpecRequest, options: Options, sha: str | None = None, **probe_key: Any) -> Any:
+    """The family's EncoderSpec with D: the registry's ``dim`` when given, else the family's
+    ``meta_dim(spec)`` (its forward on the meta device, see ``meta_dim``, or its config where
+    that is exact), else one CPU probe of the loaded model, cached under the family, weights
+    hash (``sha``, by default the hash of the request's weights), model and ``probe_key``.
+    ``hidden_size`` and the like are not trusted."""
     import torch
 
     from encoders.core.weights import weights_sha256
@@ -74,7 +67,7 @@ def spec_with_dim(
     sha = sha or weights_sha256(request.weights.path)
     if request.dim is not None:
         return request.spec(family.name, sha, options, request.dim)
-    dim = meta(request.spec(family.name, sha, options, 0)) if meta is not None else None
+    dim = family.meta_dim(request.spec(family.name, sha, options, 0))
     if dim:
         return request.spec(family.name, sha, options, dim)
     key = {"family": family.name, "sha": sha, "model": request.weights.reference, **probe_key}

@@ -133,6 +133,11 @@ class EncoderFamily:
         """The per-row outputs this spec adds for ``modality`` (patch grids, window counts)."""
         return ()
 
+    def meta_dim(self, spec: EncoderSpec) -> int | None:
+        """D without reading the weights (the model on the meta device, or a config value that
+        is exact), or None: the planner then probes the loaded model once on the CPU."""
+        return None
+
     def prepared_bytes(self, spec: EncoderSpec, modality: str) -> int:
         """The most bytes one row's prepared value takes (0: small), so that stage batches can
         be sized by bytes where rows are large (a decoded image, 16 windows of audio)."""

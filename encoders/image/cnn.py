@@ -29,18 +29,16 @@ from encoders.core.device import DeviceModel, autocast, check_runtime_options
 from encoders.core.probe import spec_with_dim
 from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, check_dim, validate_options
 from encoders.image.family import ImageFamily
-from encoders.image.prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImagePreprocess, resolve_image_options
+from encoders.image.prepare import IMAGE_INPUT_OPTIONS, ImagePreprocess, resolve_image_options
 from encoders.image.tensors import encode_images, to_model_input
 
 # Option name -> (type, default). None defaults come from the folder's config.json.
 CNN_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "architecture": (str, None),
-    "preprocessing": (dict, None),
+    **IMAGE_INPUT_OPTIONS,
     "pooling": (str, None),  # torchvision ViTs only: cls | mean | patches
     "model_kwargs": (dict, None),  # passed to torchvision.models.get_model (e.g. image_size)
     "normalize": (bool, False),
-    "max_pixels": (int, DEFAULT_MAX_PIXELS),
-    "max_bytes": (int, DEFAULT_MAX_BYTES),
     "precision": (str, "auto"),
     "channels_last": (bool, True),
     "micro_batch": (int, 64),

@@ -20,8 +20,7 @@ from encoders.core.device import DeviceModel, autocast, check_runtime_options
 from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, check_dim, validate_options
 from encoders.image.family import ImageFamily
 from encoders.image.prepare import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
+    IMAGE_INPUT_OPTIONS,
     ImagePreprocess,
     preprocessing_from_processor,
     resolve_image_options,
@@ -32,9 +31,7 @@ VISION_POOLING = ("cls", "mean", "patches")
 VISION_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "pooling": (str, "cls"),
     "normalize": (bool, False),
-    "preprocessing": (dict, None),
-    "max_pixels": (int, DEFAULT_MAX_PIXELS),
-    "max_bytes": (int, DEFAULT_MAX_BYTES),
+    **IMAGE_INPUT_OPTIONS,
     "precision": (str, "auto"),
     "micro_batch": (int, 32),
     "trust_remote_code": (bool, False),

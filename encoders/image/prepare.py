@@ -41,6 +41,12 @@ DEFAULT_MAX_PIXELS = 100_000_000
 # One encoded image (a file, a bytes cell, a tar member) is read into memory whole: past this
 # it is a too_large row, and a file is never read further.
 DEFAULT_MAX_BYTES = 512 * 2**20
+# Every image family's input limits: option name -> (type, default).
+IMAGE_INPUT_OPTIONS: dict[str, tuple[type, Any]] = {
+    "preprocessing": (dict, None),
+    "max_pixels": (int, DEFAULT_MAX_PIXELS),
+    "max_bytes": (int, DEFAULT_MAX_BYTES),
+}
 _TORCHVISION_FORMATS = ("JPEG", "PNG", "WEBP")
 _TORCHVISION_MODES = ("RGB", "RGBA", "L", "LA")
 

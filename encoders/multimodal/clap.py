@@ -58,7 +58,10 @@ class HFClapFamily(AudioFamily):
         resolve_max_length(opts, limit)
         front = opts["front_end"]
         resolve_window_options(opts, front["sampling_rate"], front["nb_max_samples"] / front["sampling_rate"], 0.0)
-        return spec_with_dim(self, request, opts, meta=_meta_dim)  # projection_dim is not trusted
+        return spec_with_dim(self, request, opts)  # projection_dim is not trusted
+
+    def meta_dim(self, spec: EncoderSpec) -> int | None:
+        return _meta_dim(spec)
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         if modality == "audio":

@@ -19,8 +19,7 @@ from encoders.core.device import DeviceModel, autocast, check_runtime_options
 from encoders.core.spec import EncodeResult, EncoderSpec, Prepared, SpecRequest, validate_options
 from encoders.image.family import ImageFamily
 from encoders.image.prepare import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
+    IMAGE_INPUT_OPTIONS,
     ImagePreprocess,
     preprocessing_from_processor,
     resolve_image_options,
@@ -31,9 +30,7 @@ from encoders.text.tokenize import load_tokenizer, resolve_max_length, tokenize_
 
 CLIP_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "normalize": (bool, True),
-    "preprocessing": (dict, None),
-    "max_pixels": (int, DEFAULT_MAX_PIXELS),
-    "max_bytes": (int, DEFAULT_MAX_BYTES),
+    **IMAGE_INPUT_OPTIONS,
     "max_length": (int, None),
     "max_chars": (int, 1_000_000),
     "precision": (str, "auto"),

@@ -83,7 +83,10 @@ class HFTextFamily(EncoderFamily):
             opts["modules"] = describe(folder.head)
             parts = [sha] + [weights_sha256(str(d)) for d in head_files(folder.head, folder.root)]
             sha = hashlib.sha256("\n".join(parts + opts["modules"]).encode()).hexdigest()
-        return spec_with_dim(self, request, opts, sha, meta=_meta_dim, pooling=opts["pooling"])
+        return spec_with_dim(self, request, opts, sha, pooling=opts["pooling"])
+
+    def meta_dim(self, spec: EncoderSpec) -> int | None:
+        return _meta_dim(spec)
 
     def prepare(self, spec: EncoderSpec, modality: str, values: pa.Array) -> Prepared:
         folder = read_folder_settings(spec.weights.path)

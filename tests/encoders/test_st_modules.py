@@ -38,15 +38,12 @@ def build_folder(base: str, target, seed: int = 0) -> str:
     return str(target)
 
 
+PLACES = {"sources": [{"path": "x", "id_column": "id"}], "output": {"path": "o"}}
+
+
 def spec_of(folder: str, **options):
-    config = config_from_dict(
-        {
-            "sources": [{"path": "x", "id_column": "id"}],
-            "output": {"path": "o"},
-            "encoders": [{"output": "v", "column": "text", "model": folder, **options}],
-        }
-    )
-    return plan_encoders(config.encoders)[0]
+    encoder = {"output": "v", "column": "text", "model": folder, **options}
+    return plan_encoders(config_from_dict({**PLACES, "encoders": [encoder]}).encoders)[0]
 
 
 def embed(spec, texts):
