@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import posixpath
 import zlib
@@ -31,6 +32,9 @@ from pipeline.config import ConfigError, SourceConfig
 from pipeline.filesystems import LISTING_SCHEMA, file_version, listing, open_filesystem, with_suffix
 from pipeline.sources import FOLDER_KINDS, FORMAT_SUFFIXES, REFERENCE_KINDS, ReadChunk, read_table_file
 from pipeline.tasks import LocalTasks, Tasks
+from pipeline.webdataset import READ_ERRORS, ShardScan, scan_shard
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_PARQUET_CHUNK = 65_536
 CHUNK_BYTES = 256 * 2**20  # a Parquet chunk ends at this many uncompressed bytes (a row group at least)
@@ -52,6 +56,8 @@ CHUNK_SCHEMA = pa.schema(
         ("first_row", pa.int64()),  # the chunk's first row in its file, for derived ids
         ("rows", pa.int64()),
         ("bytes", pa.int64()),  # uncompressed, as read: stage batches and parts are sized by it
+        ("start_byte", pa.int64()),  # a WebDataset range of a shard
+        ("end_byte", pa.int64()),
         ("files", pa.list_(pa.string())),  # a folder group's relative paths
         ("infer_types", pa.bool_()),
         ("id_prefix", pa.string()),
@@ -63,6 +69,7 @@ CHUNK_SCHEMA = pa.schema(
 class ChunkPlan:
     chunks: pa.Table  # CHUNK_SCHEMA, in read order: source, file, row
     schema: pa.Schema  # the read stage's unified schema: id first
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line per damaged shard
 
 
 def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
@@ -80,27 +87,31 @@ def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
     n_files = sum(job[3].num_rows for job in jobs)
     described = tasks.map(describe_files, jobs, local=n_files <= LOCAL_PLANNING_FILES)
     by_source: dict[int, list[pa.Table]] = {}
-    for (s_index, *_), (table, _) in zip(jobs, described):
+    for (s_index, *_), (table, _, _) in zip(jobs, described):
         by_source.setdefault(s_index, []).append(table)
     for part in folder_parts:
         by_source.setdefault(part.column("source")[0].as_py(), []).append(part)
     ordered = [t for s in sorted(by_source) for t in by_source[s]]
     chunks = pa.concat_tables(ordered) if ordered else CHUNK_SCHEMA.empty_table()
-    chunks = _prefix_colliding_derived_ids(chunks, sources)
-    schemas = [schema for _, schema in described] + [_folder_schema(s.kind) for s in sources if s.kind != "table"]
+    keyed = {i for i, (fmt, _) in enumerate(listings) if fmt == "webdataset"}  # ids are sample keys
+    chunks = _prefix_colliding_derived_ids(chunks, sources, keyed)
+    schemas = [schema for _, schema, _ in described] + [_folder_schema(s.kind) for s in sources if s.kind != "table"]
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ConfigError(f"sources: columns disagree in type across files ({str(exc).splitlines()[0]})") from None
-    return ChunkPlan(chunks.combine_chunks(), schema)
+    warnings = [w for _, _, found in described for w in found]
+    for warning in warnings:
+        log.warning("%s", warning)
+    return ChunkPlan(chunks.combine_chunks(), schema, warnings)
 
 
-def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConfig]) -> pa.Table:
+def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConfig], keyed: set[int]) -> pa.Table:
     """Derived ids (``<file>:<row>``, a folder's relative paths) of two sources can collide:
     ``2023/part-0.parquet`` and ``2024/part-0.parquet`` both give ``part-0.parquet:0``. Only
     then does each derived-id source get its path from the common root of those sources
     (``2023/part-0.parquet:0``). Ids read from an id column are never rewritten."""
-    derived = [i for i, s in enumerate(sources) if s.kind != "table" or s.id_column is None]
+    derived = [i for i, s in enumerate(sources) if s.kind != "table" or (s.id_column is None and i not in keyed)]
     if len(derived) < 2:
         return chunks
     names: dict[int, set[str]] = {i: set() for i in derived}
@@ -141,10 +152,9 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
         if not files.num_rows:
             raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(suffixes)}) in {source.path!r}")
         return "folder", _folder_chunks(s_index, source, files)
-    if source.id_column is None and not source.derive_ids:
-        raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
     if entry.type != pafs.FileType.Directory:
         fmt = source.format or format_of(root, where)
+        _check_ids(source, fmt, where)
         name = root.rstrip("/").rpartition("/")[2]
         return fmt, pa.table({"path": [root], "rel": [name], "version": [file_version(entry)]}, schema=LISTING_SCHEMA)
     every = listing(fs, root)
@@ -161,7 +171,16 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
     files = with_suffix(every, FORMAT_SUFFIXES[fmt])
     if not files.num_rows:
         raise ConfigError(f"{where}.path: no {fmt} files in {source.path!r}")
+    _check_ids(source, fmt, where)
     return fmt, files
+
+
+def _check_ids(source: SourceConfig, fmt: str, where: str) -> None:
+    if fmt == "webdataset":
+        if source.id_column or source.derive_ids:
+            raise ConfigError(f"{where}.id_column: a webdataset source's id is each sample's key; remove it")
+    elif source.id_column is None and not source.derive_ids:
+        raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
 
 
 def format_of(path: str, where: str) -> str:
@@ -220,13 +239,14 @@ def _folder_schema(kind: str) -> pa.Schema:
     return pa.schema([("id", pa.string()), (column, pa.string() if kind in REFERENCE_KINDS else pa.binary())])
 
 
-def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Table, pa.Schema]:
-    """A task: the chunks and unified schema of a batch of table files (Parquet footers, or a
-    full parse of JSONL/CSV, which has no row count without one)."""
+def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Table, pa.Schema, list[str]]:
+    """A task: the chunks and unified schema of a batch of table files (Parquet footers, a full
+    parse of JSONL/CSV, which has no row count without one, or every header of a WebDataset
+    shard), and a warning line per damaged shard."""
     s_index, source, fmt, files = job
     where = f"sources[{s_index}]"
     fs, _ = open_filesystem(source.path)
-    chunks, schemas = [], []
+    chunks, schemas, warnings = [], [], []
     for path, rel, version in zip(*(files.column(c).to_pylist() for c in LISTING_SCHEMA.names)):
         file = ReadChunk(
             "",
@@ -238,6 +258,25 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
             relpath=rel,
             infer_types=source.infer_types,
         )
+        if fmt == "webdataset":
+            scan = retrying(_scan, fs, path, rel)
+            warnings += [scan.warning] if scan.warning else []
+            schema = pa.schema([("id", pa.string()), *sorted(scan.columns.items()), (READ_ERRORS, pa.string())])
+            schemas.append(schema)
+            for r in scan.ranges:
+                key = chunk_key(s_index, fmt, rel, version, (r.start, r.end))
+                chunks.append(
+                    dataclasses.replace(
+                        file,
+                        key=key,
+                        first_row=r.first,
+                        rows=r.count,
+                        bytes=r.end - r.start,
+                        start_byte=r.start,
+                        end_byte=r.end,
+                    )
+                )
+            continue
         if fmt == "parquet":
             ranges, schema = _row_group_ranges(fs, path, where)
         else:
@@ -249,7 +288,12 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
             chunks.append(
                 dataclasses.replace(file, key=key, row_groups=groups, first_row=first, rows=count, bytes=size)
             )
-    return _table(chunks), pa.unify_schemas(schemas, promote_options="permissive")
+    return _table(chunks), pa.unify_schemas(schemas, promote_options="permissive"), warnings
+
+
+def _scan(fs: pafs.FileSystem, path: str, rel: str) -> ShardScan:
+    with fs.open_input_file(path) as handle:
+        return scan_shard(handle, handle.size(), rel)
 
 
 def _read_schema(schema: pa.Schema, id_column: str | None) -> pa.Schema:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from pipeline.config import DUPLICATE_POLICIES
 
-EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_INCOMPLETE = 0, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 EXIT_FOR_STATUS = {"complete": EXIT_OK, "failed_error_rate": EXIT_ERROR_RATE, "incomplete": EXIT_INCOMPLETE}
 
 
@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--output", required=True, help="output folder or object-store URI")
     flag("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
     flag("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
-    flag("--format", choices=("parquet", "jsonl", "csv"), help="input format when the suffix does not tell")
+    flag(
+        "--format",
+        choices=("parquet", "jsonl", "csv", "webdataset"),
+        help="input format when the suffix does not tell (webdataset: .tar shards; the id is each sample's key)",
+    )
     flag(
         "--kind",
         choices=("table", "text", "image", "audio"),
@@ -140,12 +144,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _modalities(args: argparse.Namespace) -> list[str]:
+    """The modalities ``omniembed embed`` embeds, in the order of its encoders."""
+    return [m for m in MODALITY_FLAGS if args.kind == m or getattr(args, f"{m}_column") or getattr(args, f"{m}_model")]
+
+
 def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import ConfigError
 
-    wanted = [
-        m for m in MODALITY_FLAGS if args.kind == m or getattr(args, f"{m}_column") or getattr(args, f"{m}_model")
-    ]
+    wanted = _modalities(args)
     if not wanted:
         raise ConfigError(
             "--text-column/--text-model, --image-column/--image-model or --audio-column/--audio-model is required"
@@ -257,6 +264,13 @@ def execute(args: argparse.Namespace) -> int:
         from pipeline.filesystems import check_filesystems
 
         check_filesystems([s.path for s in config.sources] + [config.output.path])  # before Ray starts
+        from pipeline.preflight import preflight
+
+        done = preflight(config, args.overwrite, getattr(args, "dry_run", False))
+        if done is not None:
+            print("omniembed: the output is complete for this config, and its inputs are unchanged", file=sys.stderr)
+            print_summary(done, config.output.path, None)
+            return EXIT_FOR_STATUS[done["status"]]
         # torch, the encoder families and Ray Data (~2 s of imports) load while Ray starts its
         # processes: ray.init mostly waits for them. Ray itself is imported here first, so the
         # two threads never import the same package at once.
@@ -277,13 +291,16 @@ def execute(args: argparse.Namespace) -> int:
             takeover=getattr(args, "takeover", False),
         )
     except ConfigError as exc:
-        print(f"omniembed: error: {user_message(exc)}", file=sys.stderr)
+        print(f"omniembed: error: {as_flags(user_message(exc), args)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"omniembed: interrupted; {_committed(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a ConfigError raised inside a Ray task arrives wrapped
         cause = unwrap_config_error(exc)
         if cause is None:
             raise
-        print(f"omniembed: error: {cause}", file=sys.stderr)
+        print(f"omniembed: error: {as_flags(str(cause).splitlines()[0], args)}", file=sys.stderr)
         return EXIT_USAGE
     if getattr(args, "dry_run", False):
         print(json.dumps(manifest))  # exactly one line of JSON on stdout
@@ -321,7 +338,9 @@ def unwrap_config_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
-def print_summary(manifest: dict[str, Any], path: str, wall: float) -> None:
+def print_summary(manifest: dict[str, Any], path: str, wall: float | None) -> None:
+    """The run's summary; its seconds and rows/s are the manifest's (``wall`` is unused but kept
+    for callers)."""
     timing = manifest.get("timing", {})
     rows = [
         ("status", manifest["status"]),
@@ -330,12 +349,57 @@ def print_summary(manifest: dict[str, Any], path: str, wall: float) -> None:
         ("rows with errors", f"{manifest['rows_with_errors']:,} ({manifest['error_rate']:.2%})"),
     ]
     rows += [(f"  {code}", f"{count:,}") for code, count in manifest["errors"].items()]
-    rate = timing.get("rows_this_run", 0) / wall if wall else 0.0
-    rows += [("seconds", f"{wall:.1f}"), ("rows/s", f"{rate:,.1f}")]
+    rows += [("seconds", f"{timing.get('seconds', 0.0):.1f}"), ("rows/s", f"{timing.get('rows_per_second') or 0:,.1f}")]
+    rows += [("warning", line) for line in manifest.get("warnings", [])]
     width = max(len(k) for k, _ in rows)
     print("\nomniembed summary")
     for key, value in rows:
         print(f"  {key.ljust(width)}  {value}")
+
+
+def _committed(args: argparse.Namespace) -> str:
+    """One line for Ctrl-C: what the output holds now, and how to go on."""
+    output = getattr(args, "output", None)
+    if args.command == "run":
+        try:
+            from pipeline.config import load_config
+
+            output = load_config(args.config).output.path
+        except Exception:  # noqa: BLE001 - the line is a courtesy: never a second traceback
+            output = None
+    if not output:
+        return "nothing was committed"
+    try:
+        from pipeline.sink import committed_parts
+
+        parts = committed_parts(output) or []
+    except Exception:  # noqa: BLE001
+        parts = []
+    rows = sum(int(p.get("rows", 0)) for p in parts)
+    return f"{rows:,} rows in {len(parts):,} parts are committed in {output}; run the same command again to resume"
+
+
+def as_flags(message: str, args: argparse.Namespace) -> str:
+    """``omniembed embed`` names its flags, not the config fields it fills in."""
+    if args.command != "embed":
+        return message
+    modalities = _modalities(args)
+    replacements = {
+        "sources[0]: id_column is required (or set derive_ids: true for ids '<file>:<row>')": (
+            "--id-column is required (or --derive-ids for ids '<file>:<row>')"
+        ),
+        "sources[0].id_column": "--id-column",
+        "sources[0].path": "input",
+        "sources[0].format": "--format",
+        "output.path": "--output",
+    }
+    for i, modality in enumerate(modalities):
+        replacements[f"encoders[{i}].column"] = f"--{modality}-column"
+        replacements[f"encoders[{i}].model"] = f"--{modality}-model"
+        replacements[f"encoders[{i}]"] = f"--{modality}-model"
+    for field_name, flag in replacements.items():
+        message = message.replace(field_name, flag)
+    return message
 
 
 if __name__ == "__main__":

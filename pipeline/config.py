@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 SOURCE_KINDS = ("table", "text", "image", "audio")
-TABLE_FORMATS = ("parquet", "jsonl", "csv")
+TABLE_FORMATS = ("parquet", "jsonl", "csv", "webdataset")
 VECTOR_TYPES = ("list", "fixed_size_list")
 VECTOR_DTYPES = ("float32", "float16")
 DUPLICATE_POLICIES = ("error", "keep-first", "trust")
@@ -62,6 +62,7 @@ class EncoderConfig:
     family: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     resources: StageResources | None = None
+    dimensions: int | None = None  # keep the first N values, renormalized (Matryoshka models)
 
 
 @dataclass(frozen=True)
@@ -187,10 +188,15 @@ def _source(data: Any, where: str) -> SourceConfig:
     passthrough = data.get("passthrough")
     if passthrough is not None and not (isinstance(passthrough, list) and all(isinstance(c, str) for c in passthrough)):
         raise ConfigError(f"{where}.passthrough must be a list of column names")
+    fmt = _get(data, "format", str, where, None, TABLE_FORMATS)
+    if fmt == "webdataset" and (data.get("id_column") or data.get("derive_ids")):
+        raise ConfigError(
+            f"{where}.id_column: a webdataset source's id is each sample's key; remove id_column/derive_ids"
+        )
     return SourceConfig(
         path=path,
         kind=_get(data, "kind", str, where, "table", SOURCE_KINDS),
-        format=_get(data, "format", str, where, None, TABLE_FORMATS),
+        format=fmt,
         id_column=_get(data, "id_column", str, where),
         derive_ids=_get(data, "derive_ids", bool, where, False),
         passthrough=tuple(passthrough) if passthrough is not None else None,
@@ -198,7 +204,7 @@ def _source(data: Any, where: str) -> SourceConfig:
     )
 
 
-_ENCODER_FIELDS = ("output", "model", "column", "columns", "family", "resources")
+_ENCODER_FIELDS = ("output", "model", "column", "columns", "family", "resources", "dimensions")
 
 
 def _encoder(data: Any, where: str) -> EncoderConfig:
@@ -220,7 +226,10 @@ def _encoder(data: Any, where: str) -> EncoderConfig:
         columns = dict(raw)
     options = {k: v for k, v in data.items() if k not in _ENCODER_FIELDS}
     resources = _resources(data["resources"], f"{where}.resources") if data.get("resources") else None
-    return EncoderConfig(output, model, columns, _get(data, "family", str, where), options, resources)
+    dimensions = _get(data, "dimensions", int, where)
+    if dimensions is not None and dimensions < 1:
+        raise ConfigError(f"{where}.dimensions: must be a positive number of values, got {dimensions!r}")
+    return EncoderConfig(output, model, columns, _get(data, "family", str, where), options, resources, dimensions)
 
 
 def _resources(data: Any, where: str) -> StageResources:

@@ -53,7 +53,12 @@ def find_duplicates(
     ordinals = positions >> ROW_BITS
     if ids and on_duplicate_id == "error":
         sample = ", ".join(repr(i) for i in sorted(i for r in results for i in r["sample"])[:SAMPLES])
-        derived = pc.any(pc.is_null(chunks.column("id_column").take(pa.array(np.unique(ordinals))))).as_py()
+        dup_chunks = chunks.take(pa.array(np.unique(ordinals)))
+        # A WebDataset sample's key is its id as given, not one derived from a path.
+        derived_ids = pc.and_(
+            pc.is_null(dup_chunks.column("id_column")), pc.not_equal(dup_chunks["format"], "webdataset")
+        )
+        derived = pc.any(derived_ids).as_py()
         # keep-first would silently drop a whole file whose derived ids repeat another's
         fix = (
             "ids derived from file paths repeat: give the sources an id_column"

@@ -18,6 +18,7 @@ from pipeline.columns import error_column
 from pipeline.config import Config
 from pipeline.dedupe import find_duplicates
 from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan, sized_for_input
+from pipeline.preflight import sources_digest
 from pipeline.progress import ReadPlan, account
 from pipeline.schema import plan_output_schema
 from pipeline.sink import ParquetSink, Sink, fingerprint, write_part
@@ -81,6 +82,7 @@ def run(
     transient = retried_io_errors()
     configure_retries(transient)  # the driver's own manifest, log and lease I/O
     tasks = RayTasks(transient)
+    digest = sources_digest(config.sources)  # before planning: a file changed later misses the next shortcut
     chunks = plan_sources(config.sources, tasks)  # listings and footers, read in tasks
     sink: Sink = ParquetSink(config, meta, fingerprint(config, meta))
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
@@ -98,7 +100,8 @@ def run(
                 sink.record(part)
             if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
                 log.debug("Ray Data stats:\n%s", parts.stats())
-        return sink.close(sources.unique_rows, config.output.max_error_rate, sources.to_embed)
+        sink.manifest["sources_digest"] = digest  # a re-run of unchanged local inputs stops before Ray
+        return sink.close(sources.unique_rows, config.output.max_error_rate, sources.to_embed, chunks.warnings)
     except BaseException:  # an error or Ctrl-C: the next run need not wait for the lease to go stale
         sink.release()
         raise

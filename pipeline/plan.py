@@ -42,10 +42,22 @@ def plan_encoder(encoder: EncoderConfig, where: str) -> EncoderSpec:
         )
     options = {**(alias.defaults if alias else {}), **encoder.options}
     try:
-        return family.build_spec(SpecRequest(encoder.output, columns, weights, options, alias.dim if alias else None))
+        spec = family.build_spec(SpecRequest(encoder.output, columns, weights, options, alias.dim if alias else None))
     except (ValueError, OSError, MissingDependencyError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{where}: {message}") from None
+    return with_dimensions(spec, encoder.dimensions, where)
+
+
+def with_dimensions(spec: EncoderSpec, wanted: int | None, where: str) -> EncoderSpec:
+    """``dimensions: N`` (else the folder's declared ``truncate_dim``): the output holds the
+    first N values of each vector, renormalized; the actor still loads the model's D."""
+    n = wanted or spec.options.get("truncate_dim")
+    if not n:
+        return spec
+    if not 0 < n <= spec.dim:
+        raise ConfigError(f"{where}.dimensions: {n} is more than the model's {spec.dim} values")
+    return replace(spec, dim=n, options={**spec.options, "dimensions": n, "model_dim": spec.dim})
 
 
 def plan_encoders(encoders: tuple[EncoderConfig, ...]) -> list[EncoderSpec]:

@@ -42,6 +42,7 @@ class ReadPlan:
     committed: int  # input rows an earlier run committed
     planned_chunks: int
     expect: dict[str, int] = field(default_factory=dict)  # key -> rows this run commits for it
+    warnings: list[str] = field(default_factory=list)  # damaged input found by planning
 
     @property
     def to_embed(self) -> int:
@@ -71,6 +72,7 @@ class ReadPlan:
             "chunks": self.planned_chunks,
             "chunks_to_read": self.chunks.num_rows,
             "driver_peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+            "warnings": self.warnings,
         }
 
 
@@ -136,6 +138,7 @@ def account(
         committed=int((planned - expect).sum()),
         planned_chunks=chunks.num_rows,
         expect=dict(zip(table.column("key").to_pylist(), table.column("expect").to_pylist())),
+        warnings=list(plan.warnings),
     )
 
 

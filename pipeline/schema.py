@@ -14,6 +14,7 @@ from pipeline.columns import embedding_column, error_column, extra_columns, vect
 from pipeline.config import Config, ConfigError
 from pipeline.sink import FORMAT_VERSION
 from pipeline.sources import FOLDER_KINDS
+from pipeline.webdataset import READ_ERRORS
 
 
 def plan_output_schema(
@@ -28,7 +29,7 @@ def plan_output_schema(
                 raise ConfigError(
                     f"encoders[{i}].column: {column!r} is not a source column; columns: {', '.join(read_names)}"
                 )
-    keep = [n for n in read_names if n != "id"]
+    keep = [n for n in read_names if n not in ("id", READ_ERRORS)]
     for source in config.sources:
         if source.passthrough is not None:
             missing = [c for c in source.passthrough if c not in read_names]
@@ -39,6 +40,9 @@ def plan_output_schema(
         keep = [n for n in keep if n in wanted]
     # A folder source's file contents stay in the files; its id is the file's path.
     contents = {FOLDER_KINDS[s.kind][1] for s in config.sources if s.kind in FOLDER_KINDS}
+    # So do a WebDataset sample's media members (bytes); its text members are passed through.
+    if READ_ERRORS in read_names:
+        contents |= {n for n in keep if pa.types.is_binary(read_schema.field(n).type)}
     keep = [n for n in keep if n not in contents or n in wanted]
     fields = [pa.field("id", pa.string(), nullable=False)] + [read_schema.field(name) for name in keep]
     for spec in specs:

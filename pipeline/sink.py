@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,8 +119,10 @@ class Sink(Protocol):
     def record(self, part: Mapping[str, Any]) -> None:
         """Commit one written part (a write task's result row)."""
 
-    def close(self, input_rows: int, max_error_rate: float, planned_rows: int | None = None) -> dict[str, Any]:
-        """The final manifest: status, counts, timing; release the lease."""
+    def close(
+        self, input_rows: int, max_error_rate: float, planned_rows: int | None = None, warnings: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The final manifest: status, counts, timing, the input's warnings; release the lease."""
 
     def release(self) -> None:
         """A run that stops early (an error, Ctrl-C) releases the folder to the next one."""
@@ -258,10 +260,13 @@ class ParquetSink:
         self.manifest["files"].append(record)
         self.log.append(record)
 
-    def close(self, input_rows: int, max_error_rate: float, planned_rows: int | None = None) -> dict[str, Any]:
+    def close(
+        self, input_rows: int, max_error_rate: float, planned_rows: int | None = None, warnings: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """Compact the log into the final manifest. ``planned_rows``: the rows this run had to
         commit (input rows less those an earlier run committed); when the commits add up to any
-        other number, the status is ``incomplete``."""
+        other number, the status is ``incomplete``. ``warnings``: what planning found damaged
+        in the input (a broken shard), one line each."""
         files = self.manifest["files"]
         rows = sum(f["rows"] for f in files)
         errors: Counter[str] = Counter()
@@ -287,6 +292,7 @@ class ParquetSink:
                 "rows_with_errors": rows_with_errors,
                 "error_rate": rate,
                 "errors": dict(sorted(errors.items())),
+                "warnings": list(warnings),
                 "timing": {
                     "started": _iso(self.started),
                     "finished": _iso(time.time()),

@@ -22,11 +22,13 @@ from encoders.core.retry import configure as configure_retries
 from encoders.core.retry import is_transient, retrying
 from pipeline.config import ConfigError
 from pipeline.filesystems import join, open_filesystem
+from pipeline.webdataset import read_range
 
 FORMAT_SUFFIXES = {
     "parquet": (".parquet", ".pq"),
     "jsonl": (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz"),
     "csv": (".csv", ".csv.gz", ".tsv"),
+    "webdataset": (".tar",),
 }
 # Folder sources: file suffixes and the column that holds each file's content or path.
 FOLDER_KINDS = {
@@ -55,6 +57,8 @@ class ReadChunk:
     first_row: int = 0
     rows: int = 0
     bytes: int = 0  # the rows' uncompressed size as read (0 for a folder group: its rows are paths)
+    start_byte: int = 0  # a WebDataset range: its first sample's first header ...
+    end_byte: int = 0  # ... and where its last sample ends
     files: tuple[str, ...] = ()  # a folder group's relative paths
     infer_types: bool = False  # CSV: infer column types (the id column stays text)
     id_prefix: str = ""  # derived ids: the source's path from the common root of colliding sources
@@ -90,6 +94,8 @@ def _read_chunk(chunk: ReadChunk, columns: list[str] | None) -> pa.Table:
     if chunk.format == "folder":
         return _read_folder_chunk(fs, chunk, columns)
     wanted = None if columns is None else list(dict.fromkeys(([chunk.id_column] if chunk.id_column else []) + columns))
+    if chunk.format == "webdataset":
+        return read_range(fs, chunk.path, chunk.start_byte, chunk.end_byte, columns)
     if chunk.format == "parquet":
         with fs.open_input_file(chunk.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=_present(handle, wanted))

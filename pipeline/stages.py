@@ -25,6 +25,7 @@ from pipeline.columns import (
     vectors_to_arrow,
 )
 from pipeline.faults import RowGuard, prepare_rows
+from pipeline.webdataset import read_errors
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,15 @@ def prepare_batch(batch: pa.Table, spec: EncoderSpec, retried_io_errors: list[st
     configure_retries(retried_io_errors)
     spec = replace(spec, weights=_weights_here(spec.weights))  # the tokenizer lives with the weights
     family = FAMILIES.get(spec.family)
+    unread = read_errors(batch)  # a WebDataset member that could not become a value
     for modality, column in spec.columns.items():
         values = batch.column(column).combine_chunks()
         prepared = prepare_rows(lambda part, m=modality: family.prepare(spec, m, part), values)
+        errors = prepared.errors
+        if unread is not None:
+            errors = [row.get(column) or error for row, error in zip(unread, errors)]
         batch = batch.append_column(prepared_column(spec, modality), prepared.values)
-        batch = batch.append_column(error_column(spec, modality), pa.array(prepared.errors, pa.string()))
+        batch = batch.append_column(error_column(spec, modality), pa.array(errors, pa.string()))
     return batch
 
 
@@ -79,7 +84,9 @@ class EncodeActor:
         self.spec = spec
         self.max_tokens = max_tokens
         self.guard = RowGuard()
-        self.model = FAMILIES.get(spec.family).load(spec, device)
+        # ``dimensions``: the model gives its own D; the output keeps the first N, renormalized.
+        self.model_dim = spec.options.get("model_dim", spec.dim)
+        self.model = FAMILIES.get(spec.family).load(replace(spec, dim=self.model_dim), device)
         self.extras = {modality: extra_columns(spec, modality) for modality in spec.columns}
         log.info(
             "encoder %s loaded on %s (%s, %d threads)",
@@ -98,9 +105,10 @@ class EncodeActor:
                 return self.model(modality, part, max_tokens=max_tokens)
 
             # A row the model fails on becomes encode_failed; a bug stops the job (pipeline/faults.py).
-            result, failures = self.guard.encode(encode, values, self.max_tokens, self.spec.dim)
+            result, failures = self.guard.encode(encode, values, self.max_tokens, self.model_dim)
+            vectors = result.vectors if self.spec.dim == self.model_dim else truncated(result.vectors, self.spec.dim)
             batch = batch.drop_columns([name]).append_column(
-                embedding_column(self.spec, modality), vectors_to_arrow(result.vectors, result.valid)
+                embedding_column(self.spec, modality), vectors_to_arrow(vectors, result.valid)
             )
             if any(failures):
                 errors = error_column(self.spec, modality)
@@ -115,3 +123,12 @@ class EncodeActor:
                 )
                 batch = batch.append_column(column, value)
         return batch
+
+
+def truncated(vectors: Any, n: int) -> Any:
+    """The first ``n`` values of each vector, L2-normalized again (a zero vector stays zero)."""
+    import numpy as np
+
+    head = np.ascontiguousarray(vectors[:, :n], dtype=np.float32)
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return head / np.maximum(norms, 1e-12)

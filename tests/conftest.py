@@ -28,6 +28,14 @@ def own_stderr(text: str) -> list[str]:
     return [line for line in text.strip().splitlines() if not _RAY_LOG_LINE.match(line)]
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow``: every test that runs on Ray (the session's Ray or a loopback cluster). The rest,
+    ``-m "not slow"``, runs in a few minutes: planning, reading, encoders, vectors."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) or "tests/cluster/" in str(item.path):
+            item.add_marker(pytest.mark.slow)
+
+
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # The size every tiny transformer in the tests shares (BERT, ViT, CLIP, AST, wav2vec2, CLAP text).
 TINY_LAYERS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48}

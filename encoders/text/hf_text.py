@@ -78,6 +78,8 @@ class HFTextFamily(EncoderFamily):
             raise ValueError("max_chunks must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
         sha = weights_sha256(folder.model_dir)
+        if folder.truncate_dim:
+            opts["truncate_dim"] = int(folder.truncate_dim)  # the planner's default for dimensions
         if folder.head:
             head_classes(folder.head, folder.root, opts["trust_remote_code"])  # one line, before Ray, if missing
             opts["modules"] = describe(folder.head)

@@ -33,6 +33,7 @@ class FolderSettings:
     prompts: Mapping[str, str]
     default_prompt_name: str | None
     root: str = ""
+    truncate_dim: int | None = None  # a Matryoshka model's declared output size
     # The modules after Pooling (Dense, LayerNorm, ...), run by sentence-transformers' classes
     # (encoders/text/st_head.py); () when there are none, or only a Normalize.
     head: tuple[tuple[str, str], ...] = ()
@@ -84,6 +85,7 @@ def read_folder_settings(path: str) -> FolderSettings:
         default_prompt_name=st_meta.get("default_prompt_name"),
         root=str(root),
         head=tuple(head),
+        truncate_dim=st_meta.get("truncate_dim"),
     )
 
 

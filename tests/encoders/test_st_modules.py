@@ -20,7 +20,7 @@ st = pytest.importorskip("sentence_transformers", reason="pip install 'omniembed
 CPU = torch.device("cpu")
 
 
-def build_folder(base: str, target, seed: int = 0) -> str:
+def build_folder(base: str, target, seed: int = 0, truncate_dim: int | None = None) -> str:
     """Transformer -> mean Pooling -> Dense 32->16 (tanh) -> LayerNorm(16) -> Normalize, saved by
     sentence-transformers itself."""
     from sentence_transformers import SentenceTransformer
@@ -33,7 +33,8 @@ def build_folder(base: str, target, seed: int = 0) -> str:
     with torch.no_grad():  # a LayerNorm that is not the identity
         norm.norm.weight.uniform_(0.5, 1.5)
         norm.norm.bias.uniform_(-0.2, 0.2)
-    model = SentenceTransformer(modules=[transformer, Pooling(32, "mean"), dense, norm, Normalize()], device="cpu")
+    modules = [transformer, Pooling(32, "mean"), dense, norm, Normalize()]
+    model = SentenceTransformer(modules=modules, device="cpu", truncate_dim=truncate_dim)
     model.save(str(target))
     return str(target)
 
@@ -123,3 +124,32 @@ def test_without_sentence_transformers_the_folder_is_one_line_naming_the_package
         spec_of(st_dense)
     message = str(info.value)
     assert "\n" not in message and "sentence-transformers" in message and "omniembed[st]" in message
+
+
+def test_dimensions_keep_the_first_values_renormalized(tiny_bert, real_texts, tmp_path):
+    """A Matryoshka-declared folder (truncate_dim 8 in config_sentence_transformers.json): the
+    output keeps 8 values, renormalized, as sentence-transformers' encode with
+    normalize_embeddings; dimensions: N overrides the declaration, and past D is refused."""
+    import pyarrow as pa
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.columns import embedding_column
+    from pipeline.stages import EncodeActor, prepare_batch
+
+    folder = build_folder(tiny_bert, tmp_path / "matryoshka", truncate_dim=8)
+    spec = spec_of(folder)
+    assert (spec.dim, spec.options["dimensions"], spec.options["model_dim"]) == (8, 8, 16)
+    texts = real_texts[:24]
+    batch = pa.table({"id": [str(i) for i in range(24)], "text": texts})
+    out = EncodeActor(spec, threads=1, max_tokens=8192)(prepare_batch(batch, spec))
+    ours = np.array(out.column(embedding_column(spec, "text")).to_pylist(), np.float32)
+    reference = SentenceTransformer(folder, device="cpu").encode(texts, normalize_embeddings=True)
+    assert ours.shape == reference.shape == (24, 8)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
+
+    config = {**PLACES, "encoders": [{"output": "v", "column": "text", "model": folder, "dimensions": 4}]}
+    assert plan_encoders(config_from_dict(config).encoders)[0].dim == 4
+    config["encoders"][0]["dimensions"] = 17
+    with pytest.raises(ConfigError, match=r"encoders\[0\]\.dimensions: 17 is more than the model's 16 values"):
+        plan_encoders(config_from_dict(config).encoders)

@@ -317,7 +317,12 @@ def test_resume_skips_committed_ids_and_drops_uncommitted_parts(ray_session, tin
     again = vectors(table, "text_embedding")
     assert all(np.allclose(again[k], clean[k], atol=1e-5) for k in clean)
 
-    # A complete run re-run embeds nothing.
+    # A complete run re-run with unchanged inputs stops before Ray: nothing is written.
+    before = (out / "_manifest.json").read_bytes()
+    assert cli_main(args) == 0
+    assert (out / "_manifest.json").read_bytes() == before
+    # A touched input is re-planned by a run, which finds every id committed and embeds nothing.
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
     assert cli_main(args) == 0
     assert json.loads((out / "_manifest.json").read_text())["timing"]["rows_this_run"] == 0
 

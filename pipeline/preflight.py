@@ -1,0 +1,139 @@
+"""What the CLI checks before Ray starts, so that a user error costs a second, not the 8-12 s of
+starting Ray, and a re-run of a finished output does nothing quickly.
+
+- Every local source path exists; a local table file (or a local folder's first one) holds the
+  source's ``id_column`` and the encoders' input columns (its schema only: a Parquet footer, a
+  JSONL line, a CSV header).
+- Every encoder plans: model found, options valid, D known (``plan_encoders``, no Ray).
+- A finished output of the same config whose local sources are unchanged since (by a streaming
+  digest of every file's path, size and modification time, kept in the manifest) is reported
+  as it is, without starting Ray. Remote sources always go through a run, which re-plans them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+from pipeline.config import Config, ConfigError, SourceConfig
+from pipeline.sources import FORMAT_SUFFIXES
+
+
+def preflight(config: Config, overwrite: bool = False, dry_run: bool = False) -> dict[str, Any] | None:
+    """Raises ``ConfigError`` for a user error found without Ray; returns the manifest of an
+    output that is already complete and current, else None."""
+    from pipeline.plan import plan_encoders
+
+    for i, source in enumerate(config.sources):
+        _check_source(source, i, config)
+    specs = plan_encoders(config.encoders)
+    if overwrite or dry_run:
+        return None
+    digest = sources_digest(config.sources)
+    if digest is None:
+        return None
+    from pipeline.filesystems import open_filesystem
+    from pipeline.sink import fingerprint, read_manifest
+
+    fs, root = open_filesystem(config.output.path)
+    try:
+        manifest = read_manifest(fs, root)
+    except (OSError, ValueError):
+        return None
+    if not manifest or manifest.get("status") != "complete" or manifest.get("sources_digest") != digest:
+        return None
+    meta = {s.output: s.metadata("cpu", "fp32") for s in specs}  # device and precision are not in the fingerprint
+    return manifest if manifest.get("fingerprint") == fingerprint(config, meta) else None
+
+
+def sources_digest(sources: Sequence[SourceConfig]) -> str | None:
+    """A digest of every local source file's path, size and modification time, built while
+    walking (nothing kept per file), or None when a source is not on local disk."""
+    digest = hashlib.sha256()
+    for source in sources:
+        if "://" in source.path and not source.path.startswith("file://"):
+            return None
+        path = os.path.abspath(source.path.removeprefix("file://"))
+        for name in _walk(path):
+            stat = os.stat(name)
+            digest.update(json.dumps([name, stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()
+
+
+def _walk(path: str) -> Any:
+    if os.path.isfile(path):
+        yield path
+        return
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            yield os.path.join(folder, name)
+
+
+def _check_source(source: SourceConfig, i: int, config: Config) -> None:
+    where = f"sources[{i}]"
+    if "://" in source.path and not source.path.startswith("file://"):
+        return
+    path = source.path.removeprefix("file://")
+    if not os.path.exists(path):
+        raise ConfigError(f"{where}.path: {source.path!r} does not exist")
+    if source.kind != "table":
+        return
+    first = path if os.path.isfile(path) else next(_tables(path, source.format), None)
+    if first is None:
+        return  # planning says what the folder lacks
+    from pipeline.chunks import _check_ids, format_of
+
+    _check_ids(source, source.format or format_of(first, where), where)
+    names = _column_names(first, source)
+    if names is None:
+        return
+    if source.id_column is not None and source.id_column not in names:
+        raise ConfigError(
+            f"{where}.id_column: {source.id_column!r} is not a column of {os.path.basename(first)!r}; columns: "
+            f"{', '.join(names)}"
+        )
+    # A column an encoder reads may come from another source, another file of a folder, or a
+    # later JSON line: only a single Parquet or CSV source has all its columns in one header.
+    if len(config.sources) == 1 and os.path.isfile(path) and not first.lower().endswith(FORMAT_SUFFIXES["jsonl"]):
+        for e, encoder in enumerate(config.encoders):
+            for column in encoder.columns.values():
+                if column not in names:
+                    raise ConfigError(
+                        f"encoders[{e}].column: {column!r} is not a source column; columns: {', '.join(names)}"
+                    )
+
+
+def _tables(folder: str, fmt: str | None) -> Any:
+    suffixes = FORMAT_SUFFIXES[fmt] if fmt else tuple(s for v in FORMAT_SUFFIXES.values() for s in v)
+    for name in _walk(folder):
+        if name.lower().endswith(suffixes):
+            yield name
+
+
+def _column_names(path: str, source: SourceConfig) -> list[str] | None:
+    """The columns of one local table file from its schema alone, or None when its format has
+    none to read cheaply (WebDataset, compressed JSONL/CSV)."""
+    import pyarrow as pa
+
+    lower = path.lower()
+    try:
+        if source.format == "parquet" or lower.endswith(FORMAT_SUFFIXES["parquet"]):
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(path).names
+        if lower.endswith(".gz") or source.format == "webdataset" or lower.endswith(".tar"):
+            return None
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            line = handle.readline()
+        if source.format == "jsonl" or lower.endswith(FORMAT_SUFFIXES["jsonl"]):
+            return list(json.loads(line)) if line.strip() else None
+        if source.format == "csv" or lower.endswith(FORMAT_SUFFIXES["csv"]):
+            import csv
+
+            return next(csv.reader([line], delimiter="\t" if lower.endswith(".tsv") else ","), None)
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return None  # planning says what is wrong with it, in one line
+    return None
