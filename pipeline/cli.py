@@ -7,6 +7,7 @@ error rate went past max_error_rate; 4 the run ended with fewer rows committed t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -134,6 +135,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--address", help="join this Ray cluster (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=None,
+        help="seconds between progress lines (rows, rows/s, ETA); default 30, or 1 on a terminal",
     )
     parser.add_argument(
         "-v",
@@ -277,19 +284,23 @@ def execute(args: argparse.Namespace) -> int:
         import ray  # noqa: F401
 
         from pipeline.ray_env import init_ray
+        from pipeline.report import RowProgress, filtered_stderr, quiet_ray
 
+        quiet_ray(bool(args.verbose))  # before the loader imports Ray Data
         loader = threading.Thread(target=_preload, daemon=True)
         loader.start()
-        init_ray(args.address)
+        init_ray(args.address, quiet=not args.verbose)
         loader.join()
         from pipeline.graph import run  # re-raises here if the background import failed
 
-        manifest = run(
-            config,
-            overwrite=args.overwrite,
-            dry_run=getattr(args, "dry_run", False),
-            takeover=getattr(args, "takeover", False),
-        )
+        with contextlib.nullcontext() if args.verbose else filtered_stderr():
+            manifest = run(
+                config,
+                overwrite=args.overwrite,
+                dry_run=getattr(args, "dry_run", False),
+                takeover=getattr(args, "takeover", False),
+                progress=lambda total: RowProgress(total, args.progress_seconds),
+            )
     except ConfigError as exc:
         print(f"omniembed: error: {as_flags(user_message(exc), args)}", file=sys.stderr)
         return EXIT_USAGE

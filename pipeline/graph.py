@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from encoders.core.retry import configure as configure_retries
 from pipeline.adapter import apply_stage, named, resolve_task_stage
@@ -71,11 +71,14 @@ def run(
     overwrite: bool = False,
     dry_run: bool = False,
     takeover: bool = False,
+    progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """Embed the configured sources into the output folder; return the final manifest. With
     ``dry_run``: planning, the duplicate pass and resume accounting only; nothing is written,
     and the return value is ``dry_run_report``'s. ``takeover``: take the writer lease of a run
-    that is gone without waiting for it to go stale."""
+    that is gone without waiting for it to go stale. ``progress``: called with the rows to
+    embed, it returns what counts committed rows (``add(rows)``, ``close()``; the CLI's
+    ``pipeline.report.RowProgress``)."""
     config = as_config(config)
     plans = plan(config, cluster_shape())
     meta = encoders_metadata(plans, config)
@@ -96,8 +99,13 @@ def run(
     try:
         if sources.chunks.num_rows:
             parts = write_parts(config, plans, sources, schema)
+            counter = progress(sources.to_embed) if progress is not None else None
             for part in parts.iter_rows():
                 sink.record(part)
+                if counter is not None:
+                    counter.add(int(part["rows"]))
+            if counter is not None:
+                counter.close()
             if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
                 log.debug("Ray Data stats:\n%s", parts.stats())
         sink.manifest["sources_digest"] = digest  # a re-run of unchanged local inputs stops before Ray

@@ -27,15 +27,18 @@ def prepare_environment(address: str | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, quiet: bool = False) -> None:
+    """``quiet``: Ray's own log lines at ERROR and above only (the CLI without ``-v``)."""
     prepare_environment(address)
     import ray
+
+    level = logging.ERROR if quiet else logging.INFO
 
     if ray.is_initialized():
         return
     working_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if joins_cluster(address):
-        ray.init(address=address or "auto", log_to_driver=True)
+        ray.init(address=address or "auto", log_to_driver=True, logging_level=level)
     else:
         # address="local": always a new embedded Ray, never a `ray start` cluster that happens
         # to run on this machine. Its processes inherit this environment: workers import
@@ -45,7 +48,7 @@ def init_ray(address: str | None = None) -> None:
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if working_dir not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([working_dir, *paths])
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=level)
 
 
 def shutdown_ray() -> None:

@@ -86,3 +86,26 @@ def test_ctrl_c_is_one_line_saying_what_is_committed(table, tiny_bert, tmp_path,
     assert err == [
         f"omniembed: interrupted; 0 rows in 0 parts are committed in {out}; run the same command again to resume"
     ]
+
+
+def test_a_run_shows_rows_progress_and_no_ray_noise(ray_session, table, tiny_bert, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "ERROR")  # what quiet_ray sets; restored after the test
+    out = tmp_path / "out"
+    argv = ["embed", str(table), "--output", str(out), "--text-model", tiny_bert, "--text-column", "title"]
+    assert cli_main([*argv, "--id-column", "sku", "--progress-seconds", "0"]) == 0
+    err = capfd.readouterr().err
+    assert "omniembed: 2 of 2 rows (100.0%)" in err
+    assert "core_worker.cc" not in err and "constructor arguments in the object store" not in err
+
+
+def test_progress_lines_count_rows_against_the_plan():
+    import io
+
+    from pipeline.report import RowProgress
+
+    stream = io.StringIO()
+    progress = RowProgress(1000, interval=0, stream=stream)
+    progress.started -= 10.0  # ten seconds in
+    progress.add(250)
+    line = stream.getvalue().strip()
+    assert line.startswith("omniembed: 250 of 1,000 rows (25.0%), 25.") and line.endswith("rows/s, ETA 30s")
