@@ -1,7 +1,8 @@
 """Reading omniembed's output through its contract (DESIGN.md, "Contract").
 
 - The part files are the manifest's committed list when ``_manifest.json`` is there (the truth
-  on object stores), else the folder's ``*.parquet`` files.
+  on object stores), else the folder's ``*.parquet`` files. A Lance output is read through
+  ``lance.dataset`` (its current version).
 - D, the model and its options come from the ``omniembed`` Parquet metadata, never from the data.
 - Vectors are nullable: a null row (absent or failed input) is skipped and counted.
 - Every non-null vector must have exactly D values; anything else is a user error naming the row.
@@ -37,13 +38,17 @@ class Dataset:
     schema: pa.Schema
     metadata: Mapping[str, Any]
     manifest: Mapping[str, Any] | None
+    lance: Any = None  # a lance.LanceDataset for a Lance output
 
     @property
     def vector_columns(self) -> list[str]:
         return [f.name for f in self.schema if f.name.endswith("_embedding")]
 
     def fingerprint(self) -> list[list[Any]]:
-        """Part names and sizes: an index built on the dataset is stale when they change."""
+        """Part names and sizes (a Lance output: its version): an index built on the dataset is
+        stale when they change."""
+        if self.lance is not None:
+            return [["lance", self.lance.version]]
         return [[f.rpartition("/")[2], self.fs.get_file_info(f).size] for f in self.files]
 
     def read(self, columns: Sequence[str]) -> pa.Table:
@@ -52,6 +57,8 @@ class Dataset:
             raise JobError(
                 f"column {missing[0]!r} is not in dataset {self.path!r}; its columns: {', '.join(self.schema.names)}"
             )
+        if self.lance is not None:
+            return self.lance.to_table(columns=list(columns))
         tables = [pq.read_table(f, columns=list(columns), filesystem=self.fs) for f in self.files]
         return pa.concat_tables(tables) if tables else self.schema.empty_table().select(list(columns))
 
@@ -64,6 +71,8 @@ def open_dataset(path: str) -> Dataset:
     if entry.type == pafs.FileType.File:
         raise JobError(f"dataset {path!r} is a file; give the omniembed output folder that holds it")
     manifest = _read_manifest(fs, root)
+    if fs.get_file_info(join(root, "_versions")).type == pafs.FileType.Directory:
+        return _open_lance(path, fs, manifest)
     if manifest is not None:
         if manifest.get("status") == "running":
             log.warning("dataset %s: its run has not finished (status running); reading the committed parts", path)
@@ -80,6 +89,18 @@ def open_dataset(path: str) -> Dataset:
     if raw is None:
         raise JobError(f"dataset {path!r} has no 'omniembed' Parquet metadata; it was not written by omniembed")
     return Dataset(path, fs, files, schema, json.loads(raw), manifest)
+
+
+def _open_lance(path: str, fs: pafs.FileSystem, manifest: Mapping[str, Any] | None) -> Dataset:
+    try:
+        import lance
+    except ImportError:
+        raise JobError(f"dataset {path!r} is a Lance dataset: pip install 'omniembed[lance]'") from None
+    dataset = lance.dataset(path)
+    raw = (dataset.schema.metadata or {}).get(b"omniembed")
+    if raw is None:
+        raise JobError(f"dataset {path!r} has no 'omniembed' metadata; it was not written by omniembed")
+    return Dataset(path, fs, (), dataset.schema, json.loads(raw), manifest, dataset)
 
 
 def _read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:

@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
     flag("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
     flag(
+        "--output-format",
+        choices=("parquet", "lance"),
+        default="parquet",
+        help="parquet part files (default), or a Lance dataset that lance and LanceDB open",
+    )
+    flag(
+        "--output-index",
+        choices=("ivf_pq", "ivf_flat", "ivf_hnsw_sq"),
+        help="lance only: build this vector index on each embedding column at the end",
+    )
+    flag(
         "--vector-type",
         choices=("list", "fixed_size_list"),
         default="list",
@@ -190,6 +201,8 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
             "on_duplicate_id": args.on_duplicate_id,
             "max_error_rate": args.max_error_rate,
             "rows_per_file": args.rows_per_file,
+            "format": args.output_format,
+            **({"index": args.output_index} if args.output_index else {}),
         },
     }
 

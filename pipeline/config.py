@@ -15,6 +15,8 @@ SOURCE_KINDS = ("table", "text", "image", "audio")
 TABLE_FORMATS = ("parquet", "jsonl", "csv", "webdataset")
 VECTOR_TYPES = ("list", "fixed_size_list")
 VECTOR_DTYPES = ("float32", "float16")
+OUTPUT_FORMATS = ("parquet", "lance")
+LANCE_INDEXES = ("ivf_pq", "ivf_flat", "ivf_hnsw_sq")
 DUPLICATE_POLICIES = ("error", "keep-first", "trust")
 STAGES = ("read", "prepare", "encode", "write")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -75,6 +77,8 @@ class OutputConfig:
     rows_per_file: int | None = None  # rows per part: None picks about a minute of encoder work
     commit_seconds: float = 15.0  # commit-log flush period: a killed driver loses at most this much
     lease_seconds: float = 10.0  # writer-lease heartbeat; a lease 3 heartbeats old is abandoned
+    format: str = "parquet"  # parquet | lance (a Lance dataset at path)
+    index: str | None = None  # lance only: a vector index per embedding column, built at the end
 
 
 @dataclass(frozen=True)
@@ -307,4 +311,13 @@ def _output(data: Any) -> OutputConfig:
         rows_per_file=rows_per_file,
         commit_seconds=commit_seconds,
         lease_seconds=lease_seconds,
+        format=_get(data, "format", str, where, "parquet", OUTPUT_FORMATS),
+        index=_output_index(data, where),
     )
+
+
+def _output_index(data: Mapping[str, Any], where: str) -> str | None:
+    index = _get(data, "index", str, where, None, LANCE_INDEXES)
+    if index is not None and data.get("format") != "lance":
+        raise ConfigError(f"{where}.index: a vector index is built for format: lance only")
+    return index

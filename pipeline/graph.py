@@ -17,6 +17,7 @@ from pipeline.cluster import cluster_shape, retried_io_errors
 from pipeline.columns import error_column
 from pipeline.config import Config
 from pipeline.dedupe import find_duplicates
+from pipeline.lance_sink import LanceSink
 from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan, sized_for_input
 from pipeline.preflight import sources_digest
 from pipeline.progress import ReadPlan, account
@@ -87,7 +88,9 @@ def run(
     tasks = RayTasks(transient)
     digest = sources_digest(config.sources)  # before planning: a file changed later misses the next shortcut
     chunks = plan_sources(config.sources, tasks)  # listings and footers, read in tasks
-    sink: Sink = ParquetSink(config, meta, fingerprint(config, meta))
+    sink: Sink = (LanceSink if config.output.format == "lance" else ParquetSink)(
+        config, meta, fingerprint(config, meta)
+    )
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
     duplicates = find_duplicates(chunks.chunks, config.output.on_duplicate_id, tasks)
     sources = account(chunks, duplicates, committed, config.output.path, tasks)
@@ -95,7 +98,7 @@ def run(
     if dry_run:
         return sources.report()
     plans = sized_for_input(plans, config, sources.row_bytes)
-    sink.begin(sources.expect)  # the first write: every usage error above leaves the output untouched
+    sink.begin(sources.expect, schema)  # the first write: every usage error above leaves the output untouched
     try:
         if sources.chunks.num_rows:
             parts = write_parts(config, plans, sources, schema)
@@ -146,5 +149,6 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
             "schema": schema,
             "error_columns": error_columns,
             "retried_io_errors": transient,
+            "output_format": config.output.format,
         },
     )

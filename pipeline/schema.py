@@ -45,8 +45,11 @@ def plan_output_schema(
         contents |= {n for n in keep if pa.types.is_binary(read_schema.field(n).type)}
     keep = [n for n in keep if n not in contents or n in wanted]
     fields = [pa.field("id", pa.string(), nullable=False)] + [read_schema.field(name) for name in keep]
+    # Lance indexes fixed_size_list<float32, D>: vector_type and dtype apply to Parquet only.
+    lance = config.output.format == "lance"
+    kind, dtype = ("fixed_size_list", "float32") if lance else (config.output.vector_type, config.output.dtype)
     for spec in specs:
-        vtype = vector_type(spec.dim, config.output.vector_type, config.output.dtype)
+        vtype = vector_type(spec.dim, kind, dtype)
         for modality in spec.columns:
             fields += [
                 pa.field(embedding_column(spec, modality), vtype),
@@ -54,9 +57,6 @@ def plan_output_schema(
             ]
     for spec in specs:  # patch grids and audio window counts come last
         for modality in spec.columns:
-            fields += [
-                pa.field(column, arrow_type)
-                for _, column, arrow_type in extra_columns(spec, modality, config.output.dtype)
-            ]
+            fields += [pa.field(column, arrow_type) for _, column, arrow_type in extra_columns(spec, modality, dtype)]
     metadata = {"version": FORMAT_VERSION, "encoders": dict(encoders_meta)}
     return pa.schema(fields, metadata={"omniembed": json.dumps(metadata, sort_keys=True)})

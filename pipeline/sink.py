@@ -53,9 +53,11 @@ def write_part(
     schema: pa.Schema,
     error_columns: list[str],
     retried_io_errors: list[str] | None = None,
+    output_format: str = "parquet",
 ) -> pa.Table:
     """``map_batches`` body: conform a batch to the output schema, stage it, move it in (a
-    transient storage error is retried). Returns one row describing the written part."""
+    transient storage error is retried); for a Lance output, write its fragment files (not yet
+    part of the dataset: the driver commits them). Returns one row describing the part."""
     configure_retries(retried_io_errors)
     fs, root = open_filesystem(output)
     table = _conform(batch, schema)  # drops the chunk key column
@@ -63,9 +65,15 @@ def write_part(
     if CHUNK_COLUMN in batch.column_names:
         chunks = {c["values"]: c["counts"] for c in pc.value_counts(batch.column(CHUNK_COLUMN)).to_pylist()}
     name = part_name(table.column("id").to_pylist())
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, compression="zstd")
-    put(fs, join(root, name), buffer.getvalue(), staging_path(root))
+    fragments = ""
+    if output_format == "lance":
+        from pipeline.lance_sink import write_fragment_files
+
+        fragments = write_fragment_files(table, output)
+    else:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression="zstd")
+        put(fs, join(root, name), buffer.getvalue(), staging_path(root))
     errors: Counter[str] = Counter()
     with_error = None
     for column in error_columns:
@@ -81,6 +89,7 @@ def write_part(
             "rows_with_errors": [rows_with_errors],
             "errors": [json.dumps(dict(errors))],
             "chunks": [json.dumps(chunks, sort_keys=True)],
+            "fragments": [fragments],
         }
     )
 
@@ -106,15 +115,15 @@ def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
 
 class Sink(Protocol):
     """The driver's side of an output format: the commit protocol every output keeps (a lease,
-    a commit log, exactly-once checked at close). ``ParquetSink`` is the Parquet one; a Lance
-    output is to keep the same protocol with its own part writer."""
+    a commit log, exactly-once checked at close). ``ParquetSink`` is the Parquet one;
+    ``LanceSink`` (pipeline/lance_sink.py) keeps it with Lance fragments and versions."""
 
     def check(self, overwrite: bool, takeover: bool = False) -> list[dict[str, Any]] | None:
         """Read-only: may this run write here; the parts an earlier run of the config committed."""
 
-    def begin(self, expect: Mapping[str, int]) -> None:
+    def begin(self, expect: Mapping[str, int], schema: pa.Schema | None = None) -> None:
         """The first write: take the lease, clear or resume, write a ``running`` manifest.
-        ``expect``: per read chunk key, the rows this run is to commit."""
+        ``expect``: per read chunk key, the rows this run is to commit; ``schema``: the parts'."""
 
     def record(self, part: Mapping[str, Any]) -> None:
         """Commit one written part (a write task's result row)."""
@@ -186,7 +195,7 @@ class ParquetSink:
             )
         return records
 
-    def begin(self, expect: Mapping[str, int]) -> None:
+    def begin(self, expect: Mapping[str, int], schema: pa.Schema | None = None) -> None:
         """The first write: take the writer lease, clear an overwritten run, drop parts no commit
         recorded, write a ``running`` manifest that holds every earlier commit, then clear the
         old log."""
@@ -242,8 +251,15 @@ class ParquetSink:
 
     # -- progress --------------------------------------------------------------------
     def record(self, part: Mapping[str, Any]) -> None:
+        record = self._accept(part)
+        if record is not None:
+            self._commit(record)
+
+    def _accept(self, part: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The part's commit record, or None when it must not be committed: a retried write task
+        rewrote a committed part, or it holds rows of a chunk that other parts committed."""
         if part["name"] in self.committed_names:
-            return  # a retried write task rewrote the same part
+            return None
         record = {
             "name": part["name"],
             "rows": int(part["rows"]),
@@ -254,9 +270,12 @@ class ParquetSink:
         over = [k for k, n in record["chunks"].items() if self.run_rows[k] + n > self.expect.get(k, 0)]
         if over:  # rows some other part committed already: never twice; close() reports the gap
             log.error("part %s overlaps committed rows of read chunk %s; it is not committed", record["name"], over[0])
-            return
+            return None
         self.run_rows.update(record["chunks"])
         self.committed_names.add(record["name"])
+        return record
+
+    def _commit(self, record: dict[str, Any]) -> None:
         self.manifest["files"].append(record)
         self.log.append(record)
 

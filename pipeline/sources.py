@@ -215,6 +215,10 @@ def drop_rows(table: Any, rows: list[int] | None) -> Any:
 def committed_ids(output: str, parts: list[str]) -> pa.Array:
     """The ids of some committed part files of an output folder."""
     fs, root = open_filesystem(output)
+    from pipeline.lance_sink import committed_lance_ids, is_lance
+
+    if is_lance(fs, root):
+        return committed_lance_ids(output, parts)
     ids = [retrying(pq.read_table, join(root, name), columns=["id"], filesystem=fs).column("id") for name in parts]
     return pa.chunked_array([c for column in ids for c in column.chunks], pa.string()).combine_chunks()
 
