@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
     parser.add_argument("--dry-run", action="store_true", help="plan and count only; print one JSON line")
     parser.add_argument("--takeover", action="store_true", help="take the writer lease from a run that is gone")
+    parser.add_argument(
+        "--progress-seconds", type=float, default=None, help="seconds between progress lines (default 30)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     args = parser.parse_args(argv)
     args.command = "run"
