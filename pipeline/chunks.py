@@ -93,8 +93,17 @@ def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
         by_source.setdefault(part.column("source")[0].as_py(), []).append(part)
     ordered = [t for s in sorted(by_source) for t in by_source[s]]
     chunks = pa.concat_tables(ordered) if ordered else CHUNK_SCHEMA.empty_table()
-    keyed = {i for i, (fmt, _) in enumerate(listings) if fmt == "webdataset"}  # ids are sample keys
+    # Ids that are not derived from paths (sample keys), or that are meant to meet (a joined
+    # source's) keep their form.
+    keyed = {i for i, (fmt, _) in enumerate(listings) if fmt == "webdataset" or sources[i].join}
     chunks = _prefix_colliding_derived_ids(chunks, sources, keyed)
+    per_source: dict[int, set[str]] = {}
+    for (s_index, *_), (_, schema, _) in zip(jobs, described):
+        per_source.setdefault(s_index, set()).update(schema.names)
+    for i, source in enumerate(sources):
+        if source.kind != "table":
+            per_source.setdefault(i, set()).update(_folder_schema(source.kind).names)
+    _check_join_columns(sources, per_source)
     schemas = [schema for _, schema, _ in described] + [_folder_schema(s.kind) for s in sources if s.kind != "table"]
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
@@ -104,6 +113,22 @@ def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
     for warning in warnings:
         log.warning("%s", warning)
     return ChunkPlan(chunks.combine_chunks(), schema, warnings)
+
+
+def _check_join_columns(sources: Sequence[SourceConfig], columns: dict[int, set[str]]) -> None:
+    """A joined source adds its columns to the rows above: a name both sides have is a one-line
+    error rather than a silent choice of one side."""
+    above: set[str] = set()
+    for i, source in enumerate(sources):
+        own = columns.get(i, set()) - {"id", READ_ERRORS}
+        if source.join:
+            clash = sorted(own & above)
+            if clash:
+                raise ConfigError(
+                    f"sources[{i}]: column {clash[0]!r} is also a column of a source above, which this source joins; "
+                    "rename it in one of them"
+                )
+        above |= own
 
 
 def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConfig], keyed: set[int]) -> pa.Table:

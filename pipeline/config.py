@@ -18,6 +18,7 @@ VECTOR_DTYPES = ("float32", "float16")
 OUTPUT_FORMATS = ("parquet", "lance")
 LANCE_INDEXES = ("ivf_pq", "ivf_flat", "ivf_hnsw_sq")
 DUPLICATE_POLICIES = ("error", "keep-first", "trust")
+JOIN_MODES = ("left", "inner", "outer")
 STAGES = ("read", "prepare", "encode", "write")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -54,6 +55,7 @@ class SourceConfig:
     derive_ids: bool = False
     passthrough: tuple[str, ...] | None = None
     infer_types: bool = False  # CSV: infer column types instead of reading text (ids stay text)
+    join: str | None = None  # left | inner | outer: match rows by id to the sources above
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ def config_from_dict(data: Any) -> Config:
         raise ConfigError("config must be a mapping with sources, encoders and output")
     _no_unknown(data, ("sources", "encoders", "resources", "output"), "config")
     sources = tuple(_source(s, f"sources[{i}]") for i, s in enumerate(_list(data, "sources", "config")))
+    if sources and sources[0].join:
+        raise ConfigError("sources[0].join: the first source has no source above it to join")
     encoders = tuple(_encoder(e, f"encoders[{i}]") for i, e in enumerate(_list(data, "encoders", "config")))
     outputs = [e.output for e in encoders]
     for name in outputs:
@@ -185,7 +189,9 @@ def _mapping(data: Any, where: str) -> Mapping[str, Any]:
 
 def _source(data: Any, where: str) -> SourceConfig:
     data = _mapping(data, where)
-    _no_unknown(data, ("path", "kind", "format", "id_column", "derive_ids", "passthrough", "infer_types"), where)
+    _no_unknown(
+        data, ("path", "kind", "format", "id_column", "derive_ids", "passthrough", "infer_types", "join"), where
+    )
     path = _get(data, "path", str, where)
     if not path:
         raise ConfigError(f"{where}.path is required")
@@ -203,6 +209,7 @@ def _source(data: Any, where: str) -> SourceConfig:
         format=fmt,
         id_column=_get(data, "id_column", str, where),
         derive_ids=_get(data, "derive_ids", bool, where, False),
+        join=_get(data, "join", str, where, None, JOIN_MODES),
         passthrough=tuple(passthrough) if passthrough is not None else None,
         infer_types=_get(data, "infer_types", bool, where, False),
     )

@@ -30,6 +30,10 @@ class Duplicates:
     drops: pa.ListArray  # per chunk, the rows a keep-first run leaves out (later duplicates)
     count: int  # rows left out
     ids: int  # distinct ids that occur more than once
+    # Sources joined by id (pipeline/joins.py): per chunk, its rows that take another row's
+    # columns, and that row's position (chunk ordinal << 32 | row). None without joins.
+    partner_rows: pa.ListArray | None = None
+    partner_pos: pa.ListArray | None = None
 
 
 def find_duplicates(
@@ -38,15 +42,7 @@ def find_duplicates(
     none = pa.array([[]] * chunks.num_rows, pa.list_(pa.int32()))
     if on_duplicate_id == "trust" or not chunks.num_rows:
         return Duplicates(none, 0, 0)
-    rows = chunks.column("rows").to_numpy()
-    partitions = max(1, math.ceil(int(rows.sum()) / ids_per_task))
-    runs, start, held = [], 0, 0
-    for i, count in enumerate(rows):  # runs of consecutive chunks of at most ids_per_task ids
-        if held and held + count > ids_per_task:
-            runs.append((start, chunks.slice(start, i - start)))
-            start, held = i, 0
-        held += int(count)
-    runs.append((start, chunks.slice(start, chunks.num_rows - start)))
+    runs, partitions = map_runs(chunks, ids_per_task)
     results = tasks.shuffle(partition_ids, duplicates_in, runs, partitions)
     ids = sum(r["ids"] for r in results)
     positions = np.sort(np.concatenate([r["drops"] for r in results] + [np.empty(0, np.int64)]))
@@ -69,6 +65,21 @@ def find_duplicates(
     offsets = np.searchsorted(ordinals, np.arange(chunks.num_rows + 1)).astype(np.int32)
     values = pa.array((positions & ((1 << ROW_BITS) - 1)).astype(np.int32))
     return Duplicates(pa.ListArray.from_arrays(pa.array(offsets), values), len(positions), ids)
+
+
+def map_runs(chunks: pa.Table, ids_per_task: int) -> tuple[list[tuple[int, pa.Table]], int]:
+    """Runs of consecutive chunks of at most ``ids_per_task`` ids (the map tasks' inputs), and
+    the partition count that keeps a reduce task near that many ids."""
+    rows = chunks.column("rows").to_numpy()
+    partitions = max(1, math.ceil(int(rows.sum()) / ids_per_task))
+    runs, start, held = [], 0, 0
+    for i, count in enumerate(rows):
+        if held and held + count > ids_per_task:
+            runs.append((start, chunks.slice(start, i - start)))
+            start, held = i, 0
+        held += int(count)
+    runs.append((start, chunks.slice(start, chunks.num_rows - start)))
+    return runs, partitions
 
 
 def partition_ids(run: tuple[int, pa.Table], n: int) -> list[pa.Table]:

@@ -16,7 +16,7 @@ from pipeline.chunks import plan_sources
 from pipeline.cluster import cluster_shape, retried_io_errors
 from pipeline.columns import error_column
 from pipeline.config import Config
-from pipeline.dedupe import find_duplicates
+from pipeline.joins import id_pass
 from pipeline.lance_sink import LanceSink
 from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan, sized_for_input
 from pipeline.preflight import sources_digest
@@ -92,7 +92,7 @@ def run(
         config, meta, fingerprint(config, meta)
     )
     committed = sink.check(overwrite, takeover=takeover or dry_run)  # a dry run writes nothing
-    duplicates = find_duplicates(chunks.chunks, config.output.on_duplicate_id, tasks)
+    duplicates = id_pass(chunks.chunks, config.sources, config.output.on_duplicate_id, tasks)
     sources = account(chunks, duplicates, committed, config.output.path, tasks)
     schema = plan_output_schema(config, [p.spec for p in plans], sources.schema, meta)
     if dry_run:
@@ -127,6 +127,7 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
     transient = retried_io_errors()
     read_kwargs = {"chunks": sources.chunks, "schema": sources.schema, "output": config.output.path}
     read_kwargs["retried_io_errors"] = transient
+    read_kwargs["partners"] = sources.partners
     dataset = ray.data.range(n, override_num_blocks=n).map_batches(
         named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs
     )

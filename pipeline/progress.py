@@ -43,6 +43,7 @@ class ReadPlan:
     planned_chunks: int
     expect: dict[str, int] = field(default_factory=dict)  # key -> rows this run commits for it
     warnings: list[str] = field(default_factory=list)  # damaged input found by planning
+    partners: pa.Table | None = None  # joined sources: the chunks merged rows take columns from
 
     @property
     def to_embed(self) -> int:
@@ -128,6 +129,12 @@ def account(
     index = pa.array(np.flatnonzero(reading))
     table = chunks.take(index)
     table = table.append_column("drops", duplicates.drops.take(index))
+    partners = None
+    if duplicates.partner_pos is not None:  # sources joined by id: where each merged row's columns are
+        table = table.append_column("partner_rows", duplicates.partner_rows.take(index))
+        table = table.append_column("partner_pos", duplicates.partner_pos.take(index))
+        ordinals = np.unique(duplicates.partner_pos.flatten().to_numpy() >> 32)
+        partners = chunks.take(pa.array(ordinals, pa.int64())).append_column("ordinal", pa.array(ordinals, pa.int64()))
     table = table.append_column("against", pa.array(against, pa.list_(pa.string())).take(index))
     table = table.append_column("expect", pa.array(expect[reading], pa.int64()))
     return ReadPlan(
@@ -139,6 +146,7 @@ def account(
         planned_chunks=chunks.num_rows,
         expect=dict(zip(table.column("key").to_pylist(), table.column("expect").to_pylist())),
         warnings=list(plan.warnings),
+        partners=partners,
     )
 
 

