@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -148,7 +149,7 @@ def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConf
     files = set(zip(chunks.column("source").to_pylist(), chunks.column("path").to_pylist()))
     bases = {}
     for i in derived:  # a file source's folder, or the folder itself
-        inner = open_filesystem(sources[i].path)[1].rstrip("/")
+        inner = open_filesystem(split_glob(sources[i].path)[0])[1].rstrip("/")
         bases[i] = posixpath.dirname(inner) if (i, inner) in files else inner
     common = posixpath.commonpath(list(bases.values())) if len(set(bases.values())) > 1 else ""
     relative = {i: posixpath.relpath(bases[i], common) if common else "." for i in derived}
@@ -163,17 +164,18 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
     folder source, its read chunks."""
     s_index, source = item
     where = f"sources[{s_index}]"
-    fs, root = open_filesystem(source.path)
+    base, pattern = split_glob(source.path)
+    fs, root = open_filesystem(base)
     entry = retrying(fs.get_file_info, root)
     if entry.type == pafs.FileType.NotFound:
-        raise ConfigError(f"{where}.path: {source.path!r} does not exist")
+        raise ConfigError(f"{where}.path: {base if pattern else source.path!r} does not exist")
     if source.kind != "table":
         if source.kind not in FOLDER_KINDS:
             raise ConfigError(f"{where}.kind: {source.kind!r} sources are not supported yet")
         if entry.type != pafs.FileType.Directory:
             raise ConfigError(f"{where}.path: a {source.kind} source must be a folder, got a file {source.path!r}")
         suffixes = FOLDER_KINDS[source.kind][0]
-        files = with_suffix(listing(fs, root), suffixes)
+        files = with_suffix(_matching(fs, root, pattern), suffixes)
         if not files.num_rows:
             raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(suffixes)}) in {source.path!r}")
         return "folder", _folder_chunks(s_index, source, files)
@@ -182,7 +184,7 @@ def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
         _check_ids(source, fmt, where)
         name = root.rstrip("/").rpartition("/")[2]
         return fmt, pa.table({"path": [root], "rel": [name], "version": [file_version(entry)]}, schema=LISTING_SCHEMA)
-    every = listing(fs, root)
+    every = _matching(fs, root, pattern)
     if source.format:
         fmt = source.format
     else:
@@ -206,6 +208,44 @@ def _check_ids(source: SourceConfig, fmt: str, where: str) -> None:
             raise ConfigError(f"{where}.id_column: a webdataset source's id is each sample's key; remove it")
     elif source.id_column is None and not source.derive_ids:
         raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
+
+
+def split_glob(path: str) -> tuple[str, str | None]:
+    """A path or URI with wildcards (``shards/*.tar``, ``s3://b/x/**/part-*.parquet``) -> the
+    folder before the first wildcard and the pattern below it; (path, None) without one."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return "/".join(parts[:i]) or ".", "/".join(parts[i:])
+    return path, None
+
+
+def _matching(fs: pafs.FileSystem, root: str, pattern: str | None) -> pa.Table:
+    """A folder's listing, or only the files whose path below it matches ``pattern``, as a shell
+    glob does: ``*`` and ``?`` stay within a folder, ``**/`` spans any number of them."""
+    files = listing(fs, root)
+    if pattern is None:
+        return files
+    regex = _glob_regex(pattern)
+    keep = [regex.match(rel) is not None for rel in files.column("rel").to_pylist()]
+    return files.filter(pa.array(keep, pa.bool_()))
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        end = pattern.find("]", i + 1)
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] in "*?":
+            out, i = out + ("[^/]*" if pattern[i] == "*" else "[^/]"), i + 1
+        elif pattern[i] == "[" and end > i:
+            out, i = out + pattern[i : end + 1].replace("[!", "[^"), end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
 
 
 def format_of(path: str, where: str) -> str:
@@ -242,7 +282,7 @@ def _folder_chunks(s_index: int, source: SourceConfig, files: pa.Table) -> pa.Ta
             ReadChunk(
                 key=chunk_key(s_index, "folder", list(zip(rels[a:b], versions[a:b]))),
                 source=s_index,
-                root=source.path,
+                root=split_glob(source.path)[0],
                 format="folder",
                 kind=source.kind,
                 relpath=rels[a],
@@ -270,13 +310,13 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
     shard), and a warning line per damaged shard."""
     s_index, source, fmt, files = job
     where = f"sources[{s_index}]"
-    fs, _ = open_filesystem(source.path)
+    fs, _ = open_filesystem(split_glob(source.path)[0])
     chunks, schemas, warnings = [], [], []
     for path, rel, version in zip(*(files.column(c).to_pylist() for c in LISTING_SCHEMA.names)):
         file = ReadChunk(
             "",
             s_index,
-            source.path,
+            split_glob(source.path)[0],
             fmt,
             id_column=source.id_column,
             path=path,

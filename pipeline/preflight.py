@@ -12,6 +12,7 @@ starting Ray, and a re-run of a finished output does nothing quickly.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -56,10 +57,15 @@ def sources_digest(sources: Sequence[SourceConfig]) -> str | None:
         if "://" in source.path and not source.path.startswith("file://"):
             return None
         path = os.path.abspath(source.path.removeprefix("file://"))
-        for name in _walk(path):
+        names = sorted(glob.glob(path, recursive=True)) if _is_glob(path) else _walk(path)
+        for name in names:
             stat = os.stat(name)
             digest.update(json.dumps([name, stat.st_size, stat.st_mtime_ns]).encode())
     return digest.hexdigest()
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
 
 
 def _walk(path: str) -> Any:
@@ -77,6 +83,10 @@ def _check_source(source: SourceConfig, i: int, config: Config) -> None:
     if "://" in source.path and not source.path.startswith("file://"):
         return
     path = source.path.removeprefix("file://")
+    if _is_glob(path):
+        if not glob.glob(path, recursive=True):
+            raise ConfigError(f"{where}.path: no file matches {source.path!r}")
+        return
     if not os.path.exists(path):
         raise ConfigError(f"{where}.path: {source.path!r} does not exist")
     if source.kind != "table":

@@ -107,8 +107,12 @@ class EncodeActor:
             # A row the model fails on becomes encode_failed; a bug stops the job (pipeline/faults.py).
             result, failures = self.guard.encode(encode, values, self.max_tokens, self.model_dim)
             vectors = result.vectors if self.spec.dim == self.model_dim else truncated(result.vectors, self.spec.dim)
-            batch = batch.drop_columns([name]).append_column(
-                embedding_column(self.spec, modality), vectors_to_arrow(vectors, result.valid)
+            # The vector goes where the prepared value was, before its error column: the column
+            # order of embed() on a Dataset is the output schema's.
+            batch = batch.drop_columns([name])
+            position = batch.column_names.index(error_column(self.spec, modality))
+            batch = batch.add_column(
+                position, embedding_column(self.spec, modality), vectors_to_arrow(vectors, result.valid)
             )
             if any(failures):
                 errors = error_column(self.spec, modality)

@@ -221,6 +221,12 @@ def test_yaml_python_api_and_job_agree(ray_session, tiny_bert, tmp_path):
     ds = ray.data.from_items([{"id": f"s{i}", "body": t} for i, t in enumerate(texts)])
     rows = embed(ds, {"encoders": config["encoders"]}).take_all()
     assert {r["id"] for r in rows} == set(from_yaml)
+    # The same column order from the API as in the output files.
+    assert (
+        list(rows[0])
+        == read_output(tmp_path / "yaml-out").column_names
+        == ["id", "body", "body_embedding", "body_error"]
+    )
     for r in rows:
         a, b, c = from_yaml[r["id"]], from_job[r["id"]], r["body_embedding"]
         if a is None:

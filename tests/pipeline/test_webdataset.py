@@ -152,3 +152,26 @@ def test_shards_embedded_equal_the_same_photos_from_a_folder(ray_session, tiny_b
     assert sorted(expected) == sorted(k for k in jpegs if k != "000002")
     for key, vector in expected.items():
         np.testing.assert_allclose(rows[key]["jpg_embedding"], vector, atol=1e-6)
+
+
+def test_shards_named_by_a_glob(tmp_path):
+    write_shards(tmp_path / "shards")
+    with tarfile.open(tmp_path / "shards" / "other.tar", "w") as tar:
+        add(tar, "zzz.txt", b"not matched")
+    nested = tmp_path / "shards" / "more"
+    nested.mkdir()
+    with tarfile.open(nested / "shard-9.tar", "w") as tar:
+        add(tar, "more/000009.txt", b"nested")
+    ids = lambda path: read_all([SourceConfig(path=path, format="webdataset")])[0].column("id").to_pylist()  # noqa: E731
+    assert ids(str(tmp_path / "shards" / "shard-*.tar")) == [
+        "000000",
+        "000001",
+        "000002",
+        "000003",
+        "part/000004",
+        "part/000005",
+    ]
+    assert ids(str(tmp_path / "shards" / "shard-[1].tar")) == ["part/000004", "part/000005"]
+    assert ids(str(tmp_path / "shards" / "**" / "shard-9.tar")) == ["more/000009"]
+    with pytest.raises(ConfigError, match="no webdataset files"):
+        ids(str(tmp_path / "shards" / "nothing-*.tar"))
