@@ -121,7 +121,9 @@ def _body(args: argparse.Namespace) -> int:
         **{k: getattr(args, k) for k in ("batch_size", "mini_batch_size", "seed", "precision", "progress_seconds")},
         "cpus_per_worker": args.cpus_per_worker,
     }
-    final, payload = fit(_loop(), config, TrainSettings.from_args(args), "omniembed-finetune")
+    final, payload = fit(
+        _loop(), config, TrainSettings.from_args(args), f"omniembed-finetune-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     history = payload["history"]
     best = next(h for h in history if h["epoch"] == payload["best_epoch"])
     check = write_output(args, spec, payload["state"], history, best, val)

@@ -62,6 +62,11 @@ class TextTower(torch.nn.Module):
         self.model = AutoModel.from_pretrained(
             folder.model_dir, config=config, trust_remote_code=trust, dtype=torch.float32
         )
+        # The pooler (BERT's [CLS] dense + tanh) is not part of the embedding: frozen, it is saved
+        # unchanged, and DDP does not wait for gradients it never gets.
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):
+            pooler.requires_grad_(False)
         self.head = load_head(folder.head, folder.root, trust) if folder.head else None
         self.head_paths = [path for _, path in folder.head]
 

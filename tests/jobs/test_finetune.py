@@ -124,7 +124,7 @@ def _config(spec, **overrides):
 @pytest.fixture(scope="module")
 def tuned(tiny_st, ray_session, tmp_path_factory):
     """A tiny sentence-transformers model trained 3 epochs on 120 real docstring pairs through
-    the command line, on the session's Ray."""
+    the command line, by two DDP workers on the session's Ray."""
     from jobs.finetune import main
 
     folder = tmp_path_factory.mktemp("finetune")
@@ -132,6 +132,7 @@ def tuned(tiny_st, ray_session, tmp_path_factory):
     output = folder / "tuned"
     argv = ["--pairs", pairs, "--anchor-column", "q", "--positive-column", "d", "--model", tiny_st]
     argv += ["--output", str(output), "--epochs", "3", "--lr", "1e-3", "--batch-size", "16", "--patience", "3"]
+    argv += ["--workers", "2", "--cpus-per-worker", "0.5", "--mini-batch-size", "12"]  # DDP, cached mini-batches
     assert main(argv) == 0
     return output
 
@@ -141,6 +142,7 @@ def test_tiny_model_trains_on_ray_with_the_loss_going_down(tuned, tiny_st):
     losses = [h["train_loss"] for h in report["history"][1:]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert report["pairs"] == {"train": 108, "validation": 12, "dropped": 0}
+    assert report["settings"]["workers"] == 2
     assert set(report["base"]) == set(report["tuned"]) == {"recall@1", "recall@10", "mrr"}
     assert report["history"][0]["epoch"] == 0 and report["base"]["mrr"] == report["history"][0]["mrr"]
     best = report["history"][report["best_epoch"]]
