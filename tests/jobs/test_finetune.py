@@ -276,3 +276,17 @@ def _tiny_vit(folder: Path) -> str:
     ViTModel(ViTConfig(**TINY_LAYERS, image_size=32, patch_size=8)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return str(folder)
+
+
+def test_example_pairs_and_loop_configs():
+    """The shipped pairs: enough for a held-out split of a few hundred, no repeated anchor or
+    positive (an in-batch negative is never a true positive); the loop's configs load."""
+    from pipeline.config import load_config
+
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    assert len(rows) >= 2400 and all(set(r) == {"anchor", "positive", "source"} for r in rows)
+    for field in ("anchor", "positive", "source"):
+        assert len({r[field].casefold() for r in rows}) == len(rows), field
+    base, tuned = (load_config(ROOT / "examples" / "finetune" / f"{name}.yaml") for name in ("base", "tuned"))
+    assert base.sources == tuned.sources and base.output.path != tuned.output.path
+    assert tuned.encoders[0].model == "examples/out/minilm-docstrings"
