@@ -14,7 +14,7 @@ from encoders.core.retry import configure as configure_retries
 from pipeline.adapter import apply_stage, named, resolve_task_stage
 from pipeline.chunks import plan_sources
 from pipeline.cluster import cluster_shape, retried_io_errors
-from pipeline.columns import error_column
+from pipeline.columns import error_column, extra_columns
 from pipeline.config import Config
 from pipeline.joins import id_pass
 from pipeline.lance_sink import LanceSink
@@ -64,7 +64,22 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
     if isinstance(config, Mapping):
         config = {"sources": [{"path": "<dataset>"}], "output": {"path": "<dataset>"}, **config}
     config = as_config(config)
-    return add_encoders(dataset, plan(config, cluster_shape()))
+    plans = plan(config, cluster_shape())
+    dataset = add_encoders(dataset, plans)
+    extras = [c for p in plans for m in p.spec.columns for _, c, _ in extra_columns(p.spec, m, config.output.dtype)]
+    if extras and len(plans) > 1:  # as the output schema: every encoder's vector and error, then the extras
+        dataset = dataset.map_batches(
+            extras_last, fn_kwargs={"extras": extras}, batch_format="pyarrow", zero_copy_batch=True
+        )
+    return dataset
+
+
+def extras_last(table: Any, extras: list[str]) -> Any:
+    """The extra columns (patch grids, audio window counts) moved after all the others, in the
+    encoders' order: the column order the output files have."""
+    return table.select(
+        [n for n in table.column_names if n not in extras] + [n for n in extras if n in table.column_names]
+    )
 
 
 def run(

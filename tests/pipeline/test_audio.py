@@ -143,3 +143,28 @@ def test_text_image_audio_rows_align(ray_session, resemblyzer_available, tiny_be
     titles, _ = direct(tiny_bert, "text", ["red cat mug", "blue shoe"])
     assert cosine(got["all"]["title_embedding"], titles[0]) >= 0.9999
     assert cosine(got["text-only"]["title_embedding"], titles[1]) >= 0.9999
+
+
+def test_api_puts_extra_columns_last_as_the_output_does(ray_session, resemblyzer_available, tiny_bert, tmp_path):
+    """The audio encoder first, then a text one: from the API as in the output files, every
+    encoder's vector and error columns come first and the audio window count last."""
+    import ray
+
+    from pipeline import embed
+
+    voice = speak(tmp_path / "a" / "stella.wav", SENTENCES[1], "en+f2")
+    rows = [{"id": "a", "title": "red cat mug", "note": str(voice)}, {"id": "b", "title": "blue shoe", "note": None}]
+    encoders = [
+        {"output": "note", "column": "note", "model": "resemblyzer"},
+        {"output": "title", "column": "title", "model": tiny_bert},
+    ]
+    got = embed(ray.data.from_items(rows), {"encoders": encoders}).take_all()
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"sources": [{"path": str(source), "id_column": "id"}], "encoders": encoders}
+    (tmp_path / "c.yaml").write_text(json.dumps({**config, "output": {"path": str(tmp_path / "out")}}))
+    assert cli_main(["run", str(tmp_path / "c.yaml")]) == 0
+    order = ["id", "title", "note", "note_embedding", "note_error", "title_embedding", "title_error", "note_windows"]
+    assert list(got[0]) == pq.read_table(tmp_path / "out").column_names == order
+    windows = {r["id"]: r["note_windows"] for r in got}
+    assert windows["a"] >= 1 and windows["b"] is None
