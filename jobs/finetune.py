@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", required=True, help="Parquet/JSONL/CSV file, folder or URI of text pairs")
     parser.add_argument("--model", required=True, help="alias, hub id or local folder of a text encoder")
     parser.add_argument("--output", required=True, help="folder for the tuned model, metrics.json and the plot")
-    parser.add_argument("--anchor-column", default="anchor", help="(default anchor)")
-    parser.add_argument("--positive-column", default="positive", help="(default positive)")
+    for role in ("anchor", "positive"):
+        parser.add_argument(f"--{role}-column", default=role, help=f"(default {role})")
     parser.add_argument("--negative-column", help="a hard negative per pair (optional)")
     parser.add_argument("--validation", help="held-out pairs (same columns); default: a share of --pairs")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="held-out share (default 0.1)")

@@ -124,15 +124,19 @@ def _config(spec, **overrides):
 @pytest.fixture(scope="module")
 def tuned(tiny_st, ray_session, tmp_path_factory):
     """A tiny sentence-transformers model trained 3 epochs on 120 real docstring pairs through
-    the command line, by two DDP workers on the session's Ray."""
+    the command line (with hard negatives), by two DDP workers on the session's Ray."""
     from jobs.finetune import main
 
     folder = tmp_path_factory.mktemp("finetune")
-    pairs = write_jsonl(folder / "pairs.jsonl", [{"q": p["anchor"], "d": p["positive"]} for p in real_pairs(120)])
+    rows = real_pairs(121)  # hard negatives: the next pair's positive
+    pairs = write_jsonl(
+        folder / "pairs.jsonl",
+        [{"q": a["anchor"], "d": a["positive"], "n": b["positive"]} for a, b in zip(rows, rows[1:])],
+    )
     output = folder / "tuned"
     argv = ["--pairs", pairs, "--anchor-column", "q", "--positive-column", "d", "--model", tiny_st]
     argv += ["--output", str(output), "--epochs", "3", "--lr", "1e-3", "--batch-size", "16", "--patience", "3"]
-    argv += ["--workers", "2", "--cpus-per-worker", "0.5", "--mini-batch-size", "12"]  # DDP, cached mini-batches
+    argv += ["--workers", "2", "--cpus-per-worker", "0.5", "--mini-batch-size", "12", "--negative-column", "n"]
     assert main(argv) == 0
     return output
 
