@@ -8,11 +8,16 @@ dimension, ...), one line on stderr and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Callable, Sequence
 
 EXIT_OK, EXIT_USAGE = 0, 2
+# Ray Train's placement-group cleaner asks the State API, which a Ray without a dashboard (the
+# embedded one) does not serve, whether the controller lives, and warns every few seconds that it
+# could not; the cleanup it guards still happens when the run ends. Kept for -v.
+JOB_NOISE = ("Failed to query Ray Train Controller actor state",)
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +51,7 @@ def start_ray(address: str | None) -> None:
     """Call before Ray is first imported by the job: binds an embedded Ray to loopback."""
     from pipeline.ray_env import init_ray
 
-    init_ray(address)
+    init_ray(address, quiet=not logging.getLogger().isEnabledFor(logging.INFO))  # Ray's own lines with -v
 
 
 def run_job(
@@ -58,10 +63,12 @@ def run_job(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     from pipeline.ray_env import prepare_environment
+    from pipeline.report import NOISE, filtered_stderr
 
     prepare_environment(getattr(args, "address", None))  # before anything imports Ray
     try:
-        return body(args)
+        with contextlib.nullcontext() if args.verbose else filtered_stderr(NOISE + JOB_NOISE):
+            return body(args)
     except JobError as exc:
         print(f"{name}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
