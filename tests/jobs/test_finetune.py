@@ -294,3 +294,24 @@ def test_example_pairs_and_loop_configs():
     base, tuned = (load_config(ROOT / "examples" / "finetune" / f"{name}.yaml") for name in ("base", "tuned"))
     assert base.sources == tuned.sources and base.output.path != tuned.output.path
     assert tuned.encoders[0].model == "examples/out/minilm-docstrings"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_steps_train(precision, tiny_st):
+    """The GPU's mixed-precision paths, run on the CPU: fp16 autocast with a gradient scaler
+    (the cached gradients scaled, then unscaled before clipping) and bf16 autocast both lower
+    the loss; the weights stay float32."""
+    import jobs.finetune_loop as loop
+
+    pairs = real_pairs(72)
+    data = {
+        "train": {c: [p[c] for p in pairs[:64]] for c in ("anchor", "positive")},
+        "val": {c: [p[c] for p in pairs[64:]] for c in ("anchor", "positive")},
+    }
+    autocast, scaler = loop.amp_for(CPU, precision)
+    assert autocast is not None and (scaler is not None) == (precision == "fp16")
+    config = _config(tower_spec(tiny_st), epochs=3, lr=1e-3, precision=precision)
+    _, payload = loop.train(config, data, CPU)
+    losses = [h["train_loss"] for h in payload["history"][1:]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(v.dtype == torch.float32 for v in payload["state"].values() if v.is_floating_point())
