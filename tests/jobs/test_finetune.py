@@ -297,11 +297,12 @@ def test_example_pairs_and_loop_configs():
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_steps_train(precision, tiny_st):
+def test_mixed_precision_steps_train(precision, tiny_bert, monkeypatch):
     """The GPU's mixed-precision paths, run on the CPU: fp16 autocast with a gradient scaler
     (the cached gradients scaled, then unscaled before clipping) and bf16 autocast both lower
-    the loss; the weights stay float32."""
+    the training pairs' loss (measured in fp32, without dropout); the weights stay float32."""
     import jobs.finetune_loop as loop
+    from jobs.text_tower import Retrieval, TextTower, embed_all, mnrl_loss
 
     pairs = real_pairs(72)
     data = {
@@ -310,8 +311,21 @@ def test_mixed_precision_steps_train(precision, tiny_st):
     }
     autocast, scaler = loop.amp_for(CPU, precision)
     assert autocast is not None and (scaler is not None) == (precision == "fp16")
-    config = _config(tower_spec(tiny_st), epochs=3, lr=1e-3, precision=precision)
-    _, payload = loop.train(config, data, CPU)
-    losses = [h["train_loss"] for h in payload["history"][1:]]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    spec = tower_spec(tiny_bert)  # mean pooling: the tiny CLS model's vectors start nearly all alike
+    scores = iter([0.1, 0.2, 0.3, 0.4])  # each epoch "better": the payload is the last epoch's weights
+    monkeypatch.setattr(loop, "retrieval_metrics", lambda a, p: Retrieval(0.0, 0.0, next(scores)))
+    torch.manual_seed(0)  # dropout draws from the global generator: the same masks whatever ran before
+    _, payload = loop.train(_config(spec, epochs=3, lr=1e-3, precision=precision, mini_batch_size=12), data, CPU)
+    assert payload["best_epoch"] == 3
     assert all(v.dtype == torch.float32 for v in payload["state"].values() if v.is_floating_point())
+    assert np.all(np.isfinite([h["train_loss"] for h in payload["history"][1:]]))
+
+    tower = TextTower(spec)
+    ids = [tower.tokenize(data["train"][c]) for c in ("anchor", "positive")]
+
+    def loss() -> float:
+        return float(mnrl_loss(*(embed_all(tower, s) for s in ids)))
+
+    before = loss()
+    tower.load_state_dict(payload["state"])
+    assert loss() < 0.9 * before
