@@ -94,7 +94,7 @@ def resolve_model(args: argparse.Namespace) -> Any:
             f"--model: {args.model!r} is a {spec.family} model; jobs.finetune trains text encoders "
             "(sentence-transformers folders and Hugging Face text models, family hf-text)"
         )
-    return TowerSpec(spec.weights.path, dict(spec.options), spec.weights_sha256, spec.dim)
+    return TowerSpec(spec.weights.path, dict(spec.options), spec.weights_sha256)
 
 
 def _body(args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def _body(args: argparse.Namespace) -> int:
         **{k: getattr(args, k) for k in ("batch_size", "mini_batch_size", "seed", "precision", "progress_seconds")},
         "cpus_per_worker": args.cpus_per_worker,
     }
-    final, payload = fit(
+    _, payload = fit(
         _loop(), config, TrainSettings.from_args(args), f"omniembed-finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     history = payload["history"]
@@ -177,7 +177,9 @@ def write_output(
     import shutil
 
     import torch
+    import torch.nn.functional as F
 
+    from encoders import FAMILIES
     from jobs.query_encoding import QueryEncoder
     from jobs.st_folder import write_folder
     from jobs.text_tower import TextTower, embed_all
@@ -191,21 +193,14 @@ def write_output(
         shutil.rmtree(output)
     write_folder(tower, str(output), model_card(args, history, best))
     texts = (val["anchor"][: CHECK_TEXTS // 2] + val["positive"][: CHECK_TEXTS // 2])[:CHECK_TEXTS]
-    ours = embed_all(tower, tower.tokenize(texts)).numpy()
+    ours = embed_all(tower, tower.tokenize(texts))
     options = {"precision": "fp32", **({"trust_remote_code": True} if args.trust_remote_code else {})}
     tuned = plan_encoder(EncoderConfig("check", str(output), {"*": "text"}, None, options), "--output")
-    from encoders import FAMILIES
-
     encoder = QueryEncoder(tuned, FAMILIES.get("hf-text").load(tuned, torch.device("cpu")))
-    again = encoder.encode("text", texts)
-    cosine = np.sum(_unit(ours) * _unit(again), axis=1)
-    if cosine.min() < 0.999:
-        raise RuntimeError(f"the written folder embeds differently from the trained model (cosine {cosine.min():.4f})")
-    return {"weights_sha256": tuned.weights_sha256, "min_cosine": float(cosine.min())}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    cosine = float(F.cosine_similarity(ours, torch.from_numpy(encoder.encode("text", texts))).min())
+    if cosine < 0.999:
+        raise RuntimeError(f"the written folder embeds differently from the trained model (cosine {cosine:.4f})")
+    return {"weights_sha256": tuned.weights_sha256, "min_cosine": cosine}
 
 
 def model_card(args: argparse.Namespace, history: list[dict[str, Any]], best: dict[str, Any]) -> str:

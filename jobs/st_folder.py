@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from encoders.core.weights import WEIGHT_SUFFIXES
-from encoders.text.tokenize import read_folder_settings
+from encoders.text.tokenize import ST_POOLING_KEYS, read_folder_settings, read_json
 from jobs.text_tower import TextTower
 
 EXPORT_FOLDERS = ("onnx", "openvino")
 ST = "sentence_transformers.models"
-POOLING_KEYS = {
-    "mean": "pooling_mode_mean_tokens",
-    "cls": "pooling_mode_cls_token",
-    "max": "pooling_mode_max_tokens",
-    "last": "pooling_mode_lasttoken",
-}
+POOLING_KEYS = {mode: key for key, mode in ST_POOLING_KEYS.items()}  # what the folder reader understands
 
 
 def write_folder(tower: TextTower, output: str, card: str) -> None:
@@ -38,7 +33,7 @@ def write_folder(tower: TextTower, output: str, card: str) -> None:
     folder = read_folder_settings(tower.spec.path)
     root, out = Path(folder.root), Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    modules = _read_json(root / "modules.json")
+    modules = read_json(root / "modules.json")
     if modules:
         _copy_without_weights(root, out)
         model_dir = Path(folder.model_dir)
@@ -97,10 +92,3 @@ def _modules_for_plain_folder(tower: TextTower, out: Path) -> list[dict[str, Any
         (out / "2_Normalize").mkdir(exist_ok=True)
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": f"{ST}.Normalize"})
     return modules
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None

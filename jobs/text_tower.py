@@ -15,6 +15,7 @@ retrieval metrics of a validation split.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -38,7 +39,6 @@ class TowerSpec:
     path: str  # the folder (a sentence-transformers root, or a plain Hugging Face folder)
     options: Mapping[str, Any]  # the hf-text spec's options: pooling, normalize, max_length, prefix, ...
     weights_sha256: str
-    dim: int
 
 
 class TextTower(torch.nn.Module):
@@ -135,8 +135,6 @@ def cached_mnrl_step(
 
     The batch's texts are embedded ``mini_batch`` at a time in length order, so a mini-batch of
     short anchors is not padded to the longest positive."""
-    import contextlib
-
     amp = autocast or contextlib.nullcontext
     scaled = scaler.scale if scaler is not None else (lambda loss: loss)
     texts = [seq for column in columns for seq in column]
@@ -149,17 +147,13 @@ def cached_mnrl_step(
         return float(loss.detach())
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     parts = [order[part] for part in _chunks(len(order), mini_batch)]
-    states = []
-    reps = torch.empty(0)
+    states, outs = [], []
     with torch.no_grad():
         for rows in parts:
             states.append(_RandomState())
             with amp():
-                out = tower([texts[i] for i in rows]).float()
-            if not len(reps):
-                reps = out.new_empty((len(texts), out.shape[1]))
-            reps[rows] = out
-    reps.requires_grad_()
+                outs.append(tower([texts[i] for i in rows]).float())
+    reps = _in_input_order(outs, order).requires_grad_()
     loss = mnrl_loss(reps[:n], reps[n:])
     scaled(loss).backward()
     grads = reps.grad
@@ -202,11 +196,8 @@ def embed_all(
     tower: TextTower, sequences: Sequence[Sequence[int]], batch: int = 64, autocast: Any = None
 ) -> torch.Tensor:
     """Eval-mode vectors of many token id lists, longest first (less padding), in input order."""
-    import contextlib
-
     amp = autocast or contextlib.nullcontext
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    out = torch.zeros((len(sequences), 0))
     parts = []
     was_training = tower.training
     tower.eval()
@@ -215,9 +206,12 @@ def embed_all(
             with amp():
                 parts.append(tower([sequences[i] for i in order[part]]).float().cpu())
     tower.train(was_training)
-    if parts:
-        out = torch.cat(parts)
-        restored = torch.empty_like(out)
-        restored[torch.tensor(order)] = out
-        out = restored
+    return _in_input_order(parts, order) if parts else torch.zeros((0, 0))
+
+
+def _in_input_order(parts: Sequence[torch.Tensor], order: Sequence[int]) -> torch.Tensor:
+    """Rows computed in ``order`` (batch after batch), put back where they came from."""
+    done = torch.cat(list(parts))
+    out = torch.empty_like(done)
+    out[torch.tensor(order, device=done.device)] = done
     return out

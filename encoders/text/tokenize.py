@@ -39,7 +39,7 @@ class FolderSettings:
     head: tuple[tuple[str, str], ...] = ()
 
 
-_ST_POOLING_KEYS = {
+ST_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
@@ -50,7 +50,7 @@ _ST_POOLING_KEYS = {
 @functools.lru_cache(maxsize=16)
 def read_folder_settings(path: str) -> FolderSettings:
     root = Path(path)
-    modules = _read_json(root / "modules.json") or []
+    modules = read_json(root / "modules.json") or []
     model_dir, pooling, normalize, head = root, None, False, []
     for module in modules:
         kind = module.get("type", "")
@@ -59,7 +59,7 @@ def read_folder_settings(path: str) -> FolderSettings:
         elif kind.endswith(".Transformer"):
             model_dir = root / module.get("path", "")
         elif kind.endswith(".Pooling"):
-            pooling = _pooling_from_st(_read_json(root / module.get("path", "") / "config.json") or {}) or "mean"
+            pooling = _pooling_from_st(read_json(root / module.get("path", "") / "config.json") or {}) or "mean"
         elif kind.endswith(".Normalize"):
             normalize = True
         else:  # a module between the transformer and the pooling changes the token vectors
@@ -72,9 +72,9 @@ def read_folder_settings(path: str) -> FolderSettings:
         if len(head) == 1:
             head = []  # hf-text normalizes itself
     st_config = (
-        _read_json(model_dir / "sentence_bert_config.json") or _read_json(root / "sentence_bert_config.json") or {}
+        read_json(model_dir / "sentence_bert_config.json") or read_json(root / "sentence_bert_config.json") or {}
     )
-    st_meta = _read_json(root / "config_sentence_transformers.json") or {}
+    st_meta = read_json(root / "config_sentence_transformers.json") or {}
     return FolderSettings(
         model_dir=str(model_dir),
         max_length=st_config.get("max_seq_length"),
@@ -94,8 +94,8 @@ def _pooling_from_st(config: Mapping[str, Any]) -> str | None:
         raise ValueError(
             "the folder's pooling excludes prompt tokens (include_prompt: false), which omniembed does not support"
         )
-    modes = [mode for key, mode in _ST_POOLING_KEYS.items() if config.get(key)]
-    others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING_KEYS]
+    modes = [mode for key, mode in ST_POOLING_KEYS.items() if config.get(key)]
+    others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in ST_POOLING_KEYS]
     if others or len(modes) > 1:
         raise ValueError(
             f"the folder's pooling {others or modes} is not supported; set pooling: to one of "
@@ -104,7 +104,7 @@ def _pooling_from_st(config: Mapping[str, Any]) -> str | None:
     return modes[0] if modes else None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
