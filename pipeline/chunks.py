@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,8 +28,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.core.retry import retrying
+from pipeline import webdataset
 from pipeline.config import ConfigError, SourceConfig
-from pipeline.filesystems import LISTING_SCHEMA, file_version, listing, open_filesystem, with_suffix
+from pipeline.filesystems import LISTING_SCHEMA, open_filesystem, with_suffix
+from pipeline.source_paths import check_reached_once, element_listings, source_root
 from pipeline.sources import FOLDER_KINDS, FORMAT_SUFFIXES, REFERENCE_KINDS, ReadChunk, read_table_file
 from pipeline.tasks import LocalTasks, Tasks
 from pipeline.webdataset import READ_ERRORS, ShardScan, scan_shard
@@ -62,6 +63,7 @@ CHUNK_SCHEMA = pa.schema(
         ("files", pa.list_(pa.string())),  # a folder group's relative paths
         ("infer_types", pa.bool_()),
         ("id_prefix", pa.string()),
+        ("counted", pa.bool_()),  # False: a whole shard whose rows the read counts (rows: an estimate)
     ]
 )
 
@@ -73,10 +75,12 @@ class ChunkPlan:
     warnings: list[str] = dataclasses.field(default_factory=list)  # one line per damaged shard
 
 
-def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
+def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks, count_on_read: bool = False) -> ChunkPlan:
+    """``count_on_read``: no pass reads every id (``on_duplicate_id: trust``, no join), so a
+    WebDataset shard's headers are read only as far as ``webdataset.HEAD_SAMPLES``."""
     # A local file is listed here; a folder or a URI in a task (a listing of 10^5 files is
     # 10^5 Python objects, which the driver should not hold).
-    local = all("://" not in s.path and os.path.isfile(s.path) for s in sources)
+    local = all("://" not in p and os.path.isfile(p) for s in sources for p in s.paths)
     listings = tasks.map(list_source, list(enumerate(sources)), local=local)
     jobs, folder_parts = [], []
     for (s_index, source), (fmt, files) in zip(enumerate(sources), listings):
@@ -84,7 +88,7 @@ def plan_sources(sources: Sequence[SourceConfig], tasks: Tasks) -> ChunkPlan:
             folder_parts.append(files)
             continue
         for start in range(0, files.num_rows, FILES_PER_PLANNING_TASK):
-            jobs.append((s_index, source, fmt, files.slice(start, FILES_PER_PLANNING_TASK)))
+            jobs.append((s_index, source, fmt, files.slice(start, FILES_PER_PLANNING_TASK), count_on_read))
     n_files = sum(job[3].num_rows for job in jobs)
     described = tasks.map(describe_files, jobs, local=n_files <= LOCAL_PLANNING_FILES)
     by_source: dict[int, list[pa.Table]] = {}
@@ -149,7 +153,7 @@ def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConf
     files = set(zip(chunks.column("source").to_pylist(), chunks.column("path").to_pylist()))
     bases = {}
     for i in derived:  # a file source's folder, or the folder itself
-        inner = open_filesystem(split_glob(sources[i].path)[0])[1].rstrip("/")
+        inner = open_filesystem(source_root(sources[i]))[1].rstrip("/")
         bases[i] = posixpath.dirname(inner) if (i, inner) in files else inner
     common = posixpath.commonpath(list(bases.values())) if len(set(bases.values())) > 1 else ""
     relative = {i: posixpath.relpath(bases[i], common) if common else "." for i in derived}
@@ -161,43 +165,46 @@ def _prefix_colliding_derived_ids(chunks: pa.Table, sources: Sequence[SourceConf
 
 def list_source(item: tuple[int, SourceConfig]) -> tuple[str, pa.Table]:
     """One listing per source: its format, and its files (path, relative path, version); for a
-    folder source, its read chunks."""
+    folder source, its read chunks. A list path's elements are one source: one format, relative
+    paths from their common folder, and no file reached twice."""
     s_index, source = item
     where = f"sources[{s_index}]"
-    base, pattern = split_glob(source.path)
-    fs, root = open_filesystem(base)
-    entry = retrying(fs.get_file_info, root)
-    if entry.type == pafs.FileType.NotFound:
-        raise ConfigError(f"{where}.path: {base if pattern else source.path!r} does not exist")
-    if source.kind != "table":
-        if source.kind not in FOLDER_KINDS:
-            raise ConfigError(f"{where}.kind: {source.kind!r} sources are not supported yet")
-        if entry.type != pafs.FileType.Directory:
-            raise ConfigError(f"{where}.path: a {source.kind} source must be a folder, got a file {source.path!r}")
-        suffixes = FOLDER_KINDS[source.kind][0]
-        files = with_suffix(_matching(fs, root, pattern), suffixes)
-        if not files.num_rows:
-            raise ConfigError(f"{where}.path: no {source.kind} files ({', '.join(suffixes)}) in {source.path!r}")
-        return "folder", _folder_chunks(s_index, source, files)
-    if entry.type != pafs.FileType.Directory:
-        fmt = source.format or format_of(root, where)
-        _check_ids(source, fmt, where)
-        name = root.rstrip("/").rpartition("/")[2]
-        return fmt, pa.table({"path": [root], "rel": [name], "version": [file_version(entry)]}, schema=LISTING_SCHEMA)
-    every = _matching(fs, root, pattern)
-    if source.format:
-        fmt = source.format
-    else:
-        found = [f for f, suffixes in FORMAT_SUFFIXES.items() if with_suffix(every, suffixes).num_rows]
-        if len(found) != 1:
-            raise ConfigError(
-                f"{where}.format: folder holds {' and '.join(found) or 'no table'} files; set format: to one of "
-                f"{', '.join(FORMAT_SUFFIXES)}"
-            )
-        fmt = found[0]
-    files = with_suffix(every, FORMAT_SUFFIXES[fmt])
-    if not files.num_rows:
-        raise ConfigError(f"{where}.path: no {fmt} files in {source.path!r}")
+    if source.kind != "table" and source.kind not in FOLDER_KINDS:
+        raise ConfigError(f"{where}.kind: {source.kind!r} sources are not supported yet")
+    fmt, parts = None, []
+    for j, (at, path, is_file, every) in enumerate(element_listings(source, where)):
+        if source.kind != "table":
+            if is_file:
+                raise ConfigError(f"{at}: a {source.kind} source must be a folder, got a file {path!r}")
+            suffixes = FOLDER_KINDS[source.kind][0]
+            found, files = "folder", with_suffix(every, suffixes)
+            if not files.num_rows:
+                raise ConfigError(f"{at}: no {source.kind} files ({', '.join(suffixes)}) in {path!r}")
+        elif is_file:
+            found, files = source.format or format_of(every["path"][0].as_py(), where), every
+        else:
+            found = source.format
+            if not found:
+                kinds = [f for f, suffixes in FORMAT_SUFFIXES.items() if with_suffix(every, suffixes).num_rows]
+                if len(kinds) != 1:
+                    holder = "folder" if isinstance(source.path, str) else f"path[{j}] {path!r}"
+                    raise ConfigError(
+                        f"{where}.format: {holder} holds {' and '.join(kinds) or 'no table'} files; set format: to one "
+                        f"of {', '.join(FORMAT_SUFFIXES)}"
+                    )
+                found = kinds[0]
+            files = with_suffix(every, FORMAT_SUFFIXES[found])
+            if not files.num_rows:
+                raise ConfigError(f"{at}: no {found} files in {path!r}")
+        if fmt not in (None, found):
+            raise ConfigError(f"{at}: {path!r} is {found}, but path[0] is {fmt}; a source reads one format")
+        fmt = found
+        parts.append(files.append_column("element", pa.repeat(pa.scalar(j, pa.int32()), files.num_rows)))
+    files = pa.concat_tables(parts)
+    check_reached_once(files, where, source.paths)
+    files = files.drop_columns(["element"])
+    if fmt == "folder":
+        return fmt, _folder_chunks(s_index, source, files)
     _check_ids(source, fmt, where)
     return fmt, files
 
@@ -208,44 +215,6 @@ def _check_ids(source: SourceConfig, fmt: str, where: str) -> None:
             raise ConfigError(f"{where}.id_column: a webdataset source's id is each sample's key; remove it")
     elif source.id_column is None and not source.derive_ids:
         raise ConfigError(f"{where}: id_column is required (or set derive_ids: true for ids '<file>:<row>')")
-
-
-def split_glob(path: str) -> tuple[str, str | None]:
-    """A path or URI with wildcards (``shards/*.tar``, ``s3://b/x/**/part-*.parquet``) -> the
-    folder before the first wildcard and the pattern below it; (path, None) without one."""
-    parts = path.split("/")
-    for i, part in enumerate(parts):
-        if any(c in part for c in "*?["):
-            return "/".join(parts[:i]) or ".", "/".join(parts[i:])
-    return path, None
-
-
-def _matching(fs: pafs.FileSystem, root: str, pattern: str | None) -> pa.Table:
-    """A folder's listing, or only the files whose path below it matches ``pattern``, as a shell
-    glob does: ``*`` and ``?`` stay within a folder, ``**/`` spans any number of them."""
-    files = listing(fs, root)
-    if pattern is None:
-        return files
-    regex = _glob_regex(pattern)
-    keep = [regex.match(rel) is not None for rel in files.column("rel").to_pylist()]
-    return files.filter(pa.array(keep, pa.bool_()))
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    out, i = "", 0
-    while i < len(pattern):
-        end = pattern.find("]", i + 1)
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] in "*?":
-            out, i = out + ("[^/]*" if pattern[i] == "*" else "[^/]"), i + 1
-        elif pattern[i] == "[" and end > i:
-            out, i = out + pattern[i : end + 1].replace("[!", "[^"), end + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out + r"\Z")
 
 
 def format_of(path: str, where: str) -> str:
@@ -282,7 +251,7 @@ def _folder_chunks(s_index: int, source: SourceConfig, files: pa.Table) -> pa.Ta
             ReadChunk(
                 key=chunk_key(s_index, "folder", list(zip(rels[a:b], versions[a:b]))),
                 source=s_index,
-                root=split_glob(source.path)[0],
+                root=source_root(source),
                 format="folder",
                 kind=source.kind,
                 relpath=rels[a],
@@ -304,19 +273,19 @@ def _folder_schema(kind: str) -> pa.Schema:
     return pa.schema([("id", pa.string()), (column, pa.string() if kind in REFERENCE_KINDS else pa.binary())])
 
 
-def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Table, pa.Schema, list[str]]:
+def describe_files(job: tuple[int, SourceConfig, str, pa.Table, bool]) -> tuple[pa.Table, pa.Schema, list[str]]:
     """A task: the chunks and unified schema of a batch of table files (Parquet footers, a full
     parse of JSONL/CSV, which has no row count without one, or every header of a WebDataset
     shard), and a warning line per damaged shard."""
-    s_index, source, fmt, files = job
+    s_index, source, fmt, files, count_on_read = job
     where = f"sources[{s_index}]"
-    fs, _ = open_filesystem(split_glob(source.path)[0])
+    fs, _ = open_filesystem(source_root(source))
     chunks, schemas, warnings = [], [], []
     for path, rel, version in zip(*(files.column(c).to_pylist() for c in LISTING_SCHEMA.names)):
         file = ReadChunk(
             "",
             s_index,
-            split_glob(source.path)[0],
+            source_root(source),
             fmt,
             id_column=source.id_column,
             path=path,
@@ -324,12 +293,12 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
             infer_types=source.infer_types,
         )
         if fmt == "webdataset":
-            scan = retrying(_scan, fs, path, rel)
+            scan = retrying(_scan, fs, path, rel, webdataset.HEAD_SAMPLES if count_on_read else None)
             warnings += [scan.warning] if scan.warning else []
             schema = pa.schema([("id", pa.string()), *sorted(scan.columns.items()), (READ_ERRORS, pa.string())])
             schemas.append(schema)
             for r in scan.ranges:
-                key = chunk_key(s_index, fmt, rel, version, (r.start, r.end))
+                key = chunk_key(s_index, fmt, rel, version, (r.start, r.end) if scan.complete else "counted on read")
                 chunks.append(
                     dataclasses.replace(
                         file,
@@ -339,6 +308,7 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
                         bytes=r.end - r.start,
                         start_byte=r.start,
                         end_byte=r.end,
+                        counted=scan.complete,
                     )
                 )
             continue
@@ -356,9 +326,9 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table]) -> tuple[pa.Tab
     return _table(chunks), pa.unify_schemas(schemas, promote_options="permissive"), warnings
 
 
-def _scan(fs: pafs.FileSystem, path: str, rel: str) -> ShardScan:
+def _scan(fs: pafs.FileSystem, path: str, rel: str, head: int | None) -> ShardScan:
     with fs.open_input_file(path) as handle:
-        return scan_shard(handle, handle.size(), rel)
+        return scan_shard(handle, handle.size(), rel, head)
 
 
 def _read_schema(schema: pa.Schema, id_column: str | None) -> pa.Schema:

@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed one input (file, folder or URI) from flags; builds the same config as the YAML.",
     )
     flag = embed.add_argument
-    flag("input", help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files")
+    flag(
+        "input",
+        nargs="+",
+        help="Parquet/JSONL/CSV file or folder, any pyarrow/fsspec URI, or a folder of .txt files; several "
+        "(a.tar b.tar) are one source",
+    )
     flag("--output", required=True, help="output folder or object-store URI")
     flag("--id-column", help="column holding unique row ids (cast to string); required for tables unless --derive-ids")
     flag("--derive-ids", action="store_true", help="derive deterministic ids '<file>:<row>' instead of an id column")
@@ -176,7 +181,7 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
             "--text-column/--text-model, --image-column/--image-model or --audio-column/--audio-model is required"
         )
     encoders = [_modality_encoder(args, modality) for modality in wanted]
-    source: dict[str, Any] = {"path": args.input}
+    source: dict[str, Any] = {"path": args.input[0] if len(args.input) == 1 else list(args.input)}
     if args.kind and args.kind != "table":
         source["kind"] = args.kind
     for key in ("id_column", "format"):
@@ -283,7 +288,7 @@ def execute(args: argparse.Namespace) -> int:
         config = load_config(args.config) if args.command == "run" else config_from_dict(config_from_flags(args))
         from pipeline.filesystems import check_filesystems
 
-        check_filesystems([s.path for s in config.sources] + [config.output.path])  # before Ray starts
+        check_filesystems([p for s in config.sources for p in s.paths] + [config.output.path])  # before Ray starts
         from pipeline.preflight import preflight
 
         done = preflight(config, args.overwrite, getattr(args, "dry_run", False))

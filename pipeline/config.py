@@ -48,7 +48,7 @@ class StageResources:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    path: str
+    path: str | tuple[str, ...]  # a file, folder or glob, or a list of them read as one source
     kind: str = "table"
     format: str | None = None
     id_column: str | None = None
@@ -56,6 +56,11 @@ class SourceConfig:
     passthrough: tuple[str, ...] | None = None
     infer_types: bool = False  # CSV: infer column types instead of reading text (ids stay text)
     join: str | None = None  # left | inner | outer: match rows by id to the sources above
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The path, or each path of a list."""
+        return (self.path,) if isinstance(self.path, str) else tuple(self.path)
 
 
 @dataclass(frozen=True)
@@ -192,9 +197,7 @@ def _source(data: Any, where: str) -> SourceConfig:
     _no_unknown(
         data, ("path", "kind", "format", "id_column", "derive_ids", "passthrough", "infer_types", "join"), where
     )
-    path = _get(data, "path", str, where)
-    if not path:
-        raise ConfigError(f"{where}.path is required")
+    path = _source_path(data.get("path"), where)
     passthrough = data.get("passthrough")
     if passthrough is not None and not (isinstance(passthrough, list) and all(isinstance(c, str) for c in passthrough)):
         raise ConfigError(f"{where}.passthrough must be a list of column names")
@@ -213,6 +216,30 @@ def _source(data: Any, where: str) -> SourceConfig:
         passthrough=tuple(passthrough) if passthrough is not None else None,
         infer_types=_get(data, "infer_types", bool, where, False),
     )
+
+
+def _source_path(path: Any, where: str) -> str | tuple[str, ...]:
+    """A path, or a non-empty list of paths on one filesystem (they share one root)."""
+    if path is None or path == "":
+        raise ConfigError(f"{where}.path is required")
+    if isinstance(path, str):
+        return path
+    if not isinstance(path, list) or not path:
+        raise ConfigError(f"{where}.path must be a path or a list of paths, got {path!r}")
+    for j, element in enumerate(path):
+        if not isinstance(element, str) or not element:
+            raise ConfigError(f"{where}.path must be a path or a list of paths; path[{j}] is {element!r}")
+        if _filesystem(element) != _filesystem(path[0]):
+            raise ConfigError(f"{where}.path[{j}]: {element!r} is on another filesystem than path[0]")
+    return tuple(path)
+
+
+def _filesystem(path: str) -> str:
+    """Scheme and bucket or host; every local path (``file://`` too) is one filesystem."""
+    if "://" not in path or path.startswith("file://"):
+        return ""
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 _ENCODER_FIELDS = ("output", "model", "column", "columns", "family", "resources", "dimensions")

@@ -102,7 +102,9 @@ def run(
     configure_retries(transient)  # the driver's own manifest, log and lease I/O
     tasks = RayTasks(transient)
     digest = sources_digest(config.sources)  # before planning: a file changed later misses the next shortcut
-    chunks = plan_sources(config.sources, tasks)  # listings and footers, read in tasks
+    # Without a pass over every id (trust, no join), a WebDataset shard is counted by its read.
+    count_on_read = config.output.on_duplicate_id == "trust" and not any(s.join for s in config.sources)
+    chunks = plan_sources(config.sources, tasks, count_on_read)  # listings and footers, read in tasks
     sink: Sink = (LanceSink if config.output.format == "lance" else ParquetSink)(
         config, meta, fingerprint(config, meta)
     )
@@ -113,7 +115,8 @@ def run(
     if dry_run:
         return sources.report()
     plans = sized_for_input(plans, config, sources.row_bytes)
-    sink.begin(sources.expect, schema)  # the first write: every usage error above leaves the output untouched
+    # The first write: every usage error above leaves the output untouched.
+    sink.begin(sources.expect, schema, {k: done for k, (done, _) in sources.uncounted.items()})
     try:
         if sources.chunks.num_rows:
             parts = write_parts(config, plans, sources, schema)
@@ -126,6 +129,7 @@ def run(
                 counter.close()
             if log.isEnabledFor(logging.DEBUG):  # --verbose: where the time went, per operator
                 log.debug("Ray Data stats:\n%s", parts.stats())
+        sources = sources.settled(sink.totals)  # shards counted by their read: their counts
         sink.manifest["sources_digest"] = digest  # a re-run of unchanged local inputs stops before Ray
         return sink.close(sources.unique_rows, config.output.max_error_rate, sources.to_embed, chunks.warnings)
     except BaseException:  # an error or Ctrl-C: the next run need not wait for the lease to go stale

@@ -86,9 +86,11 @@ class LanceSink(ParquetSink):
             )
         return records
 
-    def begin(self, expect: Mapping[str, int], schema: pa.Schema | None = None) -> None:
+    def begin(
+        self, expect: Mapping[str, int], schema: pa.Schema | None = None, uncounted: Mapping[str, int] | None = None
+    ) -> None:
         self.schema = schema
-        super().begin(expect)
+        super().begin(expect, uncounted=uncounted)
         if self.overwrite:
             for name in LANCE_DIRS:
                 if self.fs.get_file_info(join(self.root, name)).type == pafs.FileType.Directory:

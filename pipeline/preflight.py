@@ -53,10 +53,10 @@ def sources_digest(sources: Sequence[SourceConfig]) -> str | None:
     """A digest of every local source file's path, size and modification time, built while
     walking (nothing kept per file), or None when a source is not on local disk."""
     digest = hashlib.sha256()
-    for source in sources:
-        if "://" in source.path and not source.path.startswith("file://"):
+    for element in (p for source in sources for p in source.paths):
+        if "://" in element and not element.startswith("file://"):
             return None
-        path = os.path.abspath(source.path.removeprefix("file://"))
+        path = os.path.abspath(element.removeprefix("file://"))
         names = sorted(glob.glob(path, recursive=True)) if _is_glob(path) else _walk(path)
         for name in names:
             stat = os.stat(name)
@@ -79,18 +79,22 @@ def _walk(path: str) -> Any:
 
 
 def _check_source(source: SourceConfig, i: int, config: Config) -> None:
-    where = f"sources[{i}]"
-    if "://" in source.path and not source.path.startswith("file://"):
+    where, found = f"sources[{i}]", []
+    for j, element in enumerate(source.paths):
+        at = f"{where}.path" if isinstance(source.path, str) else f"{where}.path[{j}]"
+        path = element.removeprefix("file://")
+        if "://" in path:
+            continue
+        if _is_glob(path):
+            if not glob.glob(path, recursive=True):
+                raise ConfigError(f"{at}: no file matches {element!r}")
+        elif not os.path.exists(path):
+            raise ConfigError(f"{at}: {element!r} does not exist")
+        else:
+            found.append(path)
+    if source.kind != "table" or not found:
         return
-    path = source.path.removeprefix("file://")
-    if _is_glob(path):
-        if not glob.glob(path, recursive=True):
-            raise ConfigError(f"{where}.path: no file matches {source.path!r}")
-        return
-    if not os.path.exists(path):
-        raise ConfigError(f"{where}.path: {source.path!r} does not exist")
-    if source.kind != "table":
-        return
+    path = found[0]  # one file's schema, as for a folder's first file
     first = path if os.path.isfile(path) else next(_tables(path, source.format), None)
     if first is None:
         return  # planning says what the folder lacks
@@ -106,8 +110,9 @@ def _check_source(source: SourceConfig, i: int, config: Config) -> None:
             f"{', '.join(names)}"
         )
     # A column an encoder reads may come from another source, another file of a folder, or a
-    # later JSON line: only a single Parquet or CSV source has all its columns in one header.
-    if len(config.sources) == 1 and os.path.isfile(path) and not first.lower().endswith(FORMAT_SUFFIXES["jsonl"]):
+    # later JSON line: only a single Parquet or CSV file has all its columns in one header.
+    single = len(config.sources) == 1 and isinstance(source.path, str) and os.path.isfile(path)
+    if single and not first.lower().endswith(FORMAT_SUFFIXES["jsonl"]):
         for e, encoder in enumerate(config.encoders):
             for column in encoder.columns.values():
                 if column not in names:

@@ -15,6 +15,7 @@ refuses in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class ReadPlan:
     expect: dict[str, int] = field(default_factory=dict)  # key -> rows this run commits for it
     warnings: list[str] = field(default_factory=list)  # damaged input found by planning
     partners: pa.Table | None = None  # joined sources: the chunks merged rows take columns from
+    # Chunks counted by their read (on_duplicate_id: trust): key -> (rows committed before, the
+    # estimate ``rows`` holds until ``settled`` puts the count in its place)
+    uncounted: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def to_embed(self) -> int:
@@ -63,6 +67,12 @@ class ReadPlan:
         largest = pc.max(pc.divide(pc.cast(self.chunks.column("bytes"), pa.float64()), rows)).as_py()
         return int(largest or 0)
 
+    def settled(self, totals: Mapping[str, int]) -> "ReadPlan":
+        """After the read: the counts the read found, in place of the estimates."""
+        delta = sum(totals[k] - estimate for k, (_, estimate) in self.uncounted.items() if k in totals)
+        left = {k: v for k, v in self.uncounted.items() if k not in totals}
+        return dataclasses.replace(self, rows=self.rows + delta, uncounted=left)
+
     def report(self) -> dict[str, Any]:
         """What ``--dry-run`` prints, with the driver's own peak RSS so far."""
         return {
@@ -74,6 +84,7 @@ class ReadPlan:
             "chunks_to_read": self.chunks.num_rows,
             "driver_peak_rss_mb": round(peak_rss_kb() / 1024, 1),
             "warnings": self.warnings,
+            **({"shards_counted_on_read": len(self.uncounted)} if self.uncounted else {}),
         }
 
 
@@ -93,23 +104,36 @@ def account(
     """Which chunks this run reads, and how many rows of each it must commit."""
     chunks = plan.chunks
     keys = chunks.column("key").to_pylist()
-    planned = chunks.column("rows").to_numpy() - pc.list_value_length(duplicates.drops).fill_null(0).to_numpy()
+    counts = chunks.column("rows").to_numpy().copy()
+    counted = chunks.column("counted").fill_null(True).to_numpy(zero_copy_only=False).copy()
     committed: Counter[str] = Counter()
     parts_of: dict[str, list[str]] = {}
+    totals: dict[str, int] = {}  # chunks counted by their read in an earlier run
     for record in records or ():
         for key, rows in record.get("chunks", {}).items():
             committed[key] += rows
             parts_of.setdefault(key, []).append(record["name"])
+        totals.update(record.get("totals", {}))
+    for i in np.flatnonzero(~counted):
+        if keys[i] in totals:
+            counts[i], counted[i] = totals[keys[i]], True
+    planned = counts - pc.list_value_length(duplicates.drops).fill_null(0).to_numpy()
     stale = _stale_parts(committed.keys() - set(keys), parts_of, output)
     expect = planned.copy()
     against: list[list[str]] = [[] for _ in keys]
     recheck = []
+    uncounted: dict[str, tuple[int, int]] = {}
     for i, key in enumerate(keys):
         done = committed.get(key, 0)
+        source = source_of_key(key)
+        if not counted[i]:  # read whole, counted by the read: never done before its count is known
+            uncounted[key] = (done, int(planned[i]))
+            against[i] = sorted(set(parts_of.get(key, ())) | stale.get(source, set()))
+            expect[i] = max(int(planned[i]) - done, 1)
+            continue
         if done == planned[i]:
             expect[i] = 0
             continue
-        source = source_of_key(key)
         if done > planned[i]:
             relpath = chunks.column("relpath")[i].as_py()
             raise ConfigError(
@@ -140,11 +164,16 @@ def account(
     return ReadPlan(
         chunks=table,
         schema=plan.schema,
-        rows=int(chunks.column("rows").to_numpy().sum()),
+        rows=int(counts.sum()),
         duplicates=duplicates.count,
-        committed=int((planned - expect).sum()),
+        committed=int((planned - expect)[counted].sum()) + sum(done for done, _ in uncounted.values()),
         planned_chunks=chunks.num_rows,
-        expect=dict(zip(table.column("key").to_pylist(), table.column("expect").to_pylist())),
+        expect={
+            k: n
+            for k, n in zip(table.column("key").to_pylist(), table.column("expect").to_pylist())
+            if k not in uncounted
+        },
+        uncounted=uncounted,
         warnings=list(plan.warnings),
         partners=partners,
     )

@@ -33,11 +33,11 @@ from pipeline.commits import COMMITS, CommitLog, new_run_id
 from pipeline.config import Config, ConfigError
 from pipeline.filesystems import get, join, open_filesystem, parent_and_name, put
 from pipeline.lease import LEASE, WriterLease
-from pipeline.sources import CHUNK_COLUMN
+from pipeline.sources import CHUNK_COLUMN, parse_tags
 
 MANIFEST = "_manifest.json"
 # The output contract's version (CHANGELOG.md). An output of another version never resumes.
-FORMAT_VERSION = "4"
+FORMAT_VERSION = "5"
 PART_PREFIX = "part-"
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,10 @@ def write_part(
     configure_retries(retried_io_errors)
     fs, root = open_filesystem(output)
     table = _conform(batch, schema)  # drops the chunk key column
-    chunks = {}  # rows per read chunk: resume counts these, never ids
+    chunks, totals, breaks = {}, {}, {}  # rows per read chunk: resume counts these, never ids
     if CHUNK_COLUMN in batch.column_names:
-        chunks = {c["values"]: c["counts"] for c in pc.value_counts(batch.column(CHUNK_COLUMN)).to_pylist()}
+        tags = {c["values"]: c["counts"] for c in pc.value_counts(batch.column(CHUNK_COLUMN)).to_pylist()}
+        chunks, totals, breaks = parse_tags(tags)
     name = part_name(table.column("id").to_pylist())
     fragments = ""
     if output_format == "lance":
@@ -89,6 +90,8 @@ def write_part(
             "rows_with_errors": [rows_with_errors],
             "errors": [json.dumps(dict(errors))],
             "chunks": [json.dumps(chunks, sort_keys=True)],
+            "totals": [json.dumps(totals, sort_keys=True)],  # chunks counted by their read: their counts
+            "breaks": [json.dumps(breaks, sort_keys=True)],  # ... and where such a shard breaks
             "fragments": [fragments],
         }
     )
@@ -121,9 +124,12 @@ class Sink(Protocol):
     def check(self, overwrite: bool, takeover: bool = False) -> list[dict[str, Any]] | None:
         """Read-only: may this run write here; the parts an earlier run of the config committed."""
 
-    def begin(self, expect: Mapping[str, int], schema: pa.Schema | None = None) -> None:
+    def begin(
+        self, expect: Mapping[str, int], schema: pa.Schema | None = None, uncounted: Mapping[str, int] | None = None
+    ) -> None:
         """The first write: take the lease, clear or resume, write a ``running`` manifest.
-        ``expect``: per read chunk key, the rows this run is to commit; ``schema``: the parts'."""
+        ``expect``: per read chunk key, the rows this run is to commit; ``schema``: the parts';
+        ``uncounted``: chunks whose count their read finds, and the rows earlier runs committed."""
 
     def record(self, part: Mapping[str, Any]) -> None:
         """Commit one written part (a write task's result row)."""
@@ -195,7 +201,9 @@ class ParquetSink:
             )
         return records
 
-    def begin(self, expect: Mapping[str, int], schema: pa.Schema | None = None) -> None:
+    def begin(
+        self, expect: Mapping[str, int], schema: pa.Schema | None = None, uncounted: Mapping[str, int] | None = None
+    ) -> None:
         """The first write: take the writer lease, clear an overwritten run, drop parts no commit
         recorded, write a ``running`` manifest that holds every earlier commit, then clear the
         old log."""
@@ -207,6 +215,7 @@ class ParquetSink:
                     self.fs.delete_file(path)
         self.committed_names = {f["name"] for f in self.resumed_files}
         self.expect, self.run_rows = dict(expect), Counter()
+        self.uncounted, self.totals = dict(uncounted or {}), {}
         self._drop_uncommitted(self.committed_names)
         self.manifest = {
             "version": FORMAT_VERSION,
@@ -267,7 +276,18 @@ class ParquetSink:
             "errors": json.loads(part["errors"]),
             "chunks": json.loads(part["chunks"]),
         }
-        over = [k for k, n in record["chunks"].items() if self.run_rows[k] + n > self.expect.get(k, 0)]
+        for name in ("totals", "breaks"):  # chunks counted by their read (absent from older parts)
+            if json.loads(part.get(name) or "{}"):
+                record[name] = json.loads(part[name])
+        for key, total in record.get("totals", {}).items():
+            if key in self.uncounted and key not in self.totals:
+                self.totals[key] = total
+                self.expect[key] = total - self.uncounted[key]
+        over = [
+            k
+            for k, n in record["chunks"].items()
+            if (k not in self.uncounted or k in self.totals) and self.run_rows[k] + n > self.expect.get(k, 0)
+        ]
         if over:  # rows some other part committed already: never twice; close() reports the gap
             log.error("part %s overlaps committed rows of read chunk %s; it is not committed", record["name"], over[0])
             return None
@@ -285,8 +305,10 @@ class ParquetSink:
         """Compact the log into the final manifest. ``planned_rows``: the rows this run had to
         commit (input rows less those an earlier run committed); when the commits add up to any
         other number, the status is ``incomplete``. ``warnings``: what planning found damaged
-        in the input (a broken shard), one line each."""
+        in the input (a broken shard), one line each; the breaks reads found are added."""
         files = self.manifest["files"]
+        found = sorted({line for f in files for line in f.get("breaks", {}).values()})
+        warnings = [*warnings, *(line for line in found if line not in warnings)]
         rows = sum(f["rows"] for f in files)
         errors: Counter[str] = Counter()
         for f in files:

@@ -9,7 +9,7 @@ task tags each row with its chunk's key, which the write stage counts and drops.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +22,7 @@ from encoders.core.retry import configure as configure_retries
 from encoders.core.retry import is_transient, retrying
 from pipeline.config import ConfigError
 from pipeline.filesystems import join, open_filesystem
-from pipeline.webdataset import read_range
+from pipeline.webdataset import BREAK, read_range
 
 FORMAT_SUFFIXES = {
     "parquet": (".parquet", ".pq"),
@@ -62,6 +62,7 @@ class ReadChunk:
     files: tuple[str, ...] = ()  # a folder group's relative paths
     infer_types: bool = False  # CSV: infer column types (the id column stays text)
     id_prefix: str = ""  # derived ids: the source's path from the common root of colliding sources
+    counted: bool = True  # False: a whole shard whose rows the read counts (``rows``: an estimate)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "ReadChunk":
@@ -95,7 +96,7 @@ def _read_chunk(chunk: ReadChunk, columns: list[str] | None) -> pa.Table:
         return _read_folder_chunk(fs, chunk, columns)
     wanted = None if columns is None else list(dict.fromkeys(([chunk.id_column] if chunk.id_column else []) + columns))
     if chunk.format == "webdataset":
-        return read_range(fs, chunk.path, chunk.start_byte, chunk.end_byte, columns)
+        return read_range(fs, chunk.path, chunk.start_byte, chunk.end_byte, columns, tolerant=not chunk.counted)
     if chunk.format == "parquet":
         with fs.open_input_file(chunk.path) as handle:
             table = pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups), columns=_present(handle, wanted))
@@ -199,6 +200,7 @@ def read_chunk_rows(
         row = chunks.slice(ordinal, 1).to_pylist()[0]
         chunk = ReadChunk.from_row(row)
         table = read_chunk(chunk)
+        tag = chunk.key if chunk.counted else counted_tag(chunk.key, table)
         if row.get("partner_rows"):  # sources joined by id: the columns of the rows joined to these
             from pipeline.joins import with_partners
 
@@ -207,10 +209,33 @@ def read_chunk_rows(
         if row.get("against"):
             table = table.filter(pc.invert(pc.is_in(table["id"], value_set=committed_ids(output, row["against"]))))
         table = conform(table, schema)
-        tables.append(table.append_column(CHUNK_COLUMN, pa.array([chunk.key] * table.num_rows, pa.string())))
+        tables.append(table.append_column(CHUNK_COLUMN, pa.array([tag] * table.num_rows, pa.string())))
     if not tables:
         return schema.append(pa.field(CHUNK_COLUMN, pa.string())).empty_table()
     return pa.concat_tables(tables)
+
+
+def counted_tag(key: str, table: pa.Table) -> str:
+    """The chunk column's value for a chunk counted by its read: ``<key> <rows>[ <break line>]``,
+    every row alike, so that whichever part commits a row records the count (and the break)."""
+    warning = (table.schema.metadata or {}).get(BREAK)
+    return f"{key} {table.num_rows}" + (f" {warning.decode()}" if warning else "")
+
+
+def parse_tags(counts: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """Rows per chunk column value -> rows per chunk key, the counts read, the breaks found."""
+    chunks: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    breaks: dict[str, str] = {}
+    for tag, rows in counts.items():
+        key, _, rest = tag.partition(" ")
+        chunks[key] = chunks.get(key, 0) + rows
+        if rest:
+            total, _, warning = rest.partition(" ")
+            totals[key] = int(total)
+            if warning:
+                breaks[key] = warning
+    return chunks, totals, breaks
 
 
 def drop_rows(table: Any, rows: list[int] | None) -> Any:

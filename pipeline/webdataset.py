@@ -12,6 +12,12 @@ shard that starts at a sample's first header, so a read seeks there and streams 
 samples. A shard that breaks (truncated, or a damaged header) keeps the samples whose members
 all lie before the break; the break is one warning line of the run.
 
+With ``on_duplicate_id: trust`` (and no join), planning reads only the first ``HEAD_SAMPLES``
+samples of each shard (its columns, and the mean sample size to estimate its count): a shard
+longer than that is one read chunk whose count is found by the read, which reads it whole and
+tolerates a break the same way. The read tags its rows with the count (pipeline/sources.py), so
+the commit records carry it (pipeline/sink.py) and resume and the exactly-once check use it.
+
 A member that cannot become a value (invalid UTF-8 text, a member past ``MAX_MEMBER_BYTES``)
 is null in its column and named in the row's ``READ_ERRORS`` JSON, which the prepare stage turns
 into that row's error value when the column is embedded (pipeline/stages.py).
@@ -35,6 +41,8 @@ READ_ERRORS = "_omniembed_read_errors"  # per row: JSON {column: "code: message"
 MAX_MEMBER_BYTES = 512 * 2**20  # one member read into memory at most (an image's max_bytes)
 SAMPLES_PER_CHUNK = 65_536
 CHUNK_BYTES = 256 * 2**20
+HEAD_SAMPLES = 256  # counted during the read (trust): the samples planning reads per shard
+BREAK = b"omniembed.break"  # a read table's metadata: the shard's break, when it has one
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -64,11 +72,13 @@ class ShardScan:
     ranges: list[ShardRange]
     columns: dict[str, pa.DataType] = field(default_factory=dict)
     warning: str | None = None
+    complete: bool = True  # False: only the head was read; one range, the whole shard, its count estimated
 
 
-def scan_shard(handle: BinaryIO, size: int, name: str) -> ShardScan:
+def scan_shard(handle: BinaryIO, size: int, name: str, head: int | None = None) -> ShardScan:
     """Every header of a seekable shard, the data skipped: its ranges of about SAMPLES_PER_CHUNK
-    samples or CHUNK_BYTES bytes, and the columns its members give."""
+    samples or CHUNK_BYTES bytes, and the columns its members give. With ``head``, stop at that
+    many samples: a longer shard is one range whose count is estimated from their mean size."""
     ranges: list[ShardRange] = []
     columns: dict[str, pa.DataType] = {}
     current: ShardRange | None = None
@@ -84,6 +94,9 @@ def scan_shard(handle: BinaryIO, size: int, name: str) -> ShardScan:
             if not member.isfile():
                 continue
             if sample != key:
+                if head is not None and samples == head:
+                    estimate = max(head + 1, round(size * head / max(1, member.offset - ranges[0].start)))
+                    return ShardScan([ShardRange(0, size, 0, estimate)], columns, complete=False)
                 if (
                     current is None
                     or current.count >= SAMPLES_PER_CHUNK
@@ -121,29 +134,50 @@ def _padded(size: int) -> int:
     return (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
 
 
-def read_range(fs: pafs.FileSystem, path: str, start: int, end: int, columns: list[str] | None) -> pa.Table:
+def read_range(
+    fs: pafs.FileSystem, path: str, start: int, end: int, columns: list[str] | None, tolerant: bool = False
+) -> pa.Table:
     """A range's samples: ``id`` (the key), one column per member extension and READ_ERRORS.
-    ``columns`` limits the members read (``[]``: the keys only, from the headers)."""
+    ``columns`` limits the members read (``[]``: the keys only, from the headers). ``tolerant``
+    (a shard planning did not scan): a break keeps the complete samples before it, and the
+    table's metadata holds the break's line under ``BREAK``."""
     rows: list[dict[str, Any]] = []
     keys: list[str] = []
+    warning = None
     with fs.open_input_file(path) as handle:
-        for member in _members(handle, start):
-            if member.offset >= end:
-                break
-            if not member.isfile():
-                continue
-            sample, column = split_name(member.name)
-            if not keys or keys[-1] != sample:
-                keys.append(sample)
-                rows.append({})
-            if columns is None or column in columns:
-                rows[-1][column] = _member_value(handle, member, column, rows[-1])
+        size = handle.size()
+        partial = True  # does the break fall inside the last sample? (a damaged header: maybe)
+        try:
+            for member in _members(handle, start):
+                if member.offset >= end:
+                    break
+                if not member.isfile():
+                    continue
+                sample, column = split_name(member.name)
+                if member.offset_data + member.size > size:
+                    partial = bool(keys) and keys[-1] == sample
+                    raise tarfile.ReadError(f"member {member.name!r} is cut off at byte {size}")
+                if not keys or keys[-1] != sample:
+                    keys.append(sample)
+                    rows.append({})
+                if columns is None or column in columns:
+                    rows[-1][column] = _member_value(handle, member, column, rows[-1])
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            if not tolerant or is_transient(exc):
+                raise
+            if keys and partial:
+                keys.pop()
+                rows.pop()
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            name = path.rstrip("/").rpartition("/")[2]
+            warning = f"{name}: the shard breaks after {len(keys)} complete samples ({message}); those samples are read"
     names = sorted({c for row in rows for c in row if c != READ_ERRORS})
     data: dict[str, Any] = {"id": pa.array(keys, pa.string())}
     for name in names:
         data[name] = pa.array([row.get(name) for row in rows], pa.string() if is_text(name) else pa.binary())
     data[READ_ERRORS] = pa.array([row.get(READ_ERRORS) for row in rows], pa.string())
-    return pa.table(data)
+    table = pa.table(data)
+    return table.replace_schema_metadata({BREAK: warning.encode()}) if warning else table
 
 
 def _member_value(handle: Any, member: tarfile.TarInfo, column: str, row: dict[str, Any]) -> Any:
