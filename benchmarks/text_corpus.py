@@ -1,4 +1,4 @@
-"""Build a realistic English text corpus offline, from what is already on the machine.
+"""Build realistic English text corpora offline, from what is already on the machine.
 
 Sources: package documentation under /usr/share/doc (READMEs, copyright/licence texts, NEWS,
 Debian and upstream changelogs, .txt/.md/.rst) and the docstrings of the Python standard
@@ -7,13 +7,19 @@ throughput of a transformer depends on the token-length mix, so we want the leng
 corpora have: many one-sentence texts, many paragraphs, and some long chunks that exceed
 the model's 256-token window and get truncated.
 
-    python benchmarks/text_corpus.py corpus.parquet --rows 10000 --seed 0 [--stats MODEL]
+Two corpora from the same sources:
+  mixed  the length mix above: sentences, paragraphs and chunks past the window.
+  short  single sentences of 4-12 words (median ~16 tokens): queries, titles, log lines,
+         the many-rows workload where per-row overhead, not the model, decides throughput.
+
+    python benchmarks/text_corpus.py corpus.parquet --rows 10000 --seed 0 [--kind short] [--stats MODEL]
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import gzip
 import hashlib
 import random
@@ -36,6 +42,10 @@ MAX_FILE_BYTES = 256 * 1024  # some upstream changelogs are megabytes; the head 
 SHORT_MAX, MEDIUM_MAX = 30, 200
 LONG_MIN_WORDS, LONG_MAX_WORDS = 260, 900
 MIX = {"short": 0.45, "medium": 0.40, "long": 0.15}
+# The short corpus: one sentence each, 4-12 words (_clean already drops anything under 4).
+SENTENCE_MAX_WORDS = 12
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
+CORPUS_KINDS = ("mixed", "short")
 
 BULLET = re.compile(r"^\s*(?:[*+o-]|\d+[.)])\s+")
 WORDISH = re.compile(r"^[(\"']?[A-Za-z][a-z'-]*[.,;:!?)\"']*$")
@@ -123,7 +133,13 @@ def _py_documents() -> list[tuple[str, list[str]]]:
     return docs
 
 
-def _pools(docs: list[tuple[str, list[str]]]) -> dict[str, dict[str, str]]:
+@functools.lru_cache(maxsize=1)
+def _documents() -> tuple[tuple[str, list[str]], ...]:
+    """Every source document, read once per process (both corpora draw from them)."""
+    return tuple(_doc_documents() + _py_documents())
+
+
+def _pools(docs: tuple[tuple[str, list[str]], ...]) -> dict[str, dict[str, str]]:
     """Deduplicated texts per length class: {class: {text: source}} (dicts keep order)."""
     pools: dict[str, dict[str, str]] = {"short": {}, "medium": {}, "long": {}}
     seen: set[str] = set()
@@ -152,17 +168,25 @@ def _pools(docs: list[tuple[str, list[str]]]) -> dict[str, dict[str, str]]:
     return pools
 
 
-def build_corpus(path: str, rows: int = 10_000, seed: int = 0) -> str:
-    """Write `rows` unique texts (columns id, text) to the Parquet file `path`; return path.
+def _sentences(docs: tuple[tuple[str, list[str]], ...]) -> dict[str, str]:
+    """Deduplicated single sentences of up to SENTENCE_MAX_WORDS words: {text: source}."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for source, paras in docs:
+        for p in paras:
+            for sentence in SENTENCE_END.split(p):
+                text = _clean(sentence) if len(sentence.split()) <= SENTENCE_MAX_WORDS else None
+                if text and text.lower() not in seen:
+                    seen.add(text.lower())
+                    out[text] = source
+    return out
 
-    The row order is shuffled, so any prefix has the same length mix as the whole file
-    (the Ray baseline runs on a prefix).
-    """
-    pools = _pools(_doc_documents() + _py_documents())
+
+def _pick_mixed(rows: int, rng: random.Random) -> list[tuple[str, str]]:
+    pools = _pools(_documents())
     total = sum(len(p) for p in pools.values())
     if total < rows:
         raise RuntimeError(f"only {total} unique texts found on this machine; asked for {rows}")
-    rng = random.Random(seed)
     want = {cls: round(rows * frac) for cls, frac in MIX.items()}
     want["medium"] += rows - sum(want.values())
     picked: list[tuple[str, str]] = []
@@ -177,6 +201,26 @@ def build_corpus(path: str, rows: int = 10_000, seed: int = 0) -> str:
         taken = set(picked)
         rest = [kv for cls in pools for kv in pools[cls].items() if kv not in taken]
         picked += rng.sample(rest, rows - len(picked))
+    return picked
+
+
+def _pick_short(rows: int, rng: random.Random) -> list[tuple[str, str]]:
+    items = list(_sentences(_documents()).items())
+    if len(items) < rows:
+        raise RuntimeError(f"only {len(items)} unique short sentences found on this machine; asked for {rows}")
+    return rng.sample(items, rows)
+
+
+def build_corpus(path: str, rows: int = 10_000, seed: int = 0, kind: str = "mixed") -> str:
+    """Write `rows` unique texts (columns id, text) of corpus `kind` to the Parquet file `path`.
+
+    The row order is shuffled, so any prefix has the same length mix as the whole file
+    (the floors and the Ray baseline run on a prefix).
+    """
+    if kind not in CORPUS_KINDS:
+        raise ValueError(f"corpus kind {kind!r} is not valid; valid values: {', '.join(CORPUS_KINDS)}")
+    rng = random.Random(seed)
+    picked = _pick_mixed(rows, rng) if kind == "mixed" else _pick_short(rows, rng)
     rng.shuffle(picked)
     ids = [f"{src}-{hashlib.sha1(t.encode()).hexdigest()[:16]}" for t, src in picked]
     assert len(set(ids)) == len(ids), "id collision"
@@ -206,11 +250,12 @@ def _main() -> None:
     ap.add_argument("path")
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=CORPUS_KINDS, default="mixed")
     ap.add_argument("--stats", metavar="TOKENIZER", help="print token-length stats (model path)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    build_corpus(args.path, args.rows, args.seed)
-    print(f"wrote {args.rows} rows to {args.path} in {time.perf_counter() - t0:.1f}s")
+    build_corpus(args.path, args.rows, args.seed, args.kind)
+    print(f"wrote {args.rows} {args.kind} rows to {args.path} in {time.perf_counter() - t0:.1f}s")
     if args.stats:
         from transformers import AutoTokenizer
 
