@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from encoders.core.device import autocast, resolve_precision
+from encoders.core.device import autocast, native_reduced, resolve_precision
 from jobs.text_tower import TextTower, cached_mnrl_step, embed_all, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ def amp_for(device: torch.device, precision: str) -> tuple[Callable[[], Any] | N
 def cpu_runs_bf16() -> bool:
     """This CPU computes bf16 natively (AVX512_BF16 or AMX): bf16 autocast trains about 1.8x
     faster there than fp32 (benchmarks/finetune_step.py). Elsewhere it is emulated, and slower."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return native_reduced(torch.device("cpu")) == "bf16"
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
     flag("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
     flag("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
+    flag("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="every encoder's (default auto: see README)")
     flag(
         "--output-format",
         choices=("parquet", "lance"),
@@ -238,6 +239,8 @@ def _modality_encoder(args: argparse.Namespace, modality: str) -> dict[str, Any]
     column = column or modality
     encoder: dict[str, Any] = {"output": output_name or column, "column": column, "model": model}
     encoder.update({key: getattr(args, key) for key in option_flags.split() if getattr(args, key) is not None})
+    if args.precision:
+        encoder["precision"] = args.precision
     return encoder
 
 

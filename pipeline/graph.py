@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.joins import id_pass
 from pipeline.lance_sink import LanceSink
 from pipeline.plan import EncoderPlan, as_config, default_part_rows, encoders_metadata, plan, sized_for_input
+from pipeline.precision import resolve_precisions
 from pipeline.preflight import sources_digest
 from pipeline.progress import ReadPlan, account
 from pipeline.schema import plan_output_schema
@@ -50,6 +51,7 @@ def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
                 "threads": p.encode.threads,
                 "max_tokens": p.encode.max_tokens,
                 "node_threads": p.encode.node_threads,
+                "require_native": p.pinned,
             },
         )
     return dataset
@@ -97,7 +99,6 @@ def run(
     ``pipeline.report.RowProgress``)."""
     config = as_config(config)
     plans = plan(config, cluster_shape())
-    meta = encoders_metadata(plans, config)
     transient = retried_io_errors()
     configure_retries(transient)  # the driver's own manifest, log and lease I/O
     tasks = RayTasks(transient)
@@ -105,6 +106,8 @@ def run(
     # Without a pass over every id (trust, no join), a WebDataset shard is counted by its read.
     count_on_read = config.output.on_duplicate_id == "trust" and not any(s.join for s in config.sources)
     chunks = plan_sources(config.sources, tasks, count_on_read)  # listings and footers, read in tasks
+    plans, _ = resolve_precisions(plans, chunks.chunks, transient)  # auto -> one precision for the run
+    meta = encoders_metadata(plans, config)
     sink: Sink = (LanceSink if config.output.format == "lance" else ParquetSink)(
         config, meta, fingerprint(config, meta)
     )

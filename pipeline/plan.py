@@ -87,6 +87,7 @@ class EncoderPlan:
     spec: EncoderSpec
     prepare: ResolvedStage
     encode: ResolvedStage
+    pinned: bool = False  # precision resolved from auto by a probe (pipeline/precision.py)
 
 
 def as_config(config: Config | Mapping[str, Any] | str | Path) -> Config:
@@ -142,7 +143,7 @@ def sized_for_input(plans: list[EncoderPlan], config: Config, row_bytes: int) ->
             rows = rows_for_bytes(p.encode.batch_size, row_bytes + prepared, BATCH_BYTES)
             encode = replace(p.encode, batch_size=rows)
             prepare = p.prepare if config.stage("prepare").batch_rows else replace(p.prepare, batch_size=rows)
-            p = EncoderPlan(p.spec, prepare, encode)
+            p = replace(p, prepare=prepare, encode=encode)
         out.append(p)
     return out
 

@@ -45,8 +45,15 @@ def preflight(config: Config, overwrite: bool = False, dry_run: bool = False) ->
         return None
     if not manifest or manifest.get("status") != "complete" or manifest.get("sources_digest") != digest:
         return None
-    meta = {s.output: s.metadata("cpu", "fp32") for s in specs}  # device and precision are not in the fingerprint
+    # The device is not in the fingerprint; the precision is, as the run resolved ``auto``.
+    ran = {k: v.get("precision") for k, v in (manifest.get("encoders") or {}).items()}
+    meta = {s.output: s.metadata("cpu", _precision(s, ran.get(s.output))) for s in specs}
     return manifest if manifest.get("fingerprint") == fingerprint(config, meta) else None
+
+
+def _precision(spec: Any, ran: str | None) -> str:
+    wanted = spec.options.get("precision", "auto")
+    return (ran or "fp32") if wanted == "auto" else wanted
 
 
 def sources_digest(sources: Sequence[SourceConfig]) -> str | None:

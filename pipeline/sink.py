@@ -391,15 +391,19 @@ def _once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def fingerprint(config: Config, encoders_meta: Mapping[str, Any]) -> str:
-    """What decides the output's content: sources, encoder options and weights, vector format.
-    Resources (batch sizes, pools) do not change vectors and are left out."""
+    """What decides the output's content: sources, encoder options and weights, the precision
+    they ran in (resolved: never ``auto``), vector format. Resources (batch sizes, pools) do not
+    change vectors and are left out."""
     plain = config.to_dict()
     plain.pop("resources", None)
     for encoder in plain["encoders"]:
         encoder.pop("resources", None)
     plain["output"] = {k: plain["output"][k] for k in ("vector_type", "dtype", "on_duplicate_id")}
     models = {
-        k: {f: v.get(f) for f in ("model", "weights_sha256", "dim", "pooling", "normalize", "max_length", "options")}
+        k: {
+            f: v.get(f)
+            for f in ("model", "weights_sha256", "dim", "pooling", "normalize", "max_length", "options", "precision")
+        }
         for k, v in encoders_meta.items()
     }
     return hashlib.sha256(json.dumps([plain, models], sort_keys=True, default=str).encode()).hexdigest()

@@ -59,7 +59,12 @@ class EncodeActor:
     """One loaded model per actor: prepared values in, vectors out, in input order."""
 
     def __init__(
-        self, spec: EncoderSpec, threads: int, max_tokens: int, node_threads: Callable[[], int] | None = None
+        self,
+        spec: EncoderSpec,
+        threads: int,
+        max_tokens: int,
+        node_threads: Callable[[], int] | None = None,
+        require_native: bool = False,
     ) -> None:
         import os
         import sys
@@ -87,6 +92,8 @@ class EncodeActor:
         # ``dimensions``: the model gives its own D; the output keeps the first N, renormalized.
         self.model_dim = spec.options.get("model_dim", spec.dim)
         self.model = FAMILIES.get(spec.family).load(replace(spec, dim=self.model_dim), device)
+        if require_native:  # the run's precision was resolved on another node (pipeline/precision.py)
+            check_native(spec.output, self.model.precision, device)
         self.extras = {modality: extra_columns(spec, modality) for modality in spec.columns}
         log.info(
             "encoder %s loaded on %s (%s, %d threads)",
@@ -127,6 +134,18 @@ class EncodeActor:
                 )
                 batch = batch.append_column(column, value)
         return batch
+
+
+def check_native(output: str, precision: str, device: Any) -> None:
+    from encoders.core.device import native_reduced
+    from encoders.core.fidelity import device_name
+
+    if precision != "fp32" and native_reduced(device) != precision:
+        raise RuntimeError(
+            f"encoder {output}: the run resolved precision: auto to {precision} on another node, and this node "
+            f"({device_name(device)}) does not compute {precision} natively; one run never mixes precisions: "
+            f"set precision: fp32 (or {precision}) on the encoder"
+        )
 
 
 def truncated(vectors: Any, n: int) -> Any:

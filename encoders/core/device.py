@@ -28,14 +28,25 @@ def pick_device(prefer_gpu: bool = True) -> torch.device:
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` in one process: fp16/bf16 on a GPU, fp32 on a CPU. A run resolves ``auto`` once,
+    with a fidelity probe (pipeline/precision.py), and pins the result before any actor starts."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not valid; valid values: {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
+    return native_reduced(device) if device.type == "cuda" else "fp32"  # type: ignore[return-value]
+
+
+def native_reduced(device: torch.device) -> str | None:
+    """The reduced precision ``device`` computes natively, or None. A GPU: bf16 where native,
+    else fp16 (emulated bf16 on a T4 or V100 is slower than fp16). A CPU: bf16 with AVX512-BF16
+    or AMX; ``get_cpu_capability()`` says ``AVX512`` without them too, so it cannot tell."""
     if device.type == "cuda":
-        # Emulated bf16 (T4, V100) is slower than fp16: only a GPU that runs it natively gets it.
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    return "fp32"
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return "bf16" if any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks) else None
+    return None
 
 
 def check_runtime_options(opts: Mapping[str, Any]) -> None:

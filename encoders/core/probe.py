@@ -14,24 +14,29 @@ from typing import Any, Callable
 from encoders.core.spec import Options, SpecRequest
 
 
-def _cache_file() -> Path:
+def _cache_file(name: str = "probed_dims.json") -> Path:
     root = os.environ.get("OMNIEMBED_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniembed"
     )
-    return Path(root) / "probed_dims.json"
+    return Path(root) / name
 
 
 def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
+    return int(cached_json("probed_dims.json", key_parts, probe))
+
+
+def cached_json(name: str, key_parts: dict, compute: Callable[[], Any]) -> Any:
+    """``compute()``'s JSON value, kept on disk (this node) under a hash of ``key_parts``."""
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
-    path = _cache_file()
+    path = _cache_file(name)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     if key in cache:
-        return int(cache[key])
-    dim = int(probe())
-    cache[key] = dim
+        return cache[key]
+    value = compute()
+    cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -39,7 +44,7 @@ def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
         tmp.replace(path)
     except OSError:
         pass  # a read-only home only costs a probe next time
-    return dim
+    return value
 
 
 def meta_dim(build: Callable[[], Any], run: Callable[[Any], Any]) -> int | None:

@@ -1,0 +1,145 @@
+"""``precision: auto``, resolved once per run before anything is written.
+
+The driver is often a CPU head unlike its workers, so it does not decide from its own hardware.
+For each encoder whose precision is ``auto`` it runs one probe task with the encoder's own
+resources (its GPU, its custom resources), so the task lands on a node of the kind the encoder's
+actors use. The task sees what that node computes natively (encoders/core/device.py) and, where
+that is a reduced precision, embeds a few real input rows in fp32 and in it; the reduced one is
+kept only when every vector keeps cosine >= 0.999 (encoders/core/fidelity.py, cached per model
+and device on the node). The answer is pinned into the encoder's options: the metadata and the
+resume fingerprint record it, so a run started in fp32 and resumed in bf16 refuses instead of
+mixing. Every actor checks that its node runs the pinned precision natively and fails loudly
+when it does not: one run never mixes precisions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from encoders.core.spec import EncoderSpec
+from pipeline.plan import EncoderPlan
+
+log = logging.getLogger(__name__)
+
+PROBE_ROWS = 64
+PROBE_SOURCES = 8  # the first chunk of each of the first sources: a joined column is in a later one
+
+
+def resolve_precisions(
+    plans: Sequence[EncoderPlan], chunks: pa.Table, retried_io_errors: list[str] | None = None
+) -> tuple[list[EncoderPlan], dict[str, dict[str, Any]]]:
+    """Plans whose ``auto`` precision is pinned to what each probe chose, and the probes'
+    reports by output name (for the log and the manifest)."""
+    todo = [i for i, p in enumerate(plans) if p.spec.options.get("precision", "auto") == "auto"]
+    if not todo:
+        return list(plans), {}
+    import ray
+
+    first = _first_chunk_of_each_source(chunks)
+    refs = {}
+    for i in todo:
+        stage = plans[i].encode
+        remote = ray.remote(probe_task).options(
+            num_cpus=1, num_gpus=stage.num_gpus, resources=dict(stage.resources or {}), max_retries=3
+        )
+        refs[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors)
+    out, reports = list(plans), {}
+    for i, ref in refs.items():
+        report = ray.get(ref)
+        spec = plans[i].spec
+        reports[spec.output] = report
+        log.info("encoder %s: precision auto -> %s (%s)", spec.output, report["precision"], _why(report))
+        out[i] = replace(out[i], spec=pinned(spec, report["precision"]), pinned=True)
+    return out, reports
+
+
+def pinned(spec: EncoderSpec, precision: str) -> EncoderSpec:
+    return replace(spec, options={**spec.options, "precision": precision})
+
+
+def _why(report: dict[str, Any]) -> str:
+    if report["candidate"] is None:
+        return f"{report['device']} has no native reduced precision"
+    verdict = "kept" if report["precision"] != "fp32" else "refused"
+    return f"{report['candidate']} {verdict}: min cosine {report['min_cosine']} to fp32 on {report['rows']} rows"
+
+
+def _first_chunk_of_each_source(chunks: pa.Table) -> pa.Table:
+    if not chunks.num_rows:
+        return chunks
+    sources = chunks.column("source").to_numpy()
+    starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]])[:PROBE_SOURCES]
+    return chunks.take(pa.array(starts))
+
+
+def probe_task(
+    spec: EncoderSpec, threads: int, max_tokens: int, chunks: pa.Table, retried_io_errors: list[str] | None
+) -> dict[str, Any]:
+    """A task on a node of the encoder's kind: this node's choice for ``auto`` (cached)."""
+    import torch
+
+    from encoders.core.device import pick_device
+    from encoders.core.fidelity import choose_precision
+
+    device = pick_device()
+    key = {
+        "family": spec.family,
+        "sha": spec.weights_sha256,
+        "model": spec.weights.reference,
+        "options": {k: v for k, v in spec.options.items() if k != "precision"},
+    }
+
+    def measure(candidate: str) -> tuple[float, int]:
+        from encoders.core.fidelity import min_cosine
+        from pipeline.stages import EncodeActor, prepare_batch
+
+        rows = probe_rows(spec, chunks)
+        reference_spec = pinned(spec, "fp32")
+        actor = EncodeActor(reference_spec, threads, max_tokens)
+        torch.set_num_threads(threads)
+        batch = prepare_batch(rows, reference_spec, retried_io_errors)
+        reference = _vectors(actor(batch), spec)
+        actor.model.precision = candidate
+        reduced = _vectors(actor(batch), spec)
+        both = [(a, b) for a, b in zip(reference, reduced) if a is not None and b is not None]
+        if not both:
+            return 1.0, 0
+        return min_cosine(np.array([a for a, _ in both]), np.array([b for _, b in both])), len(both)
+
+    return choose_precision(device, key, measure)
+
+
+def probe_rows(spec: EncoderSpec, chunks: pa.Table) -> pa.Table:
+    """Up to PROBE_ROWS real input rows with every column the encoder reads set."""
+    from pipeline.sources import ReadChunk, read_chunk
+
+    columns = list(spec.columns.values())
+    found = []
+    for row in chunks.to_pylist():
+        table = read_chunk(ReadChunk.from_row(row))
+        if not set(columns) <= set(table.column_names):
+            continue
+        mask = None
+        for column in columns:
+            valid = pc.is_valid(table.column(column))
+            mask = valid if mask is None else pc.and_(mask, valid)
+        found.append(table.filter(mask).slice(0, PROBE_ROWS))
+        if sum(t.num_rows for t in found) >= PROBE_ROWS:
+            break
+    if not found:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(found, promote_options="permissive").slice(0, PROBE_ROWS)
+
+
+def _vectors(table: pa.Table, spec: EncoderSpec) -> list[Any]:
+    """Per row, the concatenation of its embedding columns (None where any is null)."""
+    from pipeline.columns import embedding_column
+
+    columns = [table.column(embedding_column(spec, m)).to_pylist() for m in spec.columns]
+    return [None if any(v is None for v in values) else np.concatenate(values) for values in zip(*columns)]
