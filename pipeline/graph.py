@@ -67,6 +67,7 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
         config = {"sources": [{"path": "<dataset>"}], "output": {"path": "<dataset>"}, **config}
     config = as_config(config)
     plans = plan(config, cluster_shape())
+    plans, _ = resolve_precisions(plans, None, retried_io_errors(), dataset=dataset)  # auto: as run() resolves it
     dataset = add_encoders(dataset, plans)
     extras = [c for p in plans for m in p.spec.columns for _, c, _ in extra_columns(p.spec, m, config.output.dtype)]
     if extras and len(plans) > 1:  # as the output schema: every encoder's vector and error, then the extras

@@ -32,23 +32,30 @@ PROBE_SOURCES = 8  # the first chunk of each of the first sources: a joined colu
 
 
 def resolve_precisions(
-    plans: Sequence[EncoderPlan], chunks: pa.Table, retried_io_errors: list[str] | None = None
+    plans: Sequence[EncoderPlan],
+    chunks: pa.Table | None,
+    retried_io_errors: list[str] | None = None,
+    dataset: Any = None,
 ) -> tuple[list[EncoderPlan], dict[str, dict[str, Any]]]:
     """Plans whose ``auto`` precision is pinned to what each probe chose, and the probes'
-    reports by output name (for the log and the manifest)."""
+    reports by output name (for the log and the manifest). The probe rows are read from the
+    first chunk of each source, or taken from ``dataset`` (``embed()`` on a Ray Dataset)."""
     todo = [i for i, p in enumerate(plans) if p.spec.options.get("precision", "auto") == "auto"]
     if not todo:
         return list(plans), {}
     import ray
 
-    first = _first_chunk_of_each_source(chunks)
+    if dataset is not None:
+        rows, first = dataset.take_batch(PROBE_ROWS, batch_format="pyarrow"), None
+    else:
+        rows, first = None, _first_chunk_of_each_source(chunks)
     refs = {}
     for i in todo:
         stage = plans[i].encode
         remote = ray.remote(probe_task).options(
             num_cpus=1, num_gpus=stage.num_gpus, resources=dict(stage.resources or {}), max_retries=3
         )
-        refs[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors)
+        refs[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors, rows)
     out, reports = list(plans), {}
     for i, ref in refs.items():
         report = ray.get(ref)
@@ -79,9 +86,15 @@ def _first_chunk_of_each_source(chunks: pa.Table) -> pa.Table:
 
 
 def probe_task(
-    spec: EncoderSpec, threads: int, max_tokens: int, chunks: pa.Table, retried_io_errors: list[str] | None
+    spec: EncoderSpec,
+    threads: int,
+    max_tokens: int,
+    chunks: pa.Table | None,
+    retried_io_errors: list[str] | None,
+    rows: pa.Table | None = None,
 ) -> dict[str, Any]:
-    """A task on a node of the encoder's kind: this node's choice for ``auto`` (cached)."""
+    """A task on a node of the encoder's kind: this node's choice for ``auto`` (cached). The
+    probe rows: ``rows``, or those of ``chunks`` (read here)."""
     import torch
 
     from encoders.core.device import pick_device
@@ -99,11 +112,11 @@ def probe_task(
         from encoders.core.fidelity import min_cosine
         from pipeline.stages import EncodeActor, prepare_batch
 
-        rows = probe_rows(spec, chunks)
+        sample = probe_rows(spec, chunks, rows)
         reference_spec = pinned(spec, "fp32")
         actor = EncodeActor(reference_spec, threads, max_tokens)
         torch.set_num_threads(threads)
-        batch = prepare_batch(rows, reference_spec, retried_io_errors)
+        batch = prepare_batch(sample, reference_spec, retried_io_errors)
         reference = _vectors(actor(batch), spec)
         actor.model.precision = candidate
         reduced = _vectors(actor(batch), spec)
@@ -115,14 +128,14 @@ def probe_task(
     return choose_precision(device, key, measure)
 
 
-def probe_rows(spec: EncoderSpec, chunks: pa.Table) -> pa.Table:
+def probe_rows(spec: EncoderSpec, chunks: pa.Table | None, rows: pa.Table | None = None) -> pa.Table:
     """Up to PROBE_ROWS real input rows with every column the encoder reads set."""
     from pipeline.sources import ReadChunk, read_chunk
 
     columns = list(spec.columns.values())
     found = []
-    for row in chunks.to_pylist():
-        table = read_chunk(ReadChunk.from_row(row))
+    tables = [rows] if rows is not None else (read_chunk(ReadChunk.from_row(r)) for r in chunks.to_pylist())
+    for table in tables:
         if not set(columns) <= set(table.column_names):
             continue
         mask = None

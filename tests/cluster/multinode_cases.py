@@ -122,6 +122,7 @@ def _config(tmp: Path, name: str, corpus: Path, model: Path) -> tuple[Path, Path
                 "output": "text",
                 "column": "text",
                 "model": str(model),
+                "precision": "fp32",  # compared with an fp32 AutoModel reference within 1e-5
                 "resources": {
                     "cpus": 0.5,
                     "pool": [1, 2],

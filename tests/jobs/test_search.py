@@ -110,7 +110,14 @@ def test_cross_modal_text_to_image_equals_direct_clip(ray_session, tmp_path):
         {
             "sources": [{"path": str(src), "id_column": "id"}],
             "output": {"path": str(out)},
-            "encoders": [{"output": "clip", "model": str(clip), "columns": {"text": "caption", "image": "image"}}],
+            "encoders": [
+                {
+                    "output": "clip",
+                    "model": str(clip),
+                    "columns": {"text": "caption", "image": "image"},
+                    "precision": "fp32",
+                }
+            ],
         }
     )
     assert main(["build", str(out), "--column", "clip_image_embedding", "--recall-queries", "10"]) == 0

@@ -51,7 +51,7 @@ def test_image_folder_with_bad_files(ray_session, lite0_available, tmp_path):
         (photos / name).write_bytes(data)
     (photos / "notes.txt").write_text("not listed: not an image suffix")
     out = tmp_path / "out"
-    flags = "--kind image --image-model efficientnet-lite0 --max-error-rate 0.9".split()
+    flags = "--kind image --image-model efficientnet-lite0 --max-error-rate 0.9 --precision fp32".split()
     assert cli_main(["embed", str(photos), "--output", str(out), *flags]) == 0
     table = pq.read_table(out).sort_by("id")
     assert table.column_names == ["id", "image_embedding", "image_error"]
@@ -92,7 +92,7 @@ def test_manifest_with_text_and_image_columns(ray_session, lite0_available, tiny
     args += [
         "--text-model",
         tiny_bert,
-        *"--image-column image --image-model efficientnet-lite0 --max-error-rate 0.5".split(),
+        *"--image-column image --image-model efficientnet-lite0 --max-error-rate 0.5 --precision fp32".split(),
     ]
     config = config_from_flags(build_parser().parse_args(args))
     assert [e["column"] for e in config["encoders"]] == ["caption", "image"]
@@ -116,7 +116,8 @@ def test_raw_bytes_column(ray_session, lite0_available, tmp_path):
     data = [encode(real_photos()["rocket"]), b"\x89PNG broken", None]
     pq.write_table(pa.table({"id": ["a", "b", "c"], "img": pa.array(data, pa.binary())}), src)
     out = tmp_path / "out"
-    flags = "--id-column id --image-column img --image-model efficientnet-lite0 --max-error-rate 0.9".split()
+    flags = "--id-column id --image-column img --image-model efficientnet-lite0 --max-error-rate 0.9 --precision fp32"
+    flags = flags.split()
     assert cli_main(["embed", str(src), "--output", str(out), *flags]) == 0
     table = pq.read_table(out).sort_by("id").to_pylist()
     assert np.allclose(
