@@ -14,7 +14,8 @@ from typing import Any, Callable
 from encoders.core.spec import Options, SpecRequest
 
 
-def _cache_file(name: str = "probed_dims.json") -> Path:
+def cache_path(name: str = "probed_dims.json") -> Path:
+    """``name`` under this node's cache: ``$OMNIEMBED_CACHE``, else ``~/.cache/omniembed``."""
     root = os.environ.get("OMNIEMBED_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniembed"
     )
@@ -28,7 +29,7 @@ def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
 def cached_json(name: str, key_parts: dict, compute: Callable[[], Any]) -> Any:
     """``compute()``'s JSON value, kept on disk (this node) under a hash of ``key_parts``."""
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
-    path = _cache_file(name)
+    path = cache_path(name)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -4,6 +4,10 @@ Prepare (CPU task, encoders/text/tokenize.py): text -> token id chunks. Encode (
 pooling, the folder's modules after Pooling (Dense, LayerNorm, ...: encoders/text/st_head.py),
 chunk pooling, L2 normalization. The vectors equal sentence-transformers' ``encode`` for the
 same folder: same max_seq_length, pooling, modules, Normalize, prompts and lowercasing.
+
+``backend: onnx`` runs only the transformer's forward in ONNX Runtime (encoders/text/onnx_backend.py),
+in fp32 whatever ``precision`` asks (ORT on a CPU has no bf16 autocast), with int8 weights under
+``quantize: int8``; everything after the hidden states is the same code as for ``backend: torch``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from encoders.core.device import DeviceModel, autocast, resolve_precision
 from encoders.core.pooling import check_pooling, pool_tokens
 from encoders.core.probe import meta_dim, spec_with_dim
 from encoders.core.spec import EncodeResult, EncoderFamily, EncoderSpec, Prepared, SpecRequest, validate_options
+from encoders.text.onnx_backend import check_backend, load_onnx_transformer
 from encoders.text.st_head import describe, head_classes, head_files, load_head, run_head
 from encoders.text.tokenize import (
     FolderSettings,
@@ -44,6 +49,8 @@ TEXT_OPTIONS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "max_chunks": (int, 8),
     "max_chars": (int, 16_000_000),
     "precision": (str, "auto"),
+    "backend": (str, "torch"),  # torch | onnx (encoders/text/onnx_backend.py)
+    "quantize": (str, "none"),  # none | int8, with backend onnx only
     "trust_remote_code": (bool, False),
 }
 
@@ -77,6 +84,7 @@ class HFTextFamily(EncoderFamily):
         if opts["max_chunks"] < 1:
             raise ValueError("max_chunks must be >= 1")
         resolve_precision(torch.device("cpu"), opts["precision"])  # validates the name
+        check_backend(opts)  # backend onnx: precision pinned to fp32
         sha = weights_sha256(folder.model_dir)
         if folder.truncate_dim:
             opts["truncate_dim"] = int(folder.truncate_dim)  # the planner's default for dimensions
@@ -162,8 +170,13 @@ class HFTextEncoder(DeviceModel):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pass_token_types = "token_type_ids" in tokenizer.model_input_names
         super().__init__(spec, device)
-        self.model = AutoModel.from_pretrained(folder.model_dir, trust_remote_code=trust, dtype=torch.float32)
-        self.model.eval().to(device)
+        if spec.options["backend"] == "onnx":  # only the transformer's forward moves to ONNX Runtime
+            self.model: Any = load_onnx_transformer(
+                folder.model_dir, spec.weights_sha256, spec.options["quantize"], self.pass_token_types, trust
+            )
+        else:
+            self.model = AutoModel.from_pretrained(folder.model_dir, trust_remote_code=trust, dtype=torch.float32)
+            self.model.eval().to(device)
         self.head = load_head(folder.head, folder.root, trust).to(device) if folder.head else None
         probe_ids = tokenizer("probe", truncation=True, max_length=spec.options["max_length"])["input_ids"]
         self.dim = int(self._forward([probe_ids]).shape[1])
