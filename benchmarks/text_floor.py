@@ -129,8 +129,30 @@ def _load_int8(path: str) -> Embed:
 register_floor("fp32", FloorRunner(lambda path: _torch_embed(_torch_model(path), None)))
 register_floor("bf16", FloorRunner(lambda path: _torch_embed(_torch_model(path), torch.bfloat16)))
 register_floor("int8", FloorRunner(_load_int8, eligible=False))  # dynamic quantization of Linear layers
-# ONNX Runtime and OpenVINO are not installed here; register their runners when they are.
-OPTIONAL_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def _load_onnx(quantize: str) -> Callable[[str], Embed]:
+    """ONNX Runtime through omniembed's own export (encoders/text/onnx_backend.py, cached)."""
+
+    def load(path: str) -> Embed:
+        from encoders.core.weights import weights_sha256
+        from encoders.text.onnx_backend import load_onnx_transformer
+
+        model = load_onnx_transformer(path, weights_sha256(path), quantize, True, False)
+
+        def embed(x: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+            inputs = {"input_ids": x, "attention_mask": mask, "token_type_ids": torch.zeros_like(x)}
+            return mean_pool(model(**inputs).last_hidden_state, mask).numpy()
+
+        return embed
+
+    return load
+
+
+if importlib.util.find_spec("onnxruntime"):  # the onnx extra
+    register_floor("onnx", FloorRunner(_load_onnx("none")))
+    register_floor("onnx-int8", FloorRunner(_load_onnx("int8"), eligible=False))
+OPTIONAL_RUNTIMES = ("openvino",)  # installed but without a runner: a note says so
 
 
 # --- (a) the floor ------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Per corpus (benchmarks/text_corpus.py: `mixed` lengths, or `short` single senten
 median under 20 tokens), one model, in rows/s:
   (a) floor      single process, pre-tokenized, length-sorted token-budget batches, forward +
                  mean-pool + normalize only, torch on all cores (benchmarks/text_floor.py).
-                 Measured in fp32, bf16 autocast and int8; the floor is the fastest of those
-                 whose vectors keep cosine >= 0.999 to fp32's (int8 never: reported beside it).
+                 Measured in fp32, bf16 autocast, torch int8 and, with the onnx extra, ONNX
+                 Runtime fp32 and int8 (omniembed's own export); the floor is the fastest of
+                 those whose vectors keep cosine >= 0.999 to fp32's (int8 never: beside it).
   (b) ray-naive  what a typical user writes, in the style of Ray's own release benchmarks
                  (multimodal_inference_benchmarks/*/ray_data_main.py): read_parquet ->
                  map_batches(actor, fixed batch, pad-to-longest) -> write_parquet.
@@ -25,7 +26,8 @@ prints FAIL but does not change the exit status: this is a measurement. A run th
 
     python benchmarks/text_throughput.py [--corpus mixed|short|both] [--rows 40000]
         [--floor-rows 5000] [--baseline-rows 2000] [--small ROWS] [--precision fp32|bf16|auto]
-        [--floors fp32,bf16,int8] [--skip-ray] [--skip-omniembed] [--corpus-dir DIR]
+        [--backend torch|onnx]
+        [--floors fp32,bf16,int8,onnx,onnx-int8] [--skip-ray] [--skip-omniembed] [--corpus-dir DIR]
 """
 
 from __future__ import annotations
@@ -126,12 +128,14 @@ def bench_ray(corpus: str, model_path: str, outdir: str, batch_size: int) -> tup
 # --- (c) omniembed, end to end ------------------------------------------------------------
 
 
-def bench_omniembed(corpus: str, outdir: str, model_ref: str, precision: str) -> float:
+def bench_omniembed(corpus: str, outdir: str, model_ref: str, precision: str, backend: str = "torch") -> float:
     """`omniembed run` on the config `omniembed embed --id-column id --text-column text` builds,
     with the encoder's `precision:` (the embed command has no flag for it)."""
     config = {
         "sources": [{"path": corpus, "id_column": "id"}],
-        "encoders": [{"output": "text", "column": "text", "model": model_ref, "precision": precision}],
+        "encoders": [
+            {"output": "text", "column": "text", "model": model_ref, "precision": precision, "backend": backend}
+        ],
         "output": {"path": outdir},
     }
     config_path = Path(outdir).with_suffix(".yaml")
@@ -227,7 +231,7 @@ def bench_corpus(kind: str, args: argparse.Namespace, model_path: str, work: Pat
             for n in sizes:
                 corpus, out = str(work / f"{kind}-{n}.parquet"), str(work / f"{kind}-out_c{n}")
                 pq.write_table(table.slice(0, n), corpus)
-                secs = bench_omniembed(corpus, out, args.model, args.precision)
+                secs = bench_omniembed(corpus, out, args.model, args.precision, args.backend)
                 cosines.append(check_against_fp32(f"c {n} rows", out, "text_embedding", ids, ref, n))
                 rep.omniembed[n] = secs
                 shutil.rmtree(out, ignore_errors=True)
@@ -313,6 +317,7 @@ def main() -> int:
     ap.add_argument("--baseline-rows", type=int, default=2_000, help="rows for (b), a prefix")
     ap.add_argument("--small", type=int, help="(c) also on this many rows (default rows // 4; 0: skip)")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto", help="(c): the encoder's precision")
+    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="(c): the encoder's backend")
     ap.add_argument("--floors", default=",".join(FLOOR_RUNNERS), help="(a): runners, comma-separated")
     ap.add_argument("--model", default=HUB_ID, help="hub id or local folder")
     ap.add_argument("--skip-ray", action="store_true")
