@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
     flag("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")
     flag("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="every encoder's (default auto: see README)")
+    flag("--backend", choices=("torch", "onnx"), help="the text encoder's: torch (default) or onnx (the onnx extra)")
     flag(
         "--output-format",
         choices=("parquet", "lance"),
@@ -215,7 +216,11 @@ def config_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 # modality -> (what its column holds, what its model reference is, its option flags)
 MODALITY_FLAGS: dict[str, tuple[str, str, str]] = {
-    "text": ("the text", "a registry alias, hub id or local folder", "pooling normalize prefix long_text max_length"),
+    "text": (
+        "the text",
+        "a registry alias, hub id or local folder",
+        "pooling normalize prefix long_text max_length backend",
+    ),
     "image": ("image paths, URIs or bytes", "a registry alias (e.g. efficientnet-lite0) or a folder", "max_pixels"),
     "audio": (
         "audio paths, URIs or bytes",

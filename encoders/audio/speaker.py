@@ -49,7 +49,7 @@ SPEAKER_OPTIONS: dict[str, tuple[Any, Any]] = {
     **AUDIO_OPTIONS,
     "features": (dict, None),  # declared front end: n_fft, hop_length, n_mels, target_dbfs
     "normalize": (bool, True),  # L2-normalize the pooled vector (resemblyzer does)
-    "precision": (str, "fp32"),  # an LSTM over 160 steps: fp32 unless asked
+    "precision": (str, "auto"),  # a run keeps bf16 only where the fidelity probe passes (pipeline/precision.py)
     "micro_batch": (int, None),  # windows per forward; default by device (below)
 }
 

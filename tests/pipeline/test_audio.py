@@ -64,7 +64,7 @@ def test_audio_folder_with_bad_and_long_clips(ray_session, resemblyzer_available
     expected["long/ten_minutes.wav"] = None
     (clips / "notes.txt").write_text("not listed: not an audio suffix")
     out = tmp_path / "out"
-    flags = "--kind audio --audio-model resemblyzer --max-windows 8 --max-error-rate 0.9".split()
+    flags = "--kind audio --audio-model resemblyzer --max-windows 8 --max-error-rate 0.9 --precision fp32".split()
     assert cli_main(["embed", str(clips), "--output", str(out), *flags]) == 0
     table = pq.read_table(out).sort_by("id")
     assert table.column_names == ["id", "audio_embedding", "audio_error", "audio_windows"]

@@ -157,3 +157,17 @@ def test_help_documents_every_option(capsys):
     embed = parser._subparsers._group_actions[0].choices["embed"]
     undocumented = [a.dest for a in embed._actions if not a.help]
     assert undocumented == []
+
+
+def test_precision_and_backend_flags_pin_the_encoders():
+    def encoders(*flags):
+        base = ["embed", "in.parquet", "--output", "o", "--id-column", "id", "--text-column", "t", "--text-model", "m"]
+        base += ["--image-column", "img", "--image-model", "efficientnet-lite0"]
+        return config_from_flags(build_parser().parse_args([*base, *flags]))["encoders"]
+
+    assert all("precision" not in e and "backend" not in e for e in encoders())  # auto, torch: the defaults
+    pinned = encoders("--precision", "fp32", "--backend", "onnx")
+    assert [e["precision"] for e in pinned] == ["fp32", "fp32"]
+    assert [e.get("backend") for e in pinned] == ["onnx", None]  # a text tower's option only
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["embed", "x", "--output", "o", "--precision", "int4"])
