@@ -4,7 +4,6 @@ and cached per model and device."""
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import numpy as np
@@ -22,6 +21,7 @@ from pipeline.precision import probe_task
 from pipeline.stages import check_native
 from pipeline.tasks import LocalTasks
 from tests.image_data import encode, real_photos
+from tests.text_data import docstring_lines
 
 CPU = torch.device("cpu")
 needs_bf16 = pytest.mark.skipif(native_reduced(CPU) != "bf16", reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
@@ -74,12 +74,7 @@ def probe(tmp_path, source, encoder):
 
 @pytest.fixture
 def docstrings(tmp_path):
-    lines = [
-        line.strip()
-        for name in sorted(dir(builtins))
-        for line in (getattr(builtins, name).__doc__ or "").splitlines()
-        if len(line.strip()) > 15
-    ]
+    lines = docstring_lines(16)
     path = tmp_path / "texts.parquet"
     pq.write_table(pa.table({"id": [str(i) for i in range(len(lines))], "text": lines}), path)
     return {"path": str(path), "id_column": "id"}

@@ -3,7 +3,6 @@ vectors keep cosine >= 0.999 to an fp32 run, and a resume in another precision r
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import numpy as np
@@ -14,16 +13,12 @@ import torch
 
 from encoders.core.device import native_reduced
 from pipeline.cli import main as cli_main
+from tests.text_data import docstring_lines
 
 
 @pytest.fixture
 def docstrings(tmp_path):
-    lines = [
-        line.strip()
-        for name in sorted(dir(builtins))
-        for line in (getattr(builtins, name).__doc__ or "").splitlines()
-        if len(line.strip()) > 15
-    ][:96]
+    lines = docstring_lines(16)[:96]
     path = tmp_path / "texts.parquet"
     pq.write_table(pa.table({"id": [f"d{i:03d}" for i in range(len(lines))], "text": lines}), path)
     return path

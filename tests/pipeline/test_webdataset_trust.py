@@ -3,7 +3,6 @@ read counts the rest. Counts, breaks, resume and the exactly-once check still ho
 
 from __future__ import annotations
 
-import builtins
 import json
 import tarfile
 
@@ -22,6 +21,7 @@ from pipeline.sources import CHUNK_COLUMN, parse_tags, read_chunk_rows
 from pipeline.tasks import LocalTasks
 from tests.pipeline.test_sources import read_all
 from tests.pipeline.test_webdataset import add, write_shards
+from tests.text_data import docstring_lines
 
 
 def read_counted_on_read(sources, records=None, output="/nonexistent"):
@@ -72,12 +72,7 @@ def test_a_break_past_the_head_is_found_by_the_read(tmp_path, monkeypatch):
 
 def write_caption_shards(folder, n_shards=3, per_shard=30):
     """Captions from Python's own docstrings, ``per_shard`` samples a shard."""
-    lines = [
-        line.strip()
-        for name in sorted(dir(builtins))
-        for line in (getattr(builtins, name).__doc__ or "").splitlines()
-        if len(line.strip()) > 20
-    ]
+    lines = docstring_lines(21)
     folder.mkdir(parents=True)
     for s in range(n_shards):
         with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
