@@ -5,20 +5,26 @@ encoder, 256-d), three numbers in clips/s:
   (a) floor      one process; clips decoded, mono, resampled to 16 kHz and laid out as tensors
                  beforehand; timed: the family's own ``SpeakerEncoder.forward`` (gain to -30 dBFS,
                  mel of each clip, LSTM on micro-batches of 1.6 s windows, mean pooling per clip,
-                 L2 normalization) at its fastest micro-batch size. Torch on all cores.
+                 L2 normalization) at its fastest micro-batch size. Torch on all cores. Measured
+                 with the LSTM in fp32 and in bf16 autocast (the front end in fp32 both times, as
+                 omniembed runs it); the floor is the fastest whose vectors keep min cosine
+                 >= 0.999 to fp32's (benchmarks/floors.py).
   (b) ray-naive  in the style of Ray's audio benchmark (multimodal_inference_benchmarks/
                  audio_transcription/ray_data_main.py): read_binary_files -> map(soundfile decode,
                  mono, torchaudio Resample) -> map_batches(actor: resemblyzer's embed_utterance in
                  batches, same network and mel) -> write_parquet.
-  (c) omniembed  `omniembed embed DIR --kind audio --audio-model resemblyzer` in a fresh process,
-                 wall clock for everything; run twice, on the first --small clips (default a
-                 third) and on all of them. The difference splits (c) into a fixed cost per run
+  (c) omniembed  `omniembed embed DIR --kind audio --audio-model resemblyzer` in a fresh process
+                 at its default `precision: auto` (the resolved precision is read from the output's
+                 _manifest.json), wall clock for everything; run twice, on the first --small clips
+                 (default a third) and on all of them. The difference splits (c) into a fixed cost per run
                  (interpreter, imports, Ray's start and stop, model load, first and last block)
                  and a rate once running: (N - n) / (t_N - t_n) clips/s.
-(b)'s and (c)'s vectors must match (a)'s (cosine >= 0.99 per clip), with every clip present and
-the same window count. Target: c/a >= 0.8 (see benchmarks/README.md).
+(b)'s and (c)'s vectors must match the fp32 floor's (cosine per clip >= 0.99 for (b), >= 0.999
+for (c); else exit 1), with every clip present and the same window count. Target: c/a >= 0.8
+end to end (see benchmarks/README.md); a miss prints FAIL but does not change the exit status.
 
     python benchmarks/audio_throughput.py [--clips 7200] [--small 2400] [--folder DIR] [--skip-ray] [--skip-omniembed]
+        [--precision auto|fp32|bf16]
     python benchmarks/audio_throughput.py --one-hour     # only: peak RSS of prepare on a 1 h file
 """
 
@@ -48,7 +54,23 @@ import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from floors import (  # noqa: E402
+    FAITHFUL_COSINE,
+    FloorResult,
+    check_vectors,
+    embed_cli,
+    floor_rows,
+    manifest_precision,
+    pick_floor,
+    print_floor,
+    print_split,
+    print_table,
+    time_floor,
+    uptime,
+    verdict,
+)
+
 from encoders import FAMILIES, MODELS  # noqa: E402
 from encoders.audio.prepare import AudioPreprocess, decode_audio, waveforms_to_arrow  # noqa: E402
 from encoders.audio.speaker import INT16_MAX, load_speaker_net  # noqa: E402
@@ -60,8 +82,9 @@ from tests.audio_data import SENTENCES, VOICES, write_long_wav  # noqa: E402
 MODEL = "resemblyzer"
 RATES = (16_000, 22_050, 44_100)  # espeak-ng speaks at 22.05 kHz: two of three need sox
 AUDIO_EXTENSIONS = ("wav", "flac")
-MIN_COSINE = 0.99
+MIN_COSINE = 0.99  # (b), resemblyzer's own code path in fp32
 FLOOR_MICRO_BATCHES = (32, 64, 128, 256, 512)
+FLOOR_PRECISIONS = ("fp32", "bf16")  # of the LSTM; the mel front end stays fp32
 
 
 # --- clips ----------------------------------------------------------------------------------
@@ -79,25 +102,9 @@ def build_clips(folder: Path, count: int, seed: int, max_sentences: int) -> list
     paths = []
     for i in range(count):
         text = " ".join(rng.choice(SENTENCES, int(rng.integers(1, max_sentences + 1)), replace=False))
-        speed, pitch, amplitude = (int(rng.integers(lo, hi)) for lo, hi in ((140, 201), (25, 76), (60, 181)))
-        subprocess.run(
-            [
-                "espeak-ng",
-                "-v",
-                VOICES[i % len(VOICES)],
-                "-s",
-                str(speed),
-                "-p",
-                str(pitch),
-                "-a",
-                str(amplitude),
-                "-w",
-                str(raw),
-                text,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        speed, pitch, amplitude = (str(int(rng.integers(lo, hi))) for lo, hi in ((140, 201), (25, 76), (60, 181)))
+        voice = ["-v", VOICES[i % len(VOICES)], "-s", speed, "-p", pitch, "-a", amplitude]
+        subprocess.run(["espeak-ng", *voice, "-w", str(raw), text], check=True, capture_output=True)
         path = folder / f"clip-{i:04d}.{AUDIO_EXTENSIONS[int(rng.integers(0, 2))]}"
         subprocess.run(["sox", str(raw), "-r", str(RATES[i % len(RATES)]), str(path)], check=True, capture_output=True)
         paths.append(path)
@@ -112,13 +119,13 @@ def list_clips(folder: Path) -> list[Path]:
 # --- (a) compute floor ----------------------------------------------------------------------
 
 
-def plan_speaker():
+def plan_speaker(precision: str = "fp32"):
     """The spec and loaded encoder omniembed itself uses for ``--audio-model resemblyzer``."""
     config = config_from_dict(
         {
             "sources": [{"path": "x", "id_column": "id"}],
             "output": {"path": "o"},
-            "encoders": [{"output": "audio", "column": "audio", "model": MODEL}],
+            "encoders": [{"output": "audio", "column": "audio", "model": MODEL, "precision": precision}],
         }
     )
     spec = plan_encoders(config.encoders)[0]
@@ -132,44 +139,48 @@ def normalize_volume(wave: np.ndarray, target_dbfs: float) -> np.ndarray:
     return wave * np.float32(10 ** (change / 20)) if rms > 0 and change > 0 else wave
 
 
-def bench_floor(paths: list[Path], group: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
-    """-> (seconds, (n, 256) vectors, (n,) windows per clip). Only the forward is timed: the
-    family's own ``SpeakerEncoder.forward`` (per-clip gain to -30 dBFS from a sum of squares,
-    mel of each clip scaled by the gain squared, LSTM on micro-batches of windows, mean
-    pooling, L2 normalization) on batches whose samples are decoded, resampled and laid out
-    beforehand. The floor takes its fastest micro-batch size on all cores (measured first on
-    two batches), not omniembed's one-thread default."""
+def bench_floors(paths: list[Path], group: int = 64) -> tuple[list[FloorResult], np.ndarray, np.ndarray]:
+    """-> (one result per precision, fp32's (n, 256) vectors, (n,) windows per clip). Only the
+    forward is timed: the family's own ``SpeakerEncoder.forward`` (per-clip gain to -30 dBFS from
+    a sum of squares, mel of each clip scaled by the gain squared, LSTM on micro-batches of
+    windows in the encoder's precision, mean pooling, L2 normalization) on batches whose samples
+    are decoded, resampled and laid out beforehand. Each precision takes its fastest micro-batch
+    size on all cores (measured first on two batches), not omniembed's one-thread default."""
     spec, encoder = plan_speaker()
     prep = AudioPreprocess.from_options(spec.options)
     hop = spec.options["features"]["hop_length"]
-    batches, counts, audio_seconds = [], [], 0.0
+    batches, audio_seconds = [], 0.0
     for start in range(0, len(paths), group):
         waves = [decode_audio(str(p), prep) for p in paths[start : start + group]]
         audio_seconds += sum(len(w) for w in waves) / prep.sample_rate
         batch = encoder.batch(waveforms_to_arrow(waves))
         batch.layout(encoder.context, align=hop)  # the padded samples the mel reads, built now
         batches.append(batch)
-        counts.append(batch.counts)
-    counts = np.concatenate(counts)
-    trial = {}
-    for size in FLOOR_MICRO_BATCHES:
-        encoder.forward(batches[0], size)  # warm-up: first-call allocations
-        t0 = time.perf_counter()
-        for batch in batches[:2]:
-            encoder.forward(batch, size)
-        trial[size] = time.perf_counter() - t0
-    step = min(trial, key=trial.get)
+    counts = np.concatenate([batch.counts for batch in batches])
     print(
-        f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {int(counts.sum())} windows of "
-        f"{prep.window_seconds} s; micro-batch {step} (trial on {2 * group} clips: "
-        + ", ".join(f"{k}: {v:.2f} s" for k, v in trial.items())
-        + ")",
-        flush=True,
+        f"(a) {len(paths)} clips, {audio_seconds:.0f} s of audio, {int(counts.sum())} windows of {prep.window_seconds}s"
     )
-    t0 = time.perf_counter()
-    vectors = torch.cat([encoder.forward(batch, step) for batch in batches])
-    seconds = time.perf_counter() - t0
-    return seconds, vectors.numpy(), counts
+    results, reference = [], None
+    for precision in FLOOR_PRECISIONS:
+        encoder = plan_speaker(precision)[1]
+        trial = {}
+        for size in FLOOR_MICRO_BATCHES:
+            encoder.forward(batches[0], size)  # warm-up: first-call allocations
+            t0 = time.perf_counter()
+            for batch in batches[:2]:
+                encoder.forward(batch, size)
+            trial[size] = time.perf_counter() - t0
+        step = min(trial, key=trial.get)
+        trials = ", ".join(f"{k}: {v:.2f} s" for k, v in trial.items())
+        print(f"(a) {precision}: micro-batch {step} (trial on {2 * group} clips: {trials})", flush=True)
+
+        def run(encoder=encoder, step=step) -> np.ndarray:
+            return torch.cat([encoder.forward(batch, step) for batch in batches]).numpy()
+
+        result, vectors = time_floor(precision, run, reference)
+        reference = vectors if reference is None else reference
+        results.append(result)
+    return results, reference, counts
 
 
 # --- (b) hand-written Ray Data pipeline -----------------------------------------------------
@@ -263,33 +274,30 @@ def bench_ray(folder: Path, outdir: str, weights: str, batch_size: int) -> tuple
 # --- (c) omniembed, end to end --------------------------------------------------------------
 
 
-def bench_omniembed(folder: Path, outdir: str, verbose: bool) -> float:
-    exe = Path(sys.executable).parent / "omniembed"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    cmd += ["embed", str(folder), "--kind", "audio", "--audio-model", MODEL, "--output", outdir, "--overwrite"]
-    cmd += ["-vv"] if verbose else []
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()  # wall clock: interpreter, imports, Ray, model load, writing
-    subprocess.run(cmd, env=env, cwd=REPO, check=True)
-    return time.perf_counter() - t0
-
-
 def run_omniembed(
-    name: str, folder: Path, out: Path, verbose: bool, reference: dict[str, tuple[np.ndarray, int]]
-) -> float:
-    seconds = bench_omniembed(folder, str(out), verbose)
+    paths: list[Path],
+    folder: Path,
+    work: Path,
+    args: argparse.Namespace,
+    vectors: dict[str, np.ndarray],
+    windows: dict[str, int],
+) -> tuple[float, str, float]:
+    """(c) on ``paths`` (all of ``folder``, or links to a prefix of it), checked against the fp32
+    floor's ``vectors`` and ``windows`` by clip name -> (seconds, resolved precision, min cosine)."""
+    n, name = len(paths), f"omniembed {len(paths)} clips"
+    if n < len(vectors):
+        folder = link_clips(paths, work / f"small-{n}")
+    vectors, windows = ({p.name: ref[p.name] for p in paths} for ref in (vectors, windows))
+    out = str(work / f"omniembed-{n}")
+    seconds = embed_cli(folder, out, "audio", MODEL, args.precision, ["-vv"] if args.verbose else [])
+    precision = manifest_precision(out, "audio")
     table = pq.read_table(out, columns=["id", "audio_embedding", "audio_error", "audio_windows"])
     assert table.column("audio_error").null_count == table.num_rows, f"{name}: rows with errors"
-    check(
-        name,
-        table.column("id").to_pylist(),
-        np.array(table.column("audio_embedding").to_pylist(), dtype=np.float32),
-        table.column("audio_windows").to_numpy(),
-        reference,
-    )
-    return seconds
+    ids = table.column("id").to_pylist()
+    got = np.array(table.column("audio_embedding").to_pylist(), dtype=np.float32)
+    cosine = check_vectors(name, ids, got, vectors, FAITHFUL_COSINE)
+    check_windows(name, ids, table.column("audio_windows").to_numpy(), windows)
+    return seconds, precision, cosine
 
 
 def link_clips(paths: list[Path], folder: Path) -> Path:
@@ -304,21 +312,10 @@ def link_clips(paths: list[Path], folder: Path) -> Path:
     return folder
 
 
-def check(
-    name: str, ids: list[str], vectors: np.ndarray, windows: np.ndarray, reference: dict[str, tuple[np.ndarray, int]]
-) -> None:
-    """Every clip once, same window count, same vector as the floor (cosine per clip)."""
-    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(reference), (
-        f"{name}: {len(ids)} rows ({len(set(ids))} distinct ids) for {len(reference)} clips"
-    )
-    ref = np.stack([reference[i][0] for i in ids])
-    cos = (vectors * ref).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(ref, axis=1)).clip(1e-12)
-    wrong_counts = sum(int(w) != reference[i][1] for i, w in zip(ids, windows))
-    print(
-        f"check {name}: {len(ids)} rows, min cosine vs floor {cos.min():.6f}, "
-        f"{wrong_counts} clips with another window count"
-    )
-    assert cos.min() >= MIN_COSINE and wrong_counts == 0, f"{name}: embeddings differ from the floor's"
+def check_windows(name: str, ids: list[str], got: np.ndarray, windows: dict[str, int]) -> None:
+    """Each clip averaged as many windows as the floor's."""
+    wrong = sum(int(w) != windows[i] for i, w in zip(ids, got))
+    assert wrong == 0, f"{name}: {wrong} clips with another window count than the floor's"
 
 
 # --- one-hour file: prepare's peak memory ----------------------------------------------------
@@ -375,6 +372,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="(b): clips per actor batch")
     ap.add_argument("--folder", help="reuse/write the clips here instead of a temp folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(c): omniembed's")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-omniembed", action="store_true")
     ap.add_argument("--small", type=int, help="(c) also on this many clips (default clips // 3; 0: skip)")
@@ -383,11 +381,13 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="omniembed-audio-bench-"))
+    ray_threads, failed, runs = None, None, {}  # runs: clips -> (seconds, precision, min cosine)
     try:
         if args.one_hour:
             one_hour_memory(work)
             return 0
-        load_start = os.getloadavg()[0]  # every number here is CPU-bound: flag a busy machine
+        up_start = uptime()  # every number here is CPU-bound: flag a busy machine
+        print(f"start: {up_start}", flush=True)
         torch.set_num_threads(os.cpu_count() or 1)  # the floor uses every core
         folder = Path(args.folder) if args.folder else work / "clips"
         paths = list_clips(folder)
@@ -398,38 +398,27 @@ def main() -> int:
             print(f"built {len(paths)} clips in {folder} in {time.perf_counter() - t0:.0f}s")
         print(f"{len(paths)} clips in {folder}, model {MODEL}, torch threads {torch.get_num_threads()}", flush=True)
 
-        results: list[tuple[str, int, float]] = []  # (name, clips, seconds)
-        seconds, floor_vectors, floor_windows = bench_floor(paths)
-        results.append(("(a) floor", len(paths), seconds))
-        print(f"(a) {seconds:.1f}s", flush=True)
-        reference = {p.name: (v, int(w)) for p, v, w in zip(paths, floor_vectors, floor_windows)}
-        ray_threads = None
+        floors, fp32_vectors, floor_windows = bench_floors(paths)
+        floor = pick_floor(floors)
+        vectors = {p.name: v for p, v in zip(paths, fp32_vectors)}
+        windows = {p.name: int(w) for p, w in zip(paths, floor_windows)}
+        rows = floor_rows(floors, floor)
         if not args.skip_ray:
             out = str(work / "ray")
             seconds, ray_threads = bench_ray(folder, out, str(plan_speaker()[0].weights.path), args.batch_size)
             table = pq.read_table(out)
-            check(
-                "ray-naive",
-                [Path(p).name for p in table.column("path").to_pylist()],
-                np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
-                table.column("windows").to_numpy(),
-                reference,
-            )
-            results.append(("(b) ray-naive", len(paths), seconds))
+            ids = [Path(p).name for p in table.column("path").to_pylist()]
+            got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+            cosine = check_vectors("ray-naive", ids, got, vectors, MIN_COSINE)
+            check_windows("ray-naive", ids, table.column("windows").to_numpy(), windows)
+            rows.append(("(b) ray-naive", len(paths), seconds, f"fp32, min cosine to fp32 {cosine:.6f}"))
         small = len(paths) // 3 if args.small is None else args.small
-        if not args.skip_omniembed and 0 < small < len(paths):
-            subset = link_clips(paths[:small], work / "small")
-            seconds = run_omniembed(
-                "omniembed-small",
-                subset,
-                work / "omniembed-small",
-                args.verbose,
-                {p.name: reference[p.name] for p in paths[:small]},
-            )
-            results.append(("(c) omniembed", small, seconds))
-        if not args.skip_omniembed:
-            seconds = run_omniembed("omniembed", folder, work / "omniembed", args.verbose, reference)
-            results.append(("(c) omniembed", len(paths), seconds))
+        sizes = ([small] if 0 < small < len(paths) else []) + [len(paths)]
+        try:  # a failure of (c) still reports (a) and (b), then exits 1
+            for n in [] if args.skip_omniembed else sizes:
+                runs[n] = run_omniembed(paths[:n], folder, work, args, vectors, windows)
+        except (subprocess.CalledProcessError, OSError, KeyError, AssertionError) as exc:
+            failed = f"omniembed FAILED: {exc}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -438,26 +427,19 @@ def main() -> int:
         f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'})"
         + (f", ray actor {ray_threads} (OMP_NUM_THREADS from num_cpus=1)" if ray_threads else "")
     )
-    print(
-        f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
-        + ("  (CPU was busy: numbers may be pessimistic)" if load_start > 0.5 else "")
-    )
-    floor = len(paths) / results[0][2]
-    print(f"{'pipeline':<16}{'clips':>7}{'seconds':>9}{'clips/s':>9}{'x floor':>9}")
-    for name, clips, seconds in results:
-        print(f"{name:<16}{clips:>7}{seconds:>9.1f}{clips / seconds:>9.2f}{clips / seconds / floor:>9.2f}")
-    runs = {clips: seconds for name, clips, seconds in results if name == "(c) omniembed"}
+    for n, (seconds, precision, cosine) in sorted(runs.items()):
+        note = f"precision {args.precision} -> {precision} (_manifest.json), min cosine to fp32 {cosine:.6f}"
+        rows.append(("(c) omniembed", n, seconds, note))
+    print_table(rows, floor, "clips")
+    print_floor(floors, floor, "clips")
     if len(runs) == 2:  # (c) on n and on N clips: a fixed cost per run and a rate once running
-        (n, t_n), (big, t_big) = sorted(runs.items())
-        rate = (big - n) / (t_big - t_n)
-        print(
-            f"(c) once running: {big - n} more clips in {t_big - t_n:.1f} s more = {rate:.2f} clips/s = "
-            f"{rate / floor:.2f}x floor; fixed cost per run {t_n - n / rate:.1f} s; "
-            f"end to end reaches 0.8x floor from {0.8 * (t_n - n / rate) / (1 - 0.8 * floor / rate) * floor:.0f} clips"
-            if rate > 0.8 * floor
-            else f"(c) once running: {rate:.2f} clips/s = {rate / floor:.2f}x floor"
-        )
-    return 0
+        print_split({n: run[0] for n, run in runs.items()}, floor, "clips")
+    print("\nsummary (a miss is reported, not an error):")
+    print("  " + (verdict(len(paths), runs[len(paths)][0], floor) if len(paths) in runs else "c/a end to end: n/a"))
+    print(f"uptime at start: {up_start}\nuptime at end:   {uptime()}")
+    if failed:
+        print(failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,16 +2,21 @@
 
 One run, one image folder, one model (the bundled EfficientNet-Lite0), three numbers in images/s:
   (a) floor      one process, images already decoded, resized, cropped and normalized into
-                 batches of tensors; forward only, torch on all cores.
+                 batches of tensors; forward only, torch on all cores. Measured in fp32, bf16
+                 autocast and bf16 + channels-last (model and input); the floor is the fastest
+                 whose vectors keep min cosine >= 0.999 to fp32's (benchmarks/floors.py).
   (b) ray-naive  in the style of Ray's image benchmark (multimodal_inference_benchmarks/
                  image_classification/ray_data_main.py): read_images -> map(preprocess) ->
                  map_batches(actor) -> write_parquet.
   (c) omniembed  `omniembed embed DIR --kind image --image-model efficientnet-lite0` in a fresh
-                 process, wall clock for everything.
+                 process at its default `precision: auto` (the run's probe decides; the resolved
+                 precision is read from the output's _manifest.json), wall clock for everything.
 The images are derived from real photos (scikit-image samples): random crops, flips, brightness
-and sizes, JPEG-encoded. Target: c/a >= 0.8 (see benchmarks/README.md).
+and sizes, JPEG-encoded. (b)'s vectors must keep cosine >= 0.99 to the fp32 floor's, (c)'s
+>= 0.999; a run that fails that exits 1. Target: c/a >= 0.8 end to end (see
+benchmarks/README.md); a miss prints FAIL but does not change the exit status.
 
-    python benchmarks/image_throughput.py [--images 2000] [--skip-ray] [--skip-omniembed]
+    python benchmarks/image_throughput.py [--images 2000] [--precision auto|fp32|bf16] [--skip-ray] [--skip-omniembed]
 """
 
 from __future__ import annotations
@@ -21,18 +26,35 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: bind 127.0.0.1
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from floors import (  # noqa: E402
+    FAITHFUL_COSINE,
+    FloorResult,
+    check_vectors,
+    embed_cli,
+    floor_rows,
+    manifest_precision,
+    pick_floor,
+    print_floor,
+    print_table,
+    time_floor,
+    uptime,
+    verdict,
+)
+
 from encoders import MODELS, resolve_weights  # noqa: E402
 from encoders.image.cnn import build_feature_model  # noqa: E402
 from encoders.image.prepare import ImagePreprocess, decode_rgb, resize_crop  # noqa: E402
@@ -40,7 +62,9 @@ from encoders.image.tensors import to_model_input  # noqa: E402
 from tests.image_data import SKIMAGE_PHOTOS as PHOTOS  # noqa: E402  (the tests' real photos)
 
 MODEL = "efficientnet-lite0"
-MIN_COSINE = 0.99
+MIN_COSINE = 0.99  # (b), an fp32 pipeline: a wrong resize or normalization lands well below
+# Floor variants: name -> (autocast dtype or None, channels-last model and input).
+FLOOR_VARIANTS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "bf16-channels-last": (torch.bfloat16, True)}
 
 
 def build_images(folder: Path, count: int, seed: int) -> list[Path]:
@@ -74,17 +98,42 @@ def preprocess_all(paths: list[Path], prep: ImagePreprocess) -> torch.Tensor:
     return torch.stack([resize_crop(decode_rgb(p.read_bytes()), prep) for p in paths])
 
 
-def bench_floor(images: torch.Tensor, prep: ImagePreprocess, weights: str, batch: int) -> tuple[float, np.ndarray]:
-    model = build_feature_model("efficientnet-lite0", weights).eval()
-    batches = [to_model_input(images[s : s + batch], prep, torch.device("cpu")) for s in range(0, len(images), batch)]
-    out = []
-    with torch.inference_mode():
-        model(batches[0])  # warm-up
-        t0 = time.perf_counter()
-        for x in batches:
-            out.append(model(x).numpy())
-        seconds = time.perf_counter() - t0
-    return seconds, np.concatenate(out)
+def autocast(dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def floor_runner(
+    model: torch.nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None
+) -> Callable[[], np.ndarray]:
+    """One variant: every batch's forward, (n, 1280) float32 vectors out."""
+
+    def run() -> np.ndarray:
+        with torch.inference_mode(), autocast(dtype):
+            return torch.cat([model(x).float() for x in batches]).numpy()
+
+    return run
+
+
+def bench_floors(
+    images: torch.Tensor, prep: ImagePreprocess, weights: str, batch: int
+) -> tuple[list[FloorResult], np.ndarray]:
+    """Every variant's forward on the same normalized batches (built before any clock); returns
+    their results and fp32's vectors."""
+    results, reference = [], None
+    for name, (dtype, channels_last) in FLOOR_VARIANTS.items():
+        model = build_feature_model(MODEL, weights).eval()
+        batches = [
+            to_model_input(images[s : s + batch], prep, torch.device("cpu")) for s in range(0, len(images), batch)
+        ]
+        if channels_last:  # (n, 3, h, w) stored as (n, h, w, 3): oneDNN's preferred layout
+            model = model.to(memory_format=torch.channels_last)
+            batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+        with torch.inference_mode(), autocast(dtype):
+            model(batches[0])  # warm-up: first-call allocations, oneDNN kernel choice
+        result, vectors = time_floor(name, floor_runner(model, batches, dtype), reference)
+        reference = vectors if reference is None else reference
+        results.append(result)
+    return results, reference
 
 
 class Embedder:
@@ -130,37 +179,9 @@ def bench_ray(folder: Path, outdir: str, weights: str, prep: ImagePreprocess, ba
     return seconds
 
 
-def bench_omniembed(folder: Path, outdir: str) -> float:
-    exe = Path(sys.executable).parent / "omniembed"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    cmd += ["embed", str(folder), "--kind", "image", "--image-model", MODEL, "--output", outdir, "--overwrite"]
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=REPO, check=True)
-    return time.perf_counter() - t0
-
-
-def check(name: str, ids: list[str], vectors: np.ndarray, reference: dict[str, np.ndarray]) -> None:
-    assert sorted(ids) == sorted(reference), f"{name}: ids differ from the input files"
-    ref = np.stack([reference[i] for i in ids])
-    cos = (vectors * ref).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(ref, axis=1)).clip(1e-12)
-    print(f"check {name}: {len(ids)} rows, min cosine vs floor {cos.min():.6f}")
-    assert cos.min() >= MIN_COSINE, f"{name}: embeddings differ from the floor's"
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--folder", help="reuse/write the images here instead of a temp folder")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-ray", action="store_true")
-    ap.add_argument("--skip-omniembed", action="store_true")
-    args = ap.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="omniembed-img-bench-"))
+def bench(args: argparse.Namespace, work: Path) -> int:
+    up_start = uptime()
+    print(f"start: {up_start}", flush=True)
     folder = Path(args.folder) if args.folder else work / "images"
     paths = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
     if len(paths) != args.images:
@@ -171,37 +192,59 @@ def main() -> int:
     print(f"{len(paths)} images in {folder}, model {MODEL}, torch threads {torch.get_num_threads()}", flush=True)
 
     images = preprocess_all(paths, prep)
-    seconds, floor_vectors = bench_floor(images, prep, weights, args.batch_size)
-    reference = {p.name: v for p, v in zip(paths, floor_vectors)}
-    results = {"(a) floor": len(paths) / seconds}
+    floors, fp32_vectors = bench_floors(images, prep, weights, args.batch_size)
+    floor = pick_floor(floors)
+    reference = {p.name: v for p, v in zip(paths, fp32_vectors)}
+    rows = floor_rows(floors, floor)
     if not args.skip_ray:
         out = str(work / "ray")
         seconds = bench_ray(folder, out, weights, prep, args.batch_size)
         table = pq.read_table(out)
-        check(
-            "ray-naive",
-            [Path(p).name for p in table.column("path").to_pylist()],
-            np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
-            reference,
-        )
-        results["(b) ray-naive"] = len(paths) / seconds
+        ids = [Path(p).name for p in table.column("path").to_pylist()]
+        vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        cosine = check_vectors("ray-naive", ids, vectors, reference, MIN_COSINE)
+        rows.append(("(b) ray-naive", len(paths), seconds, f"fp32, min cosine to fp32 {cosine:.6f}"))
+    failed, summary = None, []
     if not args.skip_omniembed:
         out = str(work / "omniembed")
-        seconds = bench_omniembed(folder, out)
-        table = pq.read_table(out, columns=["id", "image_embedding", "image_error"])
-        assert table.column("image_error").null_count == table.num_rows, "omniembed: rows with errors"
-        check(
-            "omniembed",
-            table.column("id").to_pylist(),
-            np.array(table.column("image_embedding").to_pylist(), dtype=np.float32),
-            reference,
-        )
-        results["(c) omniembed"] = len(paths) / seconds
-    floor = results["(a) floor"]
-    print(f"\n{'pipeline':<16}{'images/s':>10}{'x floor':>9}")
-    for name, rate in results.items():
-        print(f"{name:<16}{rate:>10.1f}{rate / floor:>9.2f}")
-    return 0
+        try:  # a failure of (c) still reports (a) and (b), then exits 1
+            seconds = embed_cli(folder, out, "image", MODEL, args.precision, [])
+            precision = manifest_precision(out, "image")
+            table = pq.read_table(out, columns=["id", "image_embedding", "image_error"])
+            assert table.column("image_error").null_count == table.num_rows, "omniembed: rows with errors"
+            vectors = np.array(table.column("image_embedding").to_pylist(), dtype=np.float32)
+            cosine = check_vectors("omniembed", table.column("id").to_pylist(), vectors, reference, FAITHFUL_COSINE)
+            note = f"precision {args.precision} -> {precision} (_manifest.json), min cosine to fp32 {cosine:.6f}"
+            rows.append(("(c) omniembed", len(paths), seconds, note))
+            summary.append(verdict(len(paths), seconds, floor))
+        except (subprocess.CalledProcessError, OSError, KeyError, AssertionError) as exc:
+            failed = f"omniembed FAILED: {exc}"
+    print_table(rows, floor, "images")
+    print_floor(floors, floor, "images")
+    print("\nsummary (a miss is reported, not an error):")
+    for line in summary or ["c/a end to end: n/a"]:
+        print("  " + line)
+    print(f"uptime at start: {up_start}\nuptime at end:   {uptime()}")
+    if failed:
+        print(failed)
+    return 1 if failed else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--folder", help="reuse/write the images here instead of a temp folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(c): omniembed's")
+    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--skip-omniembed", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="omniembed-img-bench-"))
+    try:
+        return bench(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -109,10 +109,12 @@ def probe_task(
     }
 
     def measure(candidate: str) -> tuple[float, int]:
-        from encoders.core.fidelity import min_cosine
+        from encoders.core.fidelity import MIN_ROWS, min_cosine
         from pipeline.stages import EncodeActor, prepare_batch
 
         sample = probe_rows(spec, chunks, rows)
+        if sample.num_rows < MIN_ROWS:  # too few to decide: fp32, without loading the model
+            return 1.0, sample.num_rows
         reference_spec = pinned(spec, "fp32")
         actor = EncodeActor(reference_spec, threads, max_tokens)
         torch.set_num_threads(threads)

@@ -4,7 +4,8 @@ A device that computes bf16 (or fp16) natively runs a model about twice as fast 
 models lose more than others (benchmarks/: MiniLM keeps cosine 0.99995 to fp32, EfficientNet-Lite0
 drops to 0.9985 on random inputs). So ``choose_precision`` embeds a probe batch of real rows in
 fp32 and in the reduced precision and keeps the reduced one only when every vector keeps cosine
->= ``MIN_COSINE`` to its fp32 twin. The answer is cached on the node, keyed by the model (weights
+>= ``MIN_COSINE`` to its fp32 twin, over at least ``MIN_ROWS`` rows (a tiny input keeps fp32
+and is not taken as the model's answer). The answer is cached on the node, keyed by the model (weights
 hash, options), the device, torch's version and the gate, so a model is measured once.
 """
 
@@ -19,6 +20,7 @@ from encoders.core.device import native_reduced
 from encoders.core.probe import cached_json
 
 MIN_COSINE = 0.999
+MIN_ROWS = 32  # fewer probe rows decide nothing: fp32 for this run, and nothing cached
 CACHE_FILE = "precision.json"
 
 
@@ -49,7 +51,7 @@ def choose_precision(
 
     def probe() -> dict[str, Any]:
         cosine, rows = measure(candidate)
-        keep = rows > 0 and cosine >= MIN_COSINE
+        keep = rows >= MIN_ROWS and cosine >= MIN_COSINE
         return {
             "precision": candidate if keep else "fp32",
             "candidate": candidate,
@@ -59,4 +61,5 @@ def choose_precision(
         }
 
     parts = {**key, "candidate": candidate, "device": device_name(device), "torch": torch.__version__}
-    return cached_json(CACHE_FILE, {**parts, "gate": MIN_COSINE}, probe)
+    key_parts = {**parts, "gate": MIN_COSINE, "min_rows": MIN_ROWS}
+    return cached_json(CACHE_FILE, key_parts, probe, keep=lambda report: report["rows"] >= MIN_ROWS)

@@ -26,8 +26,11 @@ def cached_probe(key_parts: dict, probe: Callable[[], int]) -> int:
     return int(cached_json("probed_dims.json", key_parts, probe))
 
 
-def cached_json(name: str, key_parts: dict, compute: Callable[[], Any]) -> Any:
-    """``compute()``'s JSON value, kept on disk (this node) under a hash of ``key_parts``."""
+def cached_json(
+    name: str, key_parts: dict, compute: Callable[[], Any], keep: Callable[[Any], bool] = lambda value: True
+) -> Any:
+    """``compute()``'s JSON value, kept on disk (this node) under a hash of ``key_parts`` when
+    ``keep(value)``."""
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
     path = cache_path(name)
     try:
@@ -37,6 +40,8 @@ def cached_json(name: str, key_parts: dict, compute: Callable[[], Any]) -> Any:
     if key in cache:
         return cache[key]
     value = compute()
+    if not keep(value):
+        return value
     cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

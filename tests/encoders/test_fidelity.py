@@ -42,19 +42,24 @@ def test_the_gate_keeps_or_refuses_and_the_answer_is_cached(monkeypatch):
     monkeypatch.setattr(fidelity, "native_reduced", lambda device: "bf16")
     calls = []
 
-    def measure(cosine):
+    def measure(cosine, rows=64):
         def run(candidate):
             calls.append(candidate)
-            return cosine, 64
+            return cosine, rows
 
         return run
 
     assert fidelity.choose_precision(CPU, {"model": "good"}, measure(0.9995))["precision"] == "bf16"
     refused = fidelity.choose_precision(CPU, {"model": "bad"}, measure(0.9985))  # EfficientNet's random-input figure
     assert refused["precision"] == "fp32" and refused["candidate"] == "bf16" and refused["min_cosine"] == 0.9985
-    assert fidelity.choose_precision(CPU, {"model": "empty"}, lambda c: (1.0, 0))["precision"] == "fp32"  # no rows
     assert fidelity.choose_precision(CPU, {"model": "good"}, measure(0.5))["precision"] == "bf16"  # cached
     assert calls == ["bf16", "bf16"]
+    # Too few probe rows decide nothing: fp32 for that run, and the next run measures again.
+    for _ in range(2):
+        few = fidelity.choose_precision(CPU, {"model": "tiny input"}, measure(0.99999, rows=2))
+        assert few["precision"] == "fp32" and few["rows"] == 2
+    assert calls == ["bf16", "bf16", "bf16", "bf16"]
+    assert fidelity.choose_precision(CPU, {"model": "tiny input"}, measure(0.99999))["precision"] == "bf16"
 
 
 def test_an_actor_on_a_node_without_the_pinned_precision_fails_loudly(monkeypatch):
@@ -99,14 +104,12 @@ def test_efficientnet_decides_by_its_cosine_on_real_photos(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch", reason="extra 'weights' not installed")
     folder = tmp_path / "photos"
     folder.mkdir()
-    for name, array in real_photos().items():
-        (folder / f"{name}.jpg").write_bytes(encode(array))
-    report = probe(
-        tmp_path,
-        {"path": str(folder), "kind": "image"},
-        {"output": "i", "column": "image", "model": "efficientnet-lite0"},
-    )
-    assert report["rows"] == len(real_photos()) and report["candidate"] == "bf16"
+    for name, array in real_photos().items():  # each photo as taken and mirrored both ways: 39 rows
+        for variant, pixels in (("", array), ("-lr", array[:, ::-1]), ("-ud", array[::-1])):
+            (folder / f"{name}{variant}.jpg").write_bytes(encode(np.ascontiguousarray(pixels)))
+    encoder = {"output": "i", "column": "image", "model": "efficientnet-lite0"}
+    report = probe(tmp_path, {"path": str(folder), "kind": "image"}, encoder)
+    assert report["rows"] == 3 * len(real_photos()) >= fidelity.MIN_ROWS and report["candidate"] == "bf16"
     assert (report["precision"] == "bf16") == (report["min_cosine"] >= fidelity.MIN_COSINE)
     cache = json.loads((tmp_path / "cache" / "precision.json").read_text())
     assert list(cache.values()) == [report]

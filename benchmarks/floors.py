@@ -1,0 +1,153 @@
+"""The image and audio benchmarks' floor (a), and (c) measured against it.
+
+Each benchmark times its model's forward in fp32 and in the faster precisions this CPU offers
+(bf16 autocast, and for images bf16 + channels-last), on the same prepared batches, and
+compares every variant's vectors with fp32's. The floor is the fastest variant whose vectors
+keep min cosine >= FAITHFUL_COSINE to fp32's: the gate omniembed's own ``precision: auto``
+probe uses (encoders/core/fidelity.py), so the floor never counts a speed-up that a run would
+refuse. (c), `omniembed embed` in a fresh process at its default ``precision: auto``, is held to
+the same gate against the fp32 vectors, and its resolved precision is read from the output's
+``_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from encoders.core.fidelity import MIN_COSINE as FAITHFUL_COSINE
+from encoders.core.fidelity import min_cosine
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = 0.8  # c / floor (a), end to end (issue 18)
+
+
+@dataclass(frozen=True)
+class FloorResult:
+    name: str
+    items: int
+    seconds: float
+    min_cosine: float  # to the fp32 variant's vectors
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds
+
+    @property
+    def faithful(self) -> bool:
+        return self.min_cosine >= FAITHFUL_COSINE
+
+
+def time_floor(
+    name: str, run: Callable[[], np.ndarray], reference: np.ndarray | None
+) -> tuple[FloorResult, np.ndarray]:
+    """Times ``run()`` (every prepared batch through one variant, (n, d) vectors out) and checks
+    its vectors against ``reference`` (fp32's; None: this is fp32)."""
+    t0 = time.perf_counter()
+    vectors = run()
+    seconds = time.perf_counter() - t0
+    cosine = 1.0 if reference is None else min_cosine(reference, vectors)
+    print(f"(a) {name}: {len(vectors)} rows in {seconds:.1f}s, min cosine to fp32 {cosine:.6f}", flush=True)
+    return FloorResult(name, len(vectors), seconds, cosine), vectors
+
+
+def pick_floor(results: list[FloorResult]) -> FloorResult:
+    """The fastest variant faithful to fp32 (fp32 always is)."""
+    return max((r for r in results if r.faithful), key=lambda r: r.rate)
+
+
+def check_vectors(
+    name: str, ids: list[str], vectors: np.ndarray, reference: dict[str, np.ndarray], gate: float
+) -> float:
+    """Every input once (ids are ``reference``'s keys), each vector within ``gate`` (cosine) of
+    the fp32 floor's; returns the min cosine."""
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(reference), (
+        f"{name}: {len(ids)} rows ({len(set(ids))} distinct ids) for {len(reference)} inputs"
+    )
+    cosine = min_cosine(np.stack([reference[i] for i in ids]), vectors)
+    print(f"check {name}: {len(ids)} rows, min cosine to the fp32 floor {cosine:.6f} (must be >= {gate})")
+    assert cosine >= gate, f"{name}: min cosine {cosine:.6f} to the fp32 floor's vectors, under {gate}"
+    return cosine
+
+
+def embed_cli(folder: Path, outdir: str, kind: str, model: str, precision: str, extra: list[str]) -> float:
+    """`omniembed embed` on ``folder`` in a fresh process; wall clock for everything
+    (interpreter, imports, Ray, the precision probe, model load, writing)."""
+    exe = Path(sys.executable).parent / "omniembed"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd += ["embed", str(folder), "--kind", kind, f"--{kind}-model", model, "--output", outdir, "--overwrite"]
+    cmd += ["--precision", precision, *extra]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=REPO, check=True)
+    return time.perf_counter() - t0
+
+
+def manifest_precision(outdir: str, output: str) -> str:
+    """The precision a run resolved for encoder ``output`` (``auto`` pinned by its probe)."""
+    manifest = json.loads((Path(outdir) / "_manifest.json").read_text())
+    precision = manifest["encoders"][output]["precision"]
+    print(f"(c) encoder {output}: precision {precision} (_manifest.json)", flush=True)
+    return precision
+
+
+def print_table(rows: list[tuple[str, int, float, str]], floor: FloorResult, unit: str) -> None:
+    """(label, items, seconds, note) rows, each as a rate and a multiple of the floor's."""
+    print(f"\n{'name':<26}{unit:>7}{'seconds':>9}{unit + '/s':>10}{'x floor':>9}  note")
+    for label, n, secs, note in rows:
+        print(f"{label:<26}{n:>7}{secs:>9.1f}{n / secs:>10.2f}{n / secs / floor.rate:>9.2f}  {note}".rstrip())
+
+
+def floor_rows(results: list[FloorResult], floor: FloorResult) -> list[tuple[str, int, float, str]]:
+    def note(r: FloorResult) -> str:
+        tag = " (floor)" if r is floor else "" if r.faithful else f" (under {FAITHFUL_COSINE}: not the floor)"
+        return f"min cosine to fp32 {r.min_cosine:.6f}{tag}"
+
+    return [(f"(a) {r.name}", r.items, r.seconds, note(r)) for r in results]
+
+
+def print_floor(results: list[FloorResult], floor: FloorResult, unit: str) -> None:
+    print(
+        f"floor (a) = {floor.name}: {floor.rate:.2f} {unit}/s, the fastest with min cosine >= {FAITHFUL_COSINE}"
+        f" to fp32 (of {', '.join(r.name for r in results)})"
+    )
+
+
+def print_split(runs: dict[int, float], floor: FloorResult, unit: str) -> None:
+    """(c) on n and on N items: t = F + items / r gives a fixed cost per run F and a rate once
+    running r; also the job size from which F no longer pulls c/a under TARGET."""
+    (n, t_n), (big, t_big) = sorted(runs.items())
+    rate = (big - n) / (t_big - t_n) if t_big > t_n else float("inf")
+    fixed = t_n - n / rate
+    line = (
+        f"(c) once running: {big - n} more {unit} in {t_big - t_n:.1f} s more = {rate:.2f} {unit}/s"
+        f" = {rate / floor.rate:.2f}x floor; fixed cost per run {fixed:.1f} s"
+    )
+    goal = TARGET * floor.rate
+    if rate > goal:  # N / (F + N / r) = goal, solved for N
+        line += f"; end to end reaches {TARGET}x floor from {goal * fixed / (1 - goal / rate):.0f} {unit}"
+    print(line)
+
+
+def verdict(items: int, seconds: float, floor: FloorResult) -> str:
+    """c / floor (a) end to end against TARGET; a miss is reported, not an error."""
+    ratio = items / seconds / floor.rate
+    return f"c/a end to end: {ratio:.2f} (target >= {TARGET}) {'PASS' if ratio >= TARGET else 'FAIL'}"
+
+
+def uptime() -> str:
+    """The load average: every number here is CPU-bound, so a busy machine shows."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
