@@ -36,6 +36,7 @@ class FloorResult:
     items: int
     seconds: float
     min_cosine: float  # to the fp32 variant's vectors
+    eligible: bool = True  # False: reported beside the floor, never the floor (int8, a baseline)
 
     @property
     def rate(self) -> float:
@@ -60,8 +61,8 @@ def time_floor(
 
 
 def pick_floor(results: list[FloorResult]) -> FloorResult:
-    """The fastest variant faithful to fp32 (fp32 always is)."""
-    return max((r for r in results if r.faithful), key=lambda r: r.rate)
+    """The fastest eligible variant faithful to fp32 (fp32 always is)."""
+    return max((r for r in results if r.eligible and r.faithful), key=lambda r: r.rate)
 
 
 def check_vectors(

@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from encoders import FAMILIES, resolve_weights  # noqa: E402
+from encoders.core.fidelity import min_cosine  # noqa: E402
 from encoders.core.spec import SpecRequest  # noqa: E402
 
 PAIRS = REPO / "examples" / "data" / "docstring_pairs.jsonl"
@@ -94,10 +95,6 @@ def recall_at_k(queries: np.ndarray, passages: np.ndarray, k: int = K) -> float:
     own = np.diag(sims)
     rank = (sims > own[:, None]).sum(1)  # passages strictly nearer than the right one
     return float((rank < k).mean())
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
 def main(argv: list[str] | None = None) -> int:

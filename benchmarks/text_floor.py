@@ -29,14 +29,16 @@ from typing import Callable
 import numpy as np
 import torch
 import transformers
+from floors import FloorResult
 from transformers import AutoModel, AutoTokenizer
+
+from encoders.core.fidelity import min_cosine
 
 transformers.logging.disable_progress_bar()  # a "Loading weights" bar per runner is noise here
 
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_LEN = 256  # sentence_bert_config.json max_seq_length
 DIM = 384
-FAITHFUL_COSINE = 0.999  # min cosine to fp32 for a runner to count as the floor
 
 Embed = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # (ids, mask) -> (rows, DIM)
 
@@ -45,23 +47,6 @@ Embed = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # (ids, mask) -> (ro
 class FloorRunner:
     load: Callable[[str], Embed]  # model folder -> embed function; not timed
     eligible: bool = True  # False: reported beside the floor, never the floor
-
-
-@dataclass(frozen=True)
-class FloorResult:
-    name: str
-    rows: int
-    seconds: float
-    min_cosine: float  # to the fp32 runner's vectors
-    eligible: bool
-
-    @property
-    def rate(self) -> float:
-        return self.rows / self.seconds
-
-    @property
-    def faithful(self) -> bool:
-        return self.min_cosine >= FAITHFUL_COSINE
 
 
 FLOOR_RUNNERS: dict[str, FloorRunner] = {}
@@ -90,13 +75,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine of two (rows, DIM) matrices with rows aligned."""
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float((num / den.clip(1e-12)).min())
 
 
 # --- runners ------------------------------------------------------------------------------
@@ -216,11 +194,6 @@ def bench_floors(
         results.append(FloorResult(name, len(texts), seconds, min_cosine(vectors, ref), runner.eligible))
         print(f"(a) {name}: {len(texts)} rows in {seconds:.1f}s", flush=True)
     return results, ref
-
-
-def pick_floor(results: list[FloorResult]) -> FloorResult:
-    """The fastest eligible runner whose vectors are faithful to fp32's (fp32 always is)."""
-    return max((r for r in results if r.eligible and r.faithful), key=lambda r: r.rate)
 
 
 # --- (d) sentence-transformers' encode ----------------------------------------------------

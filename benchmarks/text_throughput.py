@@ -54,21 +54,20 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floors import FAITHFUL_COSINE, FloorResult, pick_floor  # noqa: E402
 from text_corpus import CORPUS_KINDS, build_corpus, token_stats  # noqa: E402
 from text_floor import (  # noqa: E402
     DIM,
-    FAITHFUL_COSINE,
     FLOOR_RUNNERS,
     HUB_ID,
     MAX_LEN,
-    FloorResult,
     bench_floors,
     bench_sentence_transformers,
     mean_pool,
-    min_cosine,
-    pick_floor,
     resolve_model,
 )
+
+from encoders.core.fidelity import min_cosine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Same vectors as fp32, up to float noise; 0.99 still admits bf16 or similar, but not a wrong
@@ -265,8 +264,8 @@ def report(rep: CorpusReport, precision: str) -> list[str]:
     print(f"{'name':<22}{'rows':>8}{'seconds':>10}{'rows/s':>10}{'x floor':>9}  min cosine to fp32")
     for r in rep.floors:
         tag = " (floor)" if r is floor else "" if r.eligible else " (beside it: never the floor)"
-        row(f"(a) {r.name}", r.rows, r.seconds, f"{r.min_cosine:.6f}{tag}")
-    row("(d) st-encode", rep.st.rows, rep.st.seconds, f"{rep.st.min_cosine:.6f}")
+        row(f"(a) {r.name}", r.items, r.seconds, f"{r.min_cosine:.6f}{tag}")
+    row("(d) st-encode", rep.st.items, rep.st.seconds, f"{rep.st.min_cosine:.6f}")
     if rep.ray:
         row("(b) ray-naive", rep.ray[0], rep.ray[1], f"(actor threads {rep.ray[2]})")
     for n, secs in sorted(rep.omniembed.items()):

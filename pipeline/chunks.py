@@ -28,7 +28,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from encoders.core.retry import retrying
-from pipeline import webdataset
 from pipeline.config import ConfigError, SourceConfig
 from pipeline.filesystems import LISTING_SCHEMA, open_filesystem, with_suffix
 from pipeline.source_paths import check_reached_once, element_listings, source_root
@@ -293,7 +292,7 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table, bool]) -> tuple[
             infer_types=source.infer_types,
         )
         if fmt == "webdataset":
-            scan = retrying(_scan, fs, path, rel, webdataset.HEAD_SAMPLES if count_on_read else None)
+            scan = retrying(_scan, fs, path, rel, count_on_read)
             warnings += [scan.warning] if scan.warning else []
             schema = pa.schema([("id", pa.string()), *sorted(scan.columns.items()), (READ_ERRORS, pa.string())])
             schemas.append(schema)
@@ -326,9 +325,9 @@ def describe_files(job: tuple[int, SourceConfig, str, pa.Table, bool]) -> tuple[
     return _table(chunks), pa.unify_schemas(schemas, promote_options="permissive"), warnings
 
 
-def _scan(fs: pafs.FileSystem, path: str, rel: str, head: int | None) -> ShardScan:
+def _scan(fs: pafs.FileSystem, path: str, rel: str, head_only: bool) -> ShardScan:
     with fs.open_input_file(path) as handle:
-        return scan_shard(handle, handle.size(), rel, head)
+        return scan_shard(handle, handle.size(), rel, head_only)
 
 
 def _read_schema(schema: pa.Schema, id_column: str | None) -> pa.Schema:

@@ -67,7 +67,7 @@ def embed(dataset: Any, config: Config | Mapping[str, Any] | str | Path) -> Any:
         config = {"sources": [{"path": "<dataset>"}], "output": {"path": "<dataset>"}, **config}
     config = as_config(config)
     plans = plan(config, cluster_shape())
-    plans, _ = resolve_precisions(plans, None, retried_io_errors(), dataset=dataset)  # auto: as run() resolves it
+    plans = resolve_precisions(plans, None, retried_io_errors(), dataset=dataset)  # auto: as run() resolves it
     dataset = add_encoders(dataset, plans)
     extras = [c for p in plans for m in p.spec.columns for _, c, _ in extra_columns(p.spec, m, config.output.dtype)]
     if extras and len(plans) > 1:  # as the output schema: every encoder's vector and error, then the extras
@@ -107,7 +107,7 @@ def run(
     # Without a pass over every id (trust, no join), a WebDataset shard is counted by its read.
     count_on_read = config.output.on_duplicate_id == "trust" and not any(s.join for s in config.sources)
     chunks = plan_sources(config.sources, tasks, count_on_read)  # listings and footers, read in tasks
-    plans, _ = resolve_precisions(plans, chunks.chunks, transient)  # auto -> one precision for the run
+    plans = resolve_precisions(plans, chunks.chunks, transient)  # auto -> one precision for the run
     meta = encoders_metadata(plans, config)
     sink: Sink = (LanceSink if config.output.format == "lance" else ParquetSink)(
         config, meta, fingerprint(config, meta)

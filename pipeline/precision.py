@@ -36,13 +36,13 @@ def resolve_precisions(
     chunks: pa.Table | None,
     retried_io_errors: list[str] | None = None,
     dataset: Any = None,
-) -> tuple[list[EncoderPlan], dict[str, dict[str, Any]]]:
-    """Plans whose ``auto`` precision is pinned to what each probe chose, and the probes'
-    reports by output name (for the log and the manifest). The probe rows are read from the
-    first chunk of each source, or taken from ``dataset`` (``embed()`` on a Ray Dataset)."""
+) -> list[EncoderPlan]:
+    """Plans whose ``auto`` precision is pinned to what each probe chose (logged with why). The
+    probe rows are read from the first chunk of each source, or taken from ``dataset``
+    (``embed()`` on a Ray Dataset)."""
     todo = [i for i, p in enumerate(plans) if p.spec.options.get("precision", "auto") == "auto"]
     if not todo:
-        return list(plans), {}
+        return list(plans)
     import ray
 
     if dataset is not None:
@@ -56,14 +56,13 @@ def resolve_precisions(
             num_cpus=1, num_gpus=stage.num_gpus, resources=dict(stage.resources or {}), max_retries=3
         )
         refs[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors, rows)
-    out, reports = list(plans), {}
+    out = list(plans)
     for i, ref in refs.items():
         report = ray.get(ref)
         spec = plans[i].spec
-        reports[spec.output] = report
         log.info("encoder %s: precision auto -> %s (%s)", spec.output, report["precision"], _why(report))
         out[i] = replace(out[i], spec=pinned(spec, report["precision"]), pinned=True)
-    return out, reports
+    return out
 
 
 def pinned(spec: EncoderSpec, precision: str) -> EncoderSpec:
@@ -95,8 +94,6 @@ def probe_task(
 ) -> dict[str, Any]:
     """A task on a node of the encoder's kind: this node's choice for ``auto`` (cached). The
     probe rows: ``rows``, or those of ``chunks`` (read here)."""
-    import torch
-
     from encoders.core.device import pick_device
     from encoders.core.fidelity import choose_precision
 
@@ -116,8 +113,7 @@ def probe_task(
         if sample.num_rows < MIN_ROWS:  # too few to decide: fp32, without loading the model
             return 1.0, sample.num_rows
         reference_spec = pinned(spec, "fp32")
-        actor = EncodeActor(reference_spec, threads, max_tokens)
-        torch.set_num_threads(threads)
+        actor = EncodeActor(reference_spec, threads, max_tokens)  # sets torch's threads
         batch = prepare_batch(sample, reference_spec, retried_io_errors)
         reference = _vectors(actor(batch), spec)
         actor.model.precision = candidate

@@ -276,18 +276,15 @@ class ParquetSink:
             "errors": json.loads(part["errors"]),
             "chunks": json.loads(part["chunks"]),
         }
-        for name in ("totals", "breaks"):  # chunks counted by their read (absent from older parts)
-            if json.loads(part.get(name) or "{}"):
-                record[name] = json.loads(part[name])
+        for name in ("totals", "breaks"):  # chunks counted by their read: every part of theirs has both
+            value = json.loads(part.get(name) or "{}")
+            if value:
+                record[name] = value
         for key, total in record.get("totals", {}).items():
             if key in self.uncounted and key not in self.totals:
                 self.totals[key] = total
                 self.expect[key] = total - self.uncounted[key]
-        over = [
-            k
-            for k, n in record["chunks"].items()
-            if (k not in self.uncounted or k in self.totals) and self.run_rows[k] + n > self.expect.get(k, 0)
-        ]
+        over = [k for k, n in record["chunks"].items() if self.run_rows[k] + n > self.expect.get(k, 0)]
         if over:  # rows some other part committed already: never twice; close() reports the gap
             log.error("part %s overlaps committed rows of read chunk %s; it is not committed", record["name"], over[0])
             return None

@@ -75,10 +75,11 @@ class ShardScan:
     complete: bool = True  # False: only the head was read; one range, the whole shard, its count estimated
 
 
-def scan_shard(handle: BinaryIO, size: int, name: str, head: int | None = None) -> ShardScan:
+def scan_shard(handle: BinaryIO, size: int, name: str, head_only: bool = False) -> ShardScan:
     """Every header of a seekable shard, the data skipped: its ranges of about SAMPLES_PER_CHUNK
-    samples or CHUNK_BYTES bytes, and the columns its members give. With ``head``, stop at that
-    many samples: a longer shard is one range whose count is estimated from their mean size."""
+    samples or CHUNK_BYTES bytes, and the columns its members give. ``head_only``: stop at
+    HEAD_SAMPLES samples; a longer shard is one range whose count is estimated from their size."""
+    head = HEAD_SAMPLES if head_only else None
     ranges: list[ShardRange] = []
     columns: dict[str, pa.DataType] = {}
     current: ShardRange | None = None
@@ -111,13 +112,18 @@ def scan_shard(handle: BinaryIO, size: int, name: str, head: int | None = None) 
     except (tarfile.TarError, EOFError, OSError) as exc:
         if is_transient(exc):
             raise  # the store, not the shard: retried by the caller
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if current is not None and samples and partial:  # the sample the break falls in is left out
             current.count -= 1
             current.end = sample_start
             samples -= 1
-        warning = f"{name}: the shard breaks after {samples} complete samples ({message}); those samples are read"
+        warning = _break_line(name, samples, exc)
     return ShardScan([r for r in ranges if r.count > 0] or [ShardRange(0)], columns, warning)
+
+
+def _break_line(name: str, samples: int, exc: BaseException) -> str:
+    """The one warning line of a shard that breaks after ``samples`` complete samples."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{name}: the shard breaks after {samples} complete samples ({message}); those samples are read"
 
 
 def _members(handle: BinaryIO, start: int = 0) -> Iterator[tarfile.TarInfo]:
@@ -168,9 +174,7 @@ def read_range(
             if keys and partial:
                 keys.pop()
                 rows.pop()
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            name = path.rstrip("/").rpartition("/")[2]
-            warning = f"{name}: the shard breaks after {len(keys)} complete samples ({message}); those samples are read"
+            warning = _break_line(path.rstrip("/").rpartition("/")[2], len(keys), exc)
     names = sorted({c for row in rows for c in row if c != READ_ERRORS})
     data: dict[str, Any] = {"id": pa.array(keys, pa.string())}
     for name in names:

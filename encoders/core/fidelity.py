@@ -45,9 +45,9 @@ def choose_precision(
     """``precision: auto`` for one model on this device: ``{"precision", "candidate",
     "min_cosine", "rows", "device"}``. ``measure(candidate)`` embeds the probe rows in fp32 and in
     ``candidate`` and returns (min cosine, rows); it runs only when the cache has no answer."""
-    candidate = native_reduced(device)
+    candidate, name = native_reduced(device), device_name(device)
     if candidate is None:
-        return {"precision": "fp32", "candidate": None, "min_cosine": None, "rows": 0, "device": device_name(device)}
+        return {"precision": "fp32", "candidate": None, "min_cosine": None, "rows": 0, "device": name}
 
     def probe() -> dict[str, Any]:
         cosine, rows = measure(candidate)
@@ -57,9 +57,9 @@ def choose_precision(
             "candidate": candidate,
             "min_cosine": round(cosine, 6),
             "rows": rows,
-            "device": device_name(device),
+            "device": name,
         }
 
-    parts = {**key, "candidate": candidate, "device": device_name(device), "torch": torch.__version__}
-    key_parts = {**parts, "gate": MIN_COSINE, "min_rows": MIN_ROWS}
-    return cached_json(CACHE_FILE, key_parts, probe, keep=lambda report: report["rows"] >= MIN_ROWS)
+    parts = {**key, "candidate": candidate, "device": name, "torch": torch.__version__}
+    parts.update(gate=MIN_COSINE, min_rows=MIN_ROWS)
+    return cached_json(CACHE_FILE, parts, probe, keep=lambda report: report["rows"] >= MIN_ROWS)
