@@ -71,6 +71,7 @@ class EncodeActor:
 
         import torch
 
+        from encoders.core.allocator import keep_freed_memory
         from encoders.core.device import pick_device
 
         # One loading bar per actor start only clutters the driver's log. transformers reads this
@@ -80,6 +81,7 @@ class EncodeActor:
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
 
+        keep_freed_memory()  # a forward's activations reuse the last batch's pages (encoders/core/allocator.py)
         device = pick_device()
         # Ray sets OMP_NUM_THREADS to the CPU reservation; torch should use the idle cores
         # (and this worker may have imported torch for earlier tasks).

@@ -81,3 +81,12 @@ def test_audio_windows_cut_the_encode_batch():
     assert encode.batch_size == BATCH_BYTES // row == 10
     small = plan(config("aisfx", column="audio", max_windows=8), TWO_CORES)[0].encode
     assert small.batch_size == DEFAULT_BATCH_ROWS["audio"]  # 8 windows: 1.8 MB a row, 32 fit
+
+
+def test_text_encoders_run_one_thread_per_actor_on_cpu(tiny_bert):
+    """Text's measured preference (encoders/text/hf_text.py): two 1-thread actors on two cores,
+    one CPU reserved in all; the user's own threads still win."""
+    encode = plan(config(tiny_bert), TWO_CORES)[0].encode
+    assert (encode.num_cpus, encode.pool, encode.threads) == (0.5, (2, 2), 1)
+    mine = plan(config(tiny_bert, resources={"threads": 2}), TWO_CORES)[0].encode
+    assert (mine.num_cpus, mine.pool, mine.threads) == (1.0, (1, 1), 2)
