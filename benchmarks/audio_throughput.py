@@ -60,6 +60,7 @@ from floors import (  # noqa: E402
     FloorResult,
     check_vectors,
     embed_cli,
+    floor_allocator,
     floor_rows,
     manifest_precision,
     pick_floor,
@@ -75,7 +76,6 @@ from encoders import FAMILIES, MODELS  # noqa: E402
 from encoders.audio.prepare import AudioPreprocess, decode_audio, waveforms_to_arrow  # noqa: E402
 from encoders.audio.speaker import INT16_MAX, load_speaker_net  # noqa: E402
 from encoders.audio.windows import pool_windows  # noqa: E402
-from encoders.core.allocator import keep_freed_memory  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.plan import plan_encoders  # noqa: E402
 from tests.audio_data import SENTENCES, VOICES, write_long_wav  # noqa: E402
@@ -390,7 +390,7 @@ def main() -> int:
         up_start = uptime()  # every number here is CPU-bound: flag a busy machine
         print(f"start: {up_start}", flush=True)
         torch.set_num_threads(os.cpu_count() or 1)  # the floor uses every core
-        print(f"allocator keeps freed memory: {keep_freed_memory()} (as omniembed's actors)", flush=True)
+        floor_allocator()
         folder = Path(args.folder) if args.folder else work / "clips"
         paths = list_clips(folder)
         if len(paths) != args.clips:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from encoders.core.allocator import keep_freed_memory
 from encoders.core.fidelity import MIN_COSINE as FAITHFUL_COSINE
 from encoders.core.fidelity import min_cosine
 
@@ -77,6 +78,12 @@ def check_vectors(
     print(f"check {name}: {len(ids)} rows, min cosine to the fp32 floor {cosine:.6f} (must be >= {gate})")
     assert cosine >= gate, f"{name}: min cosine {cosine:.6f} to the fp32 floor's vectors, under {gate}"
     return cosine
+
+
+def floor_allocator() -> None:
+    """The floors run with the allocator setting omniembed's encoder actors use
+    (encoders/core/allocator.py): part of the limit, not a lead of (c)'s."""
+    print(f"allocator keeps freed memory: {keep_freed_memory()} (as omniembed's actors)", flush=True)
 
 
 def embed_cli(folder: Path, outdir: str, kind: str, model: str, precision: str, extra: list[str]) -> float:

@@ -45,6 +45,7 @@ from floors import (  # noqa: E402
     FloorResult,
     check_vectors,
     embed_cli,
+    floor_allocator,
     floor_rows,
     manifest_precision,
     pick_floor,
@@ -56,7 +57,6 @@ from floors import (  # noqa: E402
 )
 
 from encoders import MODELS, resolve_weights  # noqa: E402
-from encoders.core.allocator import keep_freed_memory  # noqa: E402
 from encoders.image.cnn import build_feature_model  # noqa: E402
 from encoders.image.prepare import ImagePreprocess, decode_rgb, resize_crop  # noqa: E402
 from encoders.image.tensors import to_model_input  # noqa: E402
@@ -183,7 +183,7 @@ def bench_ray(folder: Path, outdir: str, weights: str, prep: ImagePreprocess, ba
 def bench(args: argparse.Namespace, work: Path) -> int:
     up_start = uptime()
     print(f"start: {up_start}", flush=True)
-    print(f"allocator keeps freed memory: {keep_freed_memory()} (as omniembed's actors)", flush=True)
+    floor_allocator()
     folder = Path(args.folder) if args.folder else work / "images"
     paths = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
     if len(paths) != args.images:

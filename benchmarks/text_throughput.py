@@ -54,7 +54,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from floors import FAITHFUL_COSINE, FloorResult, pick_floor  # noqa: E402
+from floors import FAITHFUL_COSINE, FloorResult, floor_allocator, pick_floor  # noqa: E402
 from text_corpus import CORPUS_KINDS, build_corpus, token_stats  # noqa: E402
 from text_floor import (  # noqa: E402
     DIM,
@@ -67,7 +67,6 @@ from text_floor import (  # noqa: E402
     resolve_model,
 )
 
-from encoders.core.allocator import keep_freed_memory  # noqa: E402
 from encoders.core.fidelity import min_cosine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -338,8 +337,7 @@ def main() -> int:
     print(f"start: {up_start}", flush=True)
     nproc = os.cpu_count() or 1
     torch.set_num_threads(nproc)  # the floors and (d) use every core
-    # ... with the allocator setting omniembed's encoder actors use (encoders/core/allocator.py)
-    print(f"allocator keeps freed memory: {keep_freed_memory()}", flush=True)
+    floor_allocator()
     model_path = resolve_model(args.model)
     kinds = list(CORPUS_KINDS) if args.corpus == "both" else [args.corpus]
     work = Path(tempfile.mkdtemp(prefix="omniembed-bench-"))

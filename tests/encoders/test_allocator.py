@@ -47,7 +47,7 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert tuned["faults"] < plain["faults"] / 20, (plain, tuned)
 
 
-def test_encoder_actor_sets_it_before_loading(monkeypatch, tmp_path):
+def test_encoder_actor_sets_it_before_loading(monkeypatch):
     calls = []
     import encoders.core.allocator as allocator
 
