@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text past max length: truncate (default) or pool overlapping chunks",
     )
     flag("--max-length", type=int, help="max tokens per sequence (default: the model folder's max_seq_length)")
-    flag("--batch-rows", type=int, help="rows per encoder batch (default 1024 for text; sorted by length inside)")
+    flag("--batch-rows", type=int, help="rows per encoder batch (default 2048 for text; sorted by length inside)")
     flag("--max-tokens", type=int, help="token budget of one padded micro-batch (default 8192)")
     flag("--gpus", help="GPUs per encoder actor: a number (fractions allowed) or 'auto' (default)")
     flag("--threads", type=int, help="torch threads per CPU encoder actor (default: the idle cores)")

@@ -33,7 +33,7 @@ def config(model, path="x", column="text", **encoder):
 
 def test_large_parquet_rows_cut_chunks_batches_and_parts(tmp_path, tiny_bert, monkeypatch):
     """100 rows of 1 MiB bytes each, in row groups of 10: chunks end at CHUNK_BYTES, and the
-    text encoder's batch (1024 rows by default) and the part (2048) shrink to their byte
+    text encoder's batch (2048 rows by default) and the part (2048) shrink to their byte
     budgets, because the bytes column is passed through every stage."""
     blobs = [bytes([i]) * MIB for i in range(100)]
     path = tmp_path / "blobs.parquet"
