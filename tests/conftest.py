@@ -19,8 +19,9 @@ import pytest  # noqa: E402
 
 # Ray forwards its workers' and actors' log lines to the driver's stderr, prefixed with
 # "(<name> pid=<n>)" and colored, and asynchronously: a cleanup actor of an earlier test's Ray
-# Train run may print into a later test's captured stderr.
-_RAY_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(.*?pid=\d+.*?\)")
+# Train run may print into a later test's captured stderr. Its raylet's node warnings (how many
+# workers it has started, spilling) come as "(raylet)", its autoscaler's as "(autoscaler +Ns)".
+_RAY_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:.*?pid=\d+.*?|raylet(?:, ip=[^)]*)?|autoscaler \+[^)]*)\)")
 
 
 def own_stderr(text: str) -> list[str]:
