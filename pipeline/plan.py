@@ -68,11 +68,12 @@ def plan_encoders(encoders: tuple[EncoderConfig, ...]) -> list[EncoderSpec]:
 # costs the driver's scheduler and the object store the same whatever its rows. On short texts
 # (median 16 tokens) 2048-row blocks keep 97% of the padded tokens real against 95% at 1024,
 # and ran a 60k-row job 6% faster on 2 cores (benchmarks/README.md); 4096 and 8192 were no
-# faster there, and leave a larger last block for one actor to finish alone.
+# faster there. The cost: a block of long texts is about 20 s of one CPU actor, so a short job
+# waits longer for its first block and its last one.
 DEFAULT_BATCH_ROWS = {"text": 2048, "image": 64, "audio": 32}
-# Rows per output part: each part is one commit, so a killed run loses about a minute of work
-# (MiniLM runs 60-200 rows/s on 2 CPU cores, thousands on a GPU). Long runs on GPUs still
-# write parts of tens of MB.
+# Rows per output part: each part is one commit, so a killed run loses at most about a minute
+# of work (MiniLM runs 70-900 rows/s on 2 CPU cores, fp32 long texts to bf16 short ones;
+# thousands on a GPU). Long runs on GPUs still write parts of tens of MB.
 PART_ROWS = {"cpu": 2048, "cuda": 32768}
 # Where rows are large (decoded images, audio windows, raw bytes passed through), a default
 # batch or part is cut to about this many bytes: Ray Data's block size, and a part that a
