@@ -59,12 +59,12 @@ from floors import (  # noqa: E402
     FAITHFUL_COSINE,
     FloorResult,
     check_vectors,
+    choose_floor,
     embed_cli,
     floor_again,
     floor_allocator,
     floor_rows,
     manifest_precision,
-    pick_floor,
     print_floor,
     print_split,
     print_table,
@@ -402,7 +402,7 @@ def main() -> int:
         print(f"{len(paths)} clips in {folder}, model {MODEL}, torch threads {torch.get_num_threads()}", flush=True)
 
         floors, fp32_vectors, floor_windows = bench_floors(paths)
-        floor = pick_floor(floors)
+        floors, floor = choose_floor(floors)
         vectors = {p.name: v for p, v in zip(paths, fp32_vectors)}
         windows = {p.name: int(w) for p, w in zip(paths, floor_windows)}
         rows = []

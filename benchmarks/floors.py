@@ -73,6 +73,14 @@ def pick_floor(results: list[FloorResult]) -> FloorResult:
     return max((r for r in results if r.eligible and r.faithful), key=lambda r: r.rate)
 
 
+def choose_floor(results: list[FloorResult]) -> tuple[list[FloorResult], FloorResult]:
+    """``pick_floor``, and ``results`` with every other variant's ``retime`` dropped: only the
+    floor is timed again, and the others' models and prepared batches (GBs of images) are not
+    kept alive while (c) runs."""
+    floor = pick_floor(results)
+    return [r if r is floor else replace(r, retime=None) for r in results], floor
+
+
 def floor_again(results: list[FloorResult], floor: FloorResult) -> tuple[list[FloorResult], FloorResult]:
     """The floor's variant timed once more, after (c), keeping the faster of its two timings.
     This VM's speed drifts over minutes (the image floor measured 32.15 and 22.08 images/s in

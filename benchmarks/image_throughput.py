@@ -44,12 +44,12 @@ from floors import (  # noqa: E402
     FAITHFUL_COSINE,
     FloorResult,
     check_vectors,
+    choose_floor,
     embed_cli,
     floor_again,
     floor_allocator,
     floor_rows,
     manifest_precision,
-    pick_floor,
     print_floor,
     print_table,
     time_floor,
@@ -196,7 +196,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
 
     images = preprocess_all(paths, prep)
     floors, fp32_vectors = bench_floors(images, prep, weights, args.batch_size)
-    floor = pick_floor(floors)
+    floors, floor = choose_floor(floors)
     reference = {p.name: v for p, v in zip(paths, fp32_vectors)}
     rows = []
     if not args.skip_ray:
