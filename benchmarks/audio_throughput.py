@@ -64,6 +64,7 @@ from floors import (  # noqa: E402
     floor_again,
     floor_allocator,
     floor_rows,
+    link_files,
     manifest_precision,
     print_floor,
     print_split,
@@ -288,7 +289,7 @@ def run_omniembed(
     floor's ``vectors`` and ``windows`` by clip name -> (seconds, resolved precision, min cosine)."""
     n, name = len(paths), f"omniembed {len(paths)} clips"
     if n < len(vectors):
-        folder = link_clips(paths, work / f"small-{n}")
+        folder = link_files(paths, work / f"small-{n}")
     vectors, windows = ({p.name: ref[p.name] for p in paths} for ref in (vectors, windows))
     out = str(work / f"omniembed-{n}")
     seconds = embed_cli(folder, out, "audio", MODEL, args.precision, ["-vv"] if args.verbose else [])
@@ -300,18 +301,6 @@ def run_omniembed(
     cosine = check_vectors(name, ids, got, vectors, FAITHFUL_COSINE)
     check_windows(name, ids, table.column("audio_windows").to_numpy(), windows)
     return seconds, precision, cosine
-
-
-def link_clips(paths: list[Path], folder: Path) -> Path:
-    """A folder holding ``paths`` under their own names (hard links where the file system
-    allows, else copies): ids are relative paths, so the same clip keeps its id."""
-    folder.mkdir(parents=True)
-    for path in paths:
-        try:
-            os.link(path, folder / path.name)
-        except OSError:
-            shutil.copyfile(path, folder / path.name)
-    return folder
 
 
 def check_windows(name: str, ids: list[str], got: np.ndarray, windows: dict[str, int]) -> None:
