@@ -7,6 +7,13 @@ faults that zero the same memory again: measured 20,000+ faults a second and 12%
 in a MiniLM actor; in one process, MiniLM bf16 on two threads ran 898 rows/s as is and 1162
 with this setting (issue 18's notes). Keeping freed memory in the heap holds a process at its peak working
 set, which an encoder needs again for its next batch anyway.
+
+glibc cannot raise the mmap threshold past 32 MiB, and a CNN's activations are larger: 64
+images through EfficientNet-Lite0's stem are 100 MiB a layer. So mmap is turned off for the
+heap's allocations altogether (``M_MMAP_MAX`` 0; glibc still maps where the heap cannot grow).
+On this VM, where a page fault is dear, EfficientNet-Lite0 in fp32 on one thread spent 70% of
+its time in the kernel: 27.7 images/s with the 32 MiB threshold, 86.2 with no mmap (benchmarks/
+README.md).
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ import platform
 # mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): blocks above it are
-# still mapped and unmapped one by one.
+M_MMAP_MAX = -4
+# glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): set as well, for a
+# C library that refuses M_MMAP_MAX.
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 1 * 2**30
 
@@ -28,7 +36,7 @@ TRIM_THRESHOLD = 1 * 2**30
 @functools.cache
 def keep_freed_memory() -> bool:
     """Serve model-sized allocations from the heap and keep freed memory for the next batch.
-    Once per process; True when the C library took both settings (glibc only: musl, macOS and
+    Once per process; True when the C library took the settings (glibc only: musl, macOS and
     Windows keep their own allocator and get False)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -36,4 +44,5 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    took = [libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    return all(took) and bool(libc.mallopt(M_MMAP_MAX, 0))

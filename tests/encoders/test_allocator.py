@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A forward's pattern: blocks of a few MiB allocated, written and freed, batch after batch.
+# A forward's pattern: blocks allocated, written and freed, batch after batch: a few MiB (a
+# text tower's) and 100 MiB (a CNN stem's on 64 images, past glibc's largest mmap threshold).
 CYCLES = """
 import json, resource, sys
 import numpy as np
@@ -20,7 +21,7 @@ sys.path.insert(0, {repo!r})
 from encoders.core.allocator import keep_freed_memory
 took = keep_freed_memory() if {tune} else None
 def batch():
-    blocks = [np.ones(n, dtype=np.float32) for n in (1 << 20, 3 << 19, 3 << 20) * 3]  # 4, 6, 12 MiB x 3
+    blocks = [np.ones(n, dtype=np.float32) for n in {sizes}]
     return sum(float(b[-1]) for b in blocks)
 batch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -30,10 +31,13 @@ print(json.dumps({{"took": took, "faults": resource.getrusage(resource.RUSAGE_SE
 """
 
 
-def faults(tune: bool) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", CYCLES.format(repo=str(REPO), tune=tune)], capture_output=True, text=True, check=True
-    )
+SMALL = [1 << 20, 3 << 19, 3 << 20] * 3  # float32s: 4, 6, 12 MiB x 3
+BIG = [25 << 20]  # 100 MiB
+
+
+def faults(tune: bool, sizes: list[int] = SMALL) -> dict:
+    code = CYCLES.format(repo=str(REPO), tune=tune, sizes=sizes)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -44,6 +48,16 @@ def test_freed_blocks_are_reused_without_page_faults():
     # 40 batches of 66 MiB: glibc gives the freed heap top back to the system after each batch
     # and faults every page in again the next (~17,000 pages); kept, the same pages serve every batch.
     assert plain["faults"] > 40 * 2_000, plain
+    assert tuned["faults"] < plain["faults"] / 20, (plain, tuned)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_blocks_past_the_largest_mmap_threshold_are_reused_too():
+    plain, tuned = faults(False, BIG), faults(True, BIG)
+    assert tuned["took"] is True
+    # Mapped and unmapped each batch unless mmap is off: at least one fault per 2 MiB page
+    # (50 a batch where transparent huge pages back it; 25,600 4 KiB pages where none do).
+    assert plain["faults"] > 40 * 50, plain
     assert tuned["faults"] < plain["faults"] / 20, (plain, tuned)
 
 
