@@ -14,6 +14,13 @@ heap's allocations altogether (``M_MMAP_MAX`` 0; glibc still maps where the heap
 On this VM, where a page fault is dear, EfficientNet-Lite0 in fp32 on one thread spent 70% of
 its time in the kernel: 27.7 images/s with the 32 MiB threshold, 86.2 with no mmap (benchmarks/
 README.md).
+
+Those settings hold for the main arena only. Ray Data runs an actor's ``__call__`` on a thread
+of its own, and glibc gives such a thread its own arena, whose heaps are 64 MiB at most: a
+larger block is mapped and unmapped whatever the settings, and a heap that empties is unmapped
+too. One arena per process (``ONE_ARENA``) puts every thread's blocks on the main heap. glibc
+reads it only when a process starts, so the pipeline sets it in the encoder actors'
+environment (pipeline/adapter.py).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ M_MMAP_MAX = -4
 # C library that refuses M_MMAP_MAX.
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 1 * 2**30
+# GLIBC_TUNABLES for a process whose forward runs off the main thread: every thread allocates
+# from the main arena (a lock per malloc, shared by threads that mostly wait on the forward).
+ONE_ARENA = "glibc.malloc.arena_max=1"
 
 
 @functools.cache

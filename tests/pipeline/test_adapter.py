@@ -106,7 +106,7 @@ def test_map_batches_arguments_for_actor_and_task_stages():
         "num_cpus": 1.0,
         "num_gpus": 0.5,
         "memory": 2 << 30,
-        "runtime_env": {},
+        "runtime_env": {"env_vars": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:${GLIBC_TUNABLES}"}},
         "fn_constructor_kwargs": {"spec": 1},
     }
     assert "concurrency" not in actor_kwargs  # deprecated in favour of compute=
@@ -142,7 +142,8 @@ def _task_pid(batch):
 def test_task_stage_is_not_fused_into_the_actor_with_equal_resources(ray_session):
     """A prepare task and an encode actor that both reserve one CPU: Ray Data would fuse them
     (equal remote args) and run prepare inside the actor, serially with the model. The adapter's
-    empty runtime_env keeps them apart, and the actor keeps its own torch threads."""
+    runtime_env (the actor's malloc settings) keeps them apart, and the actor keeps its own torch
+    threads."""
     import ray.data
 
     task = resolve_task_stage(StageResources(cpus=1), 4)
@@ -229,3 +230,42 @@ def test_node_threads_reads_the_node_ray_reports(ray_session):
     cpus = ray.cluster_resources()["CPU"]
     assert this_node_cpus() == cpus  # one local node, as Ray reports it
     assert NodeThreads(1.0)() == threads_for_node(cpus, 1.0) and NodeThreads(0.5, most_actors=1)() == int(cpus)
+
+
+class _Faults:
+    """An actor stage that, like an encoder, sets its allocator in the constructor and then, on
+    Ray Data's UDF thread, allocates and frees a CNN stem's 100 MiB block batch after batch."""
+
+    def __init__(self):
+        from encoders.core.allocator import keep_freed_memory
+
+        self.took = keep_freed_memory()
+
+    def __call__(self, batch):
+        import resource
+        import threading
+
+        import numpy as np
+        import pyarrow as pa
+
+        np.ones(25 << 20, dtype=np.float32)  # the first one is faulted in
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            np.ones(25 << 20, dtype=np.float32)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        main = threading.current_thread() is threading.main_thread()
+        return pa.table({"faults": [faults], "took": [self.took], "main": [main]})
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's arenas")
+def test_an_actor_reuses_large_blocks_off_the_main_thread(ray_session):
+    """The UDF thread's blocks come from the main arena (one arena per actor process), where the
+    allocator keeps them: 20 blocks of 100 MiB fault a handful of pages, not one per 2 MiB page
+    of each (50 a block with transparent huge pages; 25,600 with 4 KiB pages)."""
+    import ray.data
+
+    actor = resolve_encode_stage(StageResources(cpus=0.5, threads=1), ClusterShape(cpus=2, gpus=0), 1, "e")
+    ds = ray.data.range(1, override_num_blocks=1).map_batches(lambda b: b, batch_format="pyarrow")
+    (row,) = apply_stage(ds, _Faults, actor).take_all()
+    assert row["took"] is True and row["main"] is False  # off the main thread, as Ray Data runs it
+    assert row["faults"] < 20 * 10, row
