@@ -25,7 +25,7 @@ def batch():
     return sum(float(b[-1]) for b in blocks)
 batch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(40):
+for _ in range({batches}):
     batch()
 print(json.dumps({{"took": took, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}}))
 """
@@ -33,10 +33,11 @@ print(json.dumps({{"took": took, "faults": resource.getrusage(resource.RUSAGE_SE
 
 SMALL = [1 << 20, 3 << 19, 3 << 20] * 3  # float32s: 4, 6, 12 MiB x 3
 BIG = [25 << 20]  # 100 MiB
+HUGE = [5 << 24] * 4  # 4 x 320 MiB = 1.25 GiB, freed at once at the end of each batch
 
 
-def faults(tune: bool, sizes: list[int] = SMALL) -> dict:
-    code = CYCLES.format(repo=str(REPO), tune=tune, sizes=sizes)
+def faults(tune: bool, sizes: list[int] = SMALL, batches: int = 40) -> dict:
+    code = CYCLES.format(repo=str(REPO), tune=tune, sizes=sizes, batches=batches)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -79,3 +80,12 @@ def test_encoder_actor_sets_it_before_loading(monkeypatch):
     with pytest.raises(Stop):
         stages.EncodeActor(spec=None, threads=1, max_tokens=1)
     assert calls == ["allocator", "device"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_batch_that_frees_over_a_gib_keeps_its_pages():
+    """The heap's top is trimmed once that much is free: a threshold under a batch's peak gives
+    it back after every batch (one fault per page, or per 2 MiB huge page, each time)."""
+    tuned = faults(True, HUGE, batches=3)
+    assert tuned["took"] is True
+    assert tuned["faults"] < 3 * 640 / 20, tuned  # 640 huge pages a batch if they were faulted again
