@@ -24,8 +24,8 @@ environment (pipeline/adapter.py).
 
 The heap's top is given back once that much of it is free, so the threshold must exceed what
 one batch frees at once: a 64-image EfficientNet batch peaks past 1 GiB, and with a 1 GiB
-threshold two of four 1,920-image runs on one thread faulted 3.7 and 5.8 million pages (68 and 62
-images/s, against 90 and 92 for the other two). It is mallopt's largest, 2 GiB.
+threshold two of three 1,920-image runs on one thread faulted 3.7 and 5.8 million pages (68
+and 62 images/s, against 92 for the third). It is mallopt's largest, 2 GiB.
 """
 
 from __future__ import annotations
