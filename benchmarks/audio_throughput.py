@@ -64,7 +64,7 @@ from floors import (  # noqa: E402
     floor_again,
     floor_allocator,
     floor_rows,
-    link_files,
+    folder_of,
     manifest_precision,
     print_floor,
     print_split,
@@ -288,8 +288,7 @@ def run_omniembed(
     """(c) on ``paths`` (all of ``folder``, or links to a prefix of it), checked against the fp32
     floor's ``vectors`` and ``windows`` by clip name -> (seconds, resolved precision, min cosine)."""
     n, name = len(paths), f"omniembed {len(paths)} clips"
-    if n < len(vectors):
-        folder = link_files(paths, work / f"small-{n}")
+    folder = folder_of(paths, folder, len(vectors), work / f"small-{n}")
     vectors, windows = ({p.name: ref[p.name] for p in paths} for ref in (vectors, windows))
     out = str(work / f"omniembed-{n}")
     seconds = embed_cli(folder, out, "audio", MODEL, args.precision, ["-vv"] if args.verbose else [])

@@ -153,6 +153,12 @@ def link_files(paths: list[Path], folder: Path) -> Path:
     return folder
 
 
+def folder_of(paths: list[Path], folder: Path, everything: int, links: Path) -> Path:
+    """``folder`` when ``paths`` are all ``everything`` inputs in it, else ``link_files`` of them
+    into ``links``."""
+    return folder if len(paths) == everything else link_files(paths, links)
+
+
 def manifest_precision(outdir: str, output: str) -> str:
     """The precision a run resolved for encoder ``output`` (``auto`` pinned by its probe)."""
     manifest = json.loads((Path(outdir) / "_manifest.json").read_text())

@@ -54,7 +54,7 @@ from floors import (  # noqa: E402
     floor_again,
     floor_allocator,
     floor_rows,
-    link_files,
+    folder_of,
     manifest_precision,
     print_floor,
     print_split,
@@ -194,11 +194,12 @@ def bench_ray(folder: Path, outdir: str, weights: str, prep: ImagePreprocess, ba
     return seconds
 
 
-def run_omniembed(paths: list[Path], folder: Path, work: Path, args: argparse.Namespace, reference: dict) -> tuple:
-    """(c) on ``paths`` (all of ``folder``, or links to a prefix of it) -> (seconds, note)."""
+def run_omniembed(
+    paths: list[Path], folder: Path, everything: int, work: Path, args: argparse.Namespace, reference: dict
+) -> tuple:
+    """(c) on ``paths`` (all ``everything`` images of ``folder``, or a prefix) -> (seconds, note)."""
     n = len(paths)
-    if n < len(list(folder.glob("*.jpg"))):
-        folder = link_files(paths, work / f"small-{n}")
+    folder = folder_of(paths, folder, everything, work / f"small-{n}")
     out = str(work / f"omniembed-{n}")
     seconds = embed_cli(folder, out, "image", MODEL, args.precision, [])
     precision = manifest_precision(out, "image")
@@ -237,7 +238,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     rows = []
     if not args.skip_ray:
         out = str(work / "ray")
-        ray_folder = folder if len(floor_paths) == len(paths) else link_files(floor_paths, work / "floor-images")
+        ray_folder = folder_of(floor_paths, folder, len(paths), work / "floor-images")
         seconds = bench_ray(ray_folder, out, weights, prep, args.batch_size)
         table = pq.read_table(out)
         ids = [Path(p).name for p in table.column("path").to_pylist()]
@@ -249,7 +250,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     sizes = ([small] if 0 < small < len(paths) else []) + [len(paths)]
     try:  # a failure of (c) still reports (a) and (b), then exits 1
         for n in [] if args.skip_omniembed else sizes:
-            runs[n] = run_omniembed(paths[:n], folder, work, args, reference)
+            runs[n] = run_omniembed(paths[:n], folder, len(paths), work, args, reference)
             rows.append(("(c) omniembed", n, *runs[n]))
     except (subprocess.CalledProcessError, OSError, KeyError, AssertionError) as exc:
         failed = f"omniembed FAILED: {exc}"

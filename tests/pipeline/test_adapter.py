@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 
 from pipeline.adapter import ClusterShape, apply_stage, resolve_encode_stage, resolve_task_stage
@@ -257,7 +259,7 @@ class _Faults:
         return pa.table({"faults": [faults], "took": [self.took], "main": [main]})
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's arenas")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's arenas")
 def test_an_actor_reuses_large_blocks_off_the_main_thread(ray_session):
     """The UDF thread's blocks come from the main arena (one arena per actor process), where the
     allocator keeps them: 20 blocks of 100 MiB fault a handful of pages, not one per 2 MiB page
