@@ -128,6 +128,20 @@ def _resolve_encode_stage(
     return ResolvedStage(cpus, 0.0, batch, pool, res.memory, threads, res.max_tokens, node_threads=node_threads)
 
 
+def read_remote_args(res: StageResources, prepare: ResolvedStage, small_chunks: bool) -> tuple[dict[str, Any], bool]:
+    """The chunk read's Ray resources, and whether it fuses with the first prepare.
+
+    Unless ``resources.read`` is set, a read of small chunks (folder groups, small files) takes
+    the prepare's resources, so Ray Data fuses the two: one task reads a chunk and prepares it
+    a batch at a time. Otherwise the read is a stage of its own (``resources.read``, one CPU by
+    default, which its block cutting fuses with): a large chunk would be prepared serially in
+    one task, while its blocks can fan out to parallel prepare tasks."""
+    fused = small_chunks and res == StageResources()
+    stage = prepare if fused else resolve_task_stage(res, 1)
+    args = {k: v for k, v in map_batches_kwargs(stage).items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
+    return args, fused
+
+
 def map_batches_kwargs(stage: ResolvedStage) -> dict[str, Any]:
     import ray.data
 

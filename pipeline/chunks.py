@@ -41,6 +41,9 @@ ROWS_PER_PARQUET_CHUNK = 65_536
 CHUNK_BYTES = 256 * 2**20  # a Parquet chunk ends at this many uncompressed bytes (a row group at least)
 FILES_PER_CHUNK = 256  # a folder group's mean size; a group is cut at 4x this at the latest
 FILES_PER_PLANNING_TASK = 32
+# Chunks up to this many rows are read and prepared in one task (pipeline/adapter.py
+# read_remote_args): a folder group at its largest.
+FUSED_CHUNK_ROWS = 4 * FILES_PER_CHUNK
 LOCAL_PLANNING_FILES = 16  # fewer files are planned on the driver: no worker start for a small job
 
 CHUNK_SCHEMA = pa.schema(

@@ -7,12 +7,16 @@ sources and writes the output folder, resuming where an earlier run of the same 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import pyarrow.compute as pc
+
 from encoders.core.retry import configure as configure_retries
-from pipeline.adapter import apply_stage, named, resolve_task_stage
-from pipeline.chunks import plan_sources
+from pipeline.adapter import apply_stage, read_remote_args, resolve_task_stage
+from pipeline.chunk_read import chunk_dataset
+from pipeline.chunks import FUSED_CHUNK_ROWS, plan_sources
 from pipeline.cluster import cluster_shape, retried_io_errors
 from pipeline.columns import error_column, extra_columns
 from pipeline.config import Config
@@ -24,23 +28,24 @@ from pipeline.preflight import sources_digest
 from pipeline.progress import ReadPlan, account
 from pipeline.schema import plan_output_schema
 from pipeline.sink import ParquetSink, Sink, fingerprint, write_part
-from pipeline.sources import read_chunk_rows
-from pipeline.stages import EncodeActor, prepare_batch
+from pipeline.stages import EncodeActor, prepare_batch, prepare_chunk
 from pipeline.tasks import RayTasks
 
 log = logging.getLogger(__name__)
 
 
-def add_encoders(dataset: Any, plans: list[EncoderPlan]) -> Any:
+def add_encoders(dataset: Any, plans: list[EncoderPlan], chunks_fused: bool = False) -> Any:
+    """``chunks_fused``: the dataset is a chunk read with the first prepare's resources, which
+    takes each chunk whole (``prepare_chunk``) so that Ray Data fuses the two."""
     transient = retried_io_errors()
-    for p in plans:
-        dataset = apply_stage(
-            dataset,
-            prepare_batch,
-            p.prepare,
-            name=f"Prepare[{p.spec.output}]",
-            fn_kwargs={"spec": p.spec, "retried_io_errors": transient},
-        )
+    for i, p in enumerate(plans):
+        kwargs = {"spec": p.spec, "retried_io_errors": transient}
+        if chunks_fused and i == 0:
+            stage = replace(p.prepare, batch_size=None)
+            prepare, kwargs = prepare_chunk, {**kwargs, "rows": p.prepare.batch_size}
+        else:
+            stage, prepare = p.prepare, prepare_batch
+        dataset = apply_stage(dataset, prepare, stage, name=f"Prepare[{p.spec.output}]", fn_kwargs=kwargs)
         dataset = apply_stage(
             dataset,
             EncodeActor,
@@ -144,21 +149,15 @@ def run(
 def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, schema: Any) -> Any:
     """Read chunks -> per encoder (prepare -> encode) -> write parts: a Dataset of one row per
     part written, for the driver to commit."""
-    import ray
-
-    n = sources.chunks.num_rows
     transient = retried_io_errors()
-    read_kwargs = {"chunks": sources.chunks, "schema": sources.schema, "output": config.output.path}
+    read_kwargs = {"schema": sources.schema, "output": config.output.path}
     read_kwargs["retried_io_errors"] = transient
     read_kwargs["partners"] = sources.partners
-    dataset = ray.data.range(n, override_num_blocks=n).map_batches(
-        named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs=read_kwargs
-    )
-    # A chunk (a folder group, or a Parquet row-group range) becomes blocks of an encoder batch,
-    # cut inside the read task. Without it Ray Data fuses read with the first prepare and bundles
-    # `batch_size` *chunks* into one task: no overlap with the encoder, and no read parallelism.
-    dataset = dataset.repartition(target_num_rows_per_block=min(p.encode.batch_size for p in plans))
-    dataset = add_encoders(dataset, plans)
+    small = (pc.max(sources.chunks.column("rows")).as_py() or 0) <= FUSED_CHUNK_ROWS
+    remote, fused = read_remote_args(config.stage("read"), plans[0].prepare, small)
+    block_rows = None if fused else min(p.encode.batch_size for p in plans)
+    dataset = chunk_dataset(sources.chunks, read_kwargs, remote, block_rows)
+    dataset = add_encoders(dataset, plans, chunks_fused=fused)
     error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
     write = resolve_task_stage(
         config.stage("write"), config.output.rows_per_file or default_part_rows(plans, sources.row_bytes)

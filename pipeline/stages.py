@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,6 +53,16 @@ def prepare_batch(batch: pa.Table, spec: EncoderSpec, retried_io_errors: list[st
         batch = batch.append_column(prepared_column(spec, modality), prepared.values)
         batch = batch.append_column(error_column(spec, modality), pa.array(errors, pa.string()))
     return batch
+
+
+def prepare_chunk(
+    batch: pa.Table, spec: EncoderSpec, rows: int, retried_io_errors: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """``prepare_batch`` over a whole chunk (a read fused with this stage hands over one),
+    ``rows`` at a time, each slice yielded as it is done: memory holds one slice's prepared
+    values, not the chunk's, and Ray Data ships blocks while the rest is still decoding."""
+    for start in range(0, max(batch.num_rows, 1), rows):
+        yield prepare_batch(batch.slice(start, rows), spec, retried_io_errors)
 
 
 class EncodeActor:
