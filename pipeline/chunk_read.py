@@ -1,7 +1,7 @@
 """The planned chunks as a Ray Data source for runs whose chunks are all small (folder groups,
 small files): one read task per chunk, with the first prepare stage's resources, so Ray Data
 fuses the two. One task reads a chunk and decodes, tokenizes or resamples it a batch at a time
-(``pipeline.stages.prepare_chunk``), shipping blocks while the rest is still decoding.
+(``pipeline.stages.prepare_chunk``), shipping each block of Ray Data's target size as it fills.
 ``pipeline.adapter.read_remote_args`` decides; larger chunks keep a read of their own whose
 blocks fan out to parallel prepare tasks.
 
