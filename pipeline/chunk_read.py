@@ -17,6 +17,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from pipeline.adapter import named
+from pipeline.sources import read_chunk_rows
+
 
 def _chunk_datasource(chunks_ref: Any, kwargs_ref: Any, n: int) -> Any:
     """Chunk ordinals -> read tasks. The chunk table and the read's arguments are object refs:
@@ -56,9 +59,6 @@ def chunk_dataset(
     if block_rows is None:
         source = _chunk_datasource(ray.put(chunks), ray.put(read_kwargs), n)
         return ray.data.read_datasource(source, override_num_blocks=max(1, n), **remote_args)
-    from pipeline.adapter import named
-    from pipeline.sources import read_chunk_rows
-
     kwargs = {**read_kwargs, "chunks": chunks}
     dataset = ray.data.range(n, override_num_blocks=n).map_batches(
         named(read_chunk_rows, "Read"), batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs, **remote_args
@@ -72,8 +72,6 @@ class _ReadOne:
 
     def __call__(self) -> Iterator[pa.Table]:
         import ray
-
-        from pipeline.sources import read_chunk_rows
 
         chunks, kwargs = ray.get([self.chunks_ref, self.kwargs_ref])
         yield read_chunk_rows(pa.table({"id": [self.ordinal]}), chunks, **kwargs)
