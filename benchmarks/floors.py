@@ -169,9 +169,10 @@ def manifest_precision(outdir: str, output: str) -> str:
 
 def print_table(rows: list[tuple[str, int, float, str]], floor: FloorResult, unit: str) -> None:
     """(label, items, seconds, note) rows, each as a rate and a multiple of the floor's."""
-    print(f"\n{'name':<26}{unit:>7}{'seconds':>9}{unit + '/s':>10}{'x floor':>9}  note")
+    width = max([26] + [len(label) + 2 for label, *_ in rows])
+    print(f"\n{'name':<{width}}{unit:>7}{'seconds':>9}{unit + '/s':>10}{'x floor':>9}  note")
     for label, n, secs, note in rows:
-        print(f"{label:<26}{n:>7}{secs:>9.1f}{n / secs:>10.2f}{n / secs / floor.rate:>9.2f}  {note}".rstrip())
+        print(f"{label:<{width}}{n:>7}{secs:>9.1f}{n / secs:>10.2f}{n / secs / floor.rate:>9.2f}  {note}".rstrip())
 
 
 def floor_rows(results: list[FloorResult], floor: FloorResult) -> list[tuple[str, int, float, str]]:

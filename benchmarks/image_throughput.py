@@ -65,6 +65,7 @@ from floors import (  # noqa: E402
 )
 
 from encoders import MODELS, resolve_weights  # noqa: E402
+from encoders.core.fold import fold_batchnorm  # noqa: E402
 from encoders.image.cnn import build_feature_model  # noqa: E402
 from encoders.image.prepare import ImagePreprocess, decode_rgb, resize_crop  # noqa: E402
 from encoders.image.tensors import to_model_input  # noqa: E402
@@ -72,13 +73,15 @@ from tests.image_data import SKIMAGE_PHOTOS as PHOTOS  # noqa: E402  (the tests'
 
 MODEL = "efficientnet-lite0"
 MIN_COSINE = 0.99  # (b), an fp32 pipeline: a wrong resize or normalization lands well below
-# Floor variants: name -> (autocast dtype or None, channels-last model and input). fp32 first:
-# the others are checked against its vectors.
+# Floor variants: name -> (autocast dtype or None, channels-last model and input, batch norms
+# folded into the convolutions as omniembed's encoder runs them, encoders/core/fold.py). fp32,
+# the model as published, comes first: the others are checked against its vectors.
 FLOOR_VARIANTS = {
-    "fp32": (None, False),
-    "fp32-channels-last": (None, True),
-    "bf16": (torch.bfloat16, False),
-    "bf16-channels-last": (torch.bfloat16, True),
+    "fp32": (None, False, False),
+    "fp32-channels-last": (None, True, False),
+    "fp32-channels-last-folded": (None, True, True),
+    "bf16": (torch.bfloat16, False, False),
+    "bf16-channels-last": (torch.bfloat16, True, False),
 }
 
 
@@ -135,8 +138,10 @@ def bench_floors(
     """Every variant's forward on the same normalized batches (built before any clock); returns
     their results and fp32's vectors."""
     results, reference = [], None
-    for name, (dtype, channels_last) in FLOOR_VARIANTS.items():
+    for name, (dtype, channels_last, folded) in FLOOR_VARIANTS.items():
         model = build_feature_model(MODEL, weights).eval()
+        if folded:
+            fold_batchnorm(model, torch.randn((2, 3, prep.crop, prep.crop)))
         batches = [
             to_model_input(images[s : s + batch], prep, torch.device("cpu")) for s in range(0, len(images), batch)
         ]

@@ -39,6 +39,7 @@ from encoders.audio.family import DeclaredAudioFamily
 from encoders.audio.prepare import AUDIO_OPTIONS, AudioPreprocess, declared_features
 from encoders.audio.windows import audio_batch, pool_windows
 from encoders.core.device import DeviceModel, autocast
+from encoders.core.fold import fold_batchnorm
 from encoders.core.spec import EncodeResult, EncoderSpec, check_dim
 
 FEATURE_KEYS = ("n_fft", "hop_length", "n_mels", "f_min", "f_max", "log_gain", "norm_min", "norm_max")
@@ -130,7 +131,11 @@ class SFXEncoder(DeviceModel):
         super().__init__(spec, device)
         self.prep = AudioPreprocess.from_options(spec.options)
         self.features = _features(spec.options)
-        self.net = load_sfx_net(spec.weights.path).to(device)
+        self.net = load_sfx_net(spec.weights.path)
+        # Batch norms into their convolutions (encoders/core/fold.py), checked on random mels.
+        mels = torch.rand((2, 64, int(self.features["n_mels"])), generator=torch.Generator().manual_seed(0))
+        self.folded = fold_batchnorm(self.net, mels)
+        self.net = self.net.to(device)
         n_fft, hop = self.features["n_fft"], self.features["hop_length"]
         self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, hop_length=hop, power=2.0, center=False).to(
             device

