@@ -10,6 +10,10 @@ and device on the node). The answer is pinned into the encoder's options: the me
 resume fingerprint record it, so a run started in fp32 and resumed in bf16 refuses instead of
 mixing. Every actor checks that its node runs the pinned precision natively and fails loudly
 when it does not: one run never mixes precisions.
+
+On an embedded Ray (``init_ray`` started it; one node, this machine) the driver sees the
+hardware the actors get and shares their cache, so a CPU encoder's cached answer is read in the
+driver: no probe task, whose worker start and torch import cost about 3 s of a local run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pyarrow.compute as pc
 
 from encoders.core.spec import EncoderSpec
 from pipeline.plan import EncoderPlan
+from pipeline.ray_env import embedded
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +50,25 @@ def resolve_precisions(
         return list(plans)
     import ray
 
-    if dataset is not None:
-        rows, first = dataset.take_batch(PROBE_ROWS, batch_format="pyarrow"), None
-    else:
-        rows, first = None, _first_chunk_of_each_source(chunks)
-    refs = {}
+    probe_input: list[tuple[pa.Table | None, pa.Table | None]] = []  # (first chunks, rows), once needed
+    reports: dict[int, Any] = {}
+    here = embedded()  # one node, this machine: a cached answer needs no task (~3 s of worker start)
     for i in todo:
         stage = plans[i].encode
+        if here and not stage.num_gpus and not stage.resources:
+            reports[i] = cached_choice(plans[i].spec)
+            if reports[i] is not None:
+                continue
         remote = ray.remote(probe_task).options(
             num_cpus=1, num_gpus=stage.num_gpus, resources=dict(stage.resources or {}), max_retries=3
         )
-        refs[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors, rows)
+        if not probe_input:
+            probe_input.append(_probe_input(chunks, dataset))
+        first, rows = probe_input[0]
+        reports[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors, rows)
     out = list(plans)
-    for i, ref in refs.items():
-        report = ray.get(ref)
+    for i, report in reports.items():
+        report = report if isinstance(report, dict) else ray.get(report)
         spec = plans[i].spec
         log.info("encoder %s: precision auto -> %s (%s)", spec.output, report["precision"], _why(report))
         out[i] = replace(out[i], spec=pinned(spec, report["precision"]), pinned=True)
@@ -74,6 +84,12 @@ def _why(report: dict[str, Any]) -> str:
         return f"{report['device']} has no native reduced precision"
     verdict = "kept" if report["precision"] != "fp32" else "refused"
     return f"{report['candidate']} {verdict}: min cosine {report['min_cosine']} to fp32 on {report['rows']} rows"
+
+
+def _probe_input(chunks: pa.Table | None, dataset: Any) -> tuple[pa.Table | None, pa.Table | None]:
+    if dataset is not None:
+        return None, dataset.take_batch(PROBE_ROWS, batch_format="pyarrow")
+    return _first_chunk_of_each_source(chunks), None
 
 
 def _first_chunk_of_each_source(chunks: pa.Table) -> pa.Table:
@@ -98,12 +114,6 @@ def probe_task(
     from encoders.core.fidelity import choose_precision
 
     device = pick_device()
-    key = {
-        "family": spec.family,
-        "sha": spec.weights_sha256,
-        "model": spec.weights.reference,
-        "options": {k: v for k, v in spec.options.items() if k != "precision"},
-    }
 
     def measure(candidate: str) -> tuple[float, int]:
         from encoders.core.fidelity import MIN_ROWS, min_cosine
@@ -123,7 +133,36 @@ def probe_task(
             return 1.0, 0
         return min_cosine(np.array([a for a, _ in both]), np.array([b for _, b in both])), len(both)
 
-    return choose_precision(device, key, measure)
+    return choose_precision(device, _probe_key(spec), measure)
+
+
+class _NotCached(Exception):
+    pass
+
+
+def cached_choice(spec: EncoderSpec) -> dict[str, Any] | None:
+    """The CPU answer for ``auto`` that this machine has cached (or needs no probe for), read
+    in the driver; None when only a probe can tell."""
+    import torch
+
+    from encoders.core.fidelity import choose_precision
+
+    def measure(candidate: str) -> tuple[float, int]:
+        raise _NotCached
+
+    try:
+        return choose_precision(torch.device("cpu"), _probe_key(spec), measure)
+    except _NotCached:
+        return None
+
+
+def _probe_key(spec: EncoderSpec) -> dict[str, Any]:
+    return {
+        "family": spec.family,
+        "sha": spec.weights_sha256,
+        "model": spec.weights.reference,
+        "options": {k: v for k, v in spec.options.items() if k != "precision"},
+    }
 
 
 def probe_rows(spec: EncoderSpec, chunks: pa.Table | None, rows: pa.Table | None = None) -> pa.Table:

@@ -9,6 +9,17 @@ import sys
 
 LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 log = logging.getLogger(__name__)
+_embedded = False  # init_ray started a local Ray in this process: one node, this machine
+
+
+def embedded() -> bool:
+    """Ray runs embedded in this process (``init_ray`` started it): its one node is this
+    machine, so the driver sees the hardware every worker gets and no autoscaler adds others."""
+    import ray
+
+    if not (_embedded and ray.is_initialized()):
+        return False
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1  # not since re-initialised elsewhere
 
 
 def joins_cluster(address: str | None) -> bool:
@@ -49,6 +60,8 @@ def init_ray(address: str | None = None, quiet: bool = False) -> None:
         if working_dir not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([working_dir, *paths])
         ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=level)
+        global _embedded
+        _embedded = True
 
 
 def shutdown_ray() -> None:
@@ -74,3 +87,5 @@ def shutdown_ray() -> None:
         except (OSError, subprocess.TimeoutExpired):  # already gone, or slow to go: ray.shutdown follows
             log.debug("could not stop Ray's autoscaler monitor", exc_info=True)
     ray.shutdown()
+    global _embedded
+    _embedded = False

@@ -63,3 +63,50 @@ def test_a_resume_in_another_precision_refuses(ray_session, tiny_bert, docstring
     assert len(err) == 1 and "holds a run of a different config or model" in err[0]
     assert embed(docstrings, out, tiny_bert, "--precision", "fp32") == 0  # the same precision resumes
     assert json.loads((out / "_manifest.json").read_text())["status"] == "complete"
+
+
+def test_an_embedded_ray_reads_a_cached_answer_in_the_driver(ray_session, tiny_bert, tmp_path, monkeypatch):
+    """On the one node of an embedded Ray the driver's cache is the node's: a cached answer
+    pins the precision with no probe task. Without a cached answer, or on a cluster, the probe
+    task runs on a node of the encoder's kind."""
+    import ray
+
+    import pipeline.precision as precision
+    from encoders.core.fidelity import choose_precision
+    from pipeline.cluster import ClusterShape
+    from pipeline.config import config_from_dict
+    from pipeline.plan import plan
+
+    config = config_from_dict(
+        {
+            "sources": [{"path": str(tmp_path / "x.parquet"), "id_column": "id"}],
+            "output": {"path": str(tmp_path / "out")},
+            "encoders": [{"output": "text", "column": "text", "model": tiny_bert}],
+        }
+    )
+    plans = plan(config, ClusterShape(cpus=2, gpus=0))
+    spec = plans[0].spec
+    monkeypatch.setenv("OMNIEMBED_CACHE", str(tmp_path / "cache"))
+    assert precision.embedded()  # the session's Ray: init_ray started it here
+
+    class NoTask(Exception):
+        pass
+
+    def no_task(*args, **kwargs):
+        raise NoTask
+
+    monkeypatch.setattr(ray, "remote", no_task)
+    candidate = native_reduced(torch.device("cpu"))
+    if candidate is None:  # no native bf16: fp32 needs no probe, cache or not
+        assert precision.resolve_precisions(plans, None)[0].spec.options["precision"] == "fp32"
+        return
+    with pytest.raises(NoTask):  # nothing cached yet: only a probe task can tell
+        precision.resolve_precisions(plans, None)
+    # What a probe on this machine would have cached (a refusal, so that fp32 shows it was read).
+    report = choose_precision(torch.device("cpu"), precision._probe_key(spec), lambda c: (0.5, 64))
+    assert report["precision"] == "fp32" and report["min_cosine"] == 0.5
+    resolved = precision.resolve_precisions(plans, None)
+    assert resolved[0].pinned and resolved[0].spec.options["precision"] == "fp32"
+    monkeypatch.setattr(precision, "embedded", lambda: False)  # a cluster: the task decides
+    with pytest.raises(NoTask):
+        precision.resolve_precisions(plans, None)
