@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from encoders.core.retry import configure as configure_retries
 from pipeline.adapter import apply_stage, read_remote_args, resolve_task_stage
-from pipeline.chunk_read import chunk_dataset
+from pipeline.chunk_read import CPU_BLOCK_BYTES, chunk_dataset
 from pipeline.chunks import FUSED_CHUNK_ROWS, plan_sources
 from pipeline.cluster import cluster_shape, retried_io_errors
 from pipeline.columns import error_column, extra_columns
@@ -156,7 +156,8 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
     small = (pc.max(sources.chunks.column("rows")).as_py() or 0) <= FUSED_CHUNK_ROWS
     remote, fused = read_remote_args(config.stage("read"), plans[0].prepare, small)
     block_rows = None if fused else min(p.encode.batch_size for p in plans)
-    dataset = chunk_dataset(sources.chunks, read_kwargs, remote, block_rows)
+    on_cpus = not any(p.encode.num_gpus for p in plans)
+    dataset = chunk_dataset(sources.chunks, read_kwargs, remote, block_rows, CPU_BLOCK_BYTES if on_cpus else None)
     dataset = add_encoders(dataset, plans, chunks_fused=fused)
     error_columns = [error_column(p.spec, m) for p in plans for m in p.spec.columns]
     write = resolve_task_stage(

@@ -51,7 +51,7 @@ def test_small_chunks_fuse_with_prepare_unless_the_read_has_resources_of_its_own
         assert not fused and remote == {"num_cpus": 2, "resources": {"io": 1}}
 
 
-def _read(tmp_path, read_cpus, block_rows, batch_size):
+def _read(tmp_path, read_cpus, block_rows, batch_size, block_bytes=None):
     """The chunks read with ``read_cpus`` into a stand-in prepare of 0.5 CPU ->
     (rows, the rows read_chunk_rows gives, the materialized Dataset)."""
     import ray
@@ -61,7 +61,7 @@ def _read(tmp_path, read_cpus, block_rows, batch_size):
     kwargs = {"schema": plan.schema, "output": "/nonexistent"}
     every = pa.table({"id": list(range(plan.chunks.num_rows))})
     expected = read_chunk_rows(every, plan.chunks, **kwargs)  # every chunk's rows in one call
-    dataset = chunk_dataset(plan.chunks, kwargs, {"num_cpus": read_cpus}, block_rows).map_batches(
+    dataset = chunk_dataset(plan.chunks, kwargs, {"num_cpus": read_cpus}, block_rows, block_bytes).map_batches(
         _batch_rows, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True, num_cpus=0.5
     )
     done = dataset.materialize()
@@ -78,6 +78,20 @@ def test_a_fused_read_hands_each_chunk_whole_to_the_prepare_in_its_task(ray_sess
     assert done.num_blocks() == len(SIZES)
     assert sorted(set(table.column("batch_rows").to_pylist())) == sorted(SIZES)  # a batch is one whole chunk
     assert all("|" not in tags for tags in table.column("batch_chunks").to_pylist())
+
+
+def test_a_fused_read_cuts_its_output_to_the_runs_block_bytes(ray_session, tmp_path):
+    """CPU runs ship a chunk in blocks of CPU_BLOCK_BYTES, not one block per chunk; here a
+    block target of a few rows' bytes cuts each chunk into blocks of a few rows. The setting
+    stays with this Dataset: Ray Data's context for the next one is untouched."""
+    from ray.data import DataContext
+
+    default = DataContext.get_current().target_max_block_size
+    table, done = _read(tmp_path, 0.5, None, None, block_bytes=256)
+    assert done.num_blocks() > len(SIZES)
+    assert max(table.column("batch_rows").to_pylist()) < max(SIZES)
+    assert all("|" not in tags for tags in table.column("batch_chunks").to_pylist())  # still one chunk a task
+    assert DataContext.get_current().target_max_block_size == default
 
 
 def test_a_read_of_its_own_cuts_chunks_into_batches_for_parallel_prepares(ray_session, tmp_path):
