@@ -44,21 +44,29 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor) -> int:
     if model.training or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return 0
     with torch.no_grad():
-        seen = _pairs(model, sample)
-        before = model(sample)
+        try:  # a model the sample does not fit (dtype, size) runs as it is
+            seen = _pairs(model, sample)
+            before = model(sample)
+        except (RuntimeError, ValueError, TypeError):
+            return 0
         if not isinstance(before, torch.Tensor):
             return 0
         undo = [_fold(model, conv, bn) for conv, bn in seen.pairs if _foldable(conv, bn, seen)]
         undo += [_unpad(conv) for conv in model.modules() if _symmetric_static_padding(conv)]
-        if not undo:
-            return 0
-        after = model(sample)
-        scale = before.abs().max().clamp(min=1e-12)
-        if after.shape != before.shape or not bool(((after - before).abs().max() / scale) <= FOLD_TOLERANCE):
+        if undo and not _same(model, sample, before):
             for restore in reversed(undo):
                 restore()
             return 0
     return len(undo)
+
+
+def _same(model: nn.Module, sample: torch.Tensor, before: torch.Tensor) -> bool:
+    try:
+        after = model(sample)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    scale = before.abs().max().clamp(min=1e-12)
+    return after.shape == before.shape and bool(((after - before).abs().max() / scale) <= FOLD_TOLERANCE)
 
 
 def _pairs(model: nn.Module, sample: torch.Tensor) -> _Seen:

@@ -99,6 +99,9 @@ def test_shared_convs_batch_statistics_and_training_mode_are_left_alone():
     assert fold_batchnorm(batch_stats, torch.randn(2, 3, 8, 8)) == 0 and counts(batch_stats) == 1
     training = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train()
     assert fold_batchnorm(training, torch.randn(2, 3, 8, 8)) == 0 and counts(training) == 1
+    # A sample the model cannot take (fp16 weights, fp32 sample) leaves it as it is, no error.
+    half = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval().half()
+    assert fold_batchnorm(half, torch.randn(2, 3, 8, 8)) == 0 and counts(half) == 1
 
 
 def test_symmetric_same_padding_moves_into_the_convolution():
