@@ -50,7 +50,7 @@ def resolve_precisions(
         return list(plans)
     import ray
 
-    probe_input: list[tuple[pa.Table | None, pa.Table | None]] = []  # (first chunks, rows), once needed
+    probe_input: tuple[pa.Table | None, pa.Table | None] | None = None  # (first chunks, rows), once needed
     reports: dict[int, Any] = {}
     here = embedded()  # one node, this machine: a cached answer needs no task (~3 s of worker start)
     for i in todo:
@@ -62,9 +62,8 @@ def resolve_precisions(
         remote = ray.remote(probe_task).options(
             num_cpus=1, num_gpus=stage.num_gpus, resources=dict(stage.resources or {}), max_retries=3
         )
-        if not probe_input:
-            probe_input.append(_probe_input(chunks, dataset))
-        first, rows = probe_input[0]
+        probe_input = probe_input or _probe_input(chunks, dataset)
+        first, rows = probe_input
         reports[i] = remote.remote(plans[i].spec, stage.threads, stage.max_tokens, first, retried_io_errors, rows)
     out = list(plans)
     for i, report in reports.items():
