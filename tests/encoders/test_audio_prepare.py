@@ -157,6 +157,29 @@ def test_bucketed_resample_has_torchaudios_length_and_samples(n):
 
 
 @pytest.mark.parametrize(
+    "source, target, banded",
+    [(22050, 16000, True), (44100, 16000, True), (11025, 16000, True), (16000, 22050, True), (48000, 16000, False)],
+)
+def test_the_banded_resampler_equals_torchaudio_on_every_length(source, target, banded):
+    """Only the taps each output phase uses are multiplied (encoders/audio/resample.py): the
+    samples and the length are torchaudio's, for lengths around a period and a bucket."""
+    import torchaudio.functional as AF
+
+    from encoders.audio.resample import Resampler
+
+    resampler = Resampler(source, target)
+    assert resampler.banded == banded
+    if banded:  # far fewer taps than torchaudio's period-long kernel
+        assert resampler.band * 4 < resampler.taps
+    rng = np.random.default_rng(source + target)
+    for n in (1, 7, 440, 441, 442, 32_768, 100_003):
+        wave = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        ours, reference = resampler(wave), AF.resample(wave, source, target)
+        assert ours.shape == reference.shape, n
+        assert torch.abs(ours - reference).max() < 1e-6, n
+
+
+@pytest.mark.parametrize(
     "n, starts",
     [
         (100, [0]),  # shorter than a window: one window (zero-padded by the encoder)
