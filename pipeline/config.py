@@ -20,6 +20,7 @@ LANCE_INDEXES = ("ivf_pq", "ivf_flat", "ivf_hnsw_sq")
 DUPLICATE_POLICIES = ("error", "keep-first", "trust")
 JOIN_MODES = ("left", "inner", "outer")
 STAGES = ("read", "prepare", "encode", "write")
+PREPARE_PLACES = ("auto", "tasks", "encoder")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -44,6 +45,7 @@ class StageResources:
     max_tokens: int = 8192
     threads: int | None = None
     resources: Mapping[str, float] | None = None  # Ray custom resources, to place the stage
+    where: str = "auto"  # prepare only: in CPU tasks ("tasks") or in the encoder actor ("encoder")
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,10 @@ def _resources(data: Any, where: str) -> StageResources:
         max_tokens=_get(data, "max_tokens", int, where, 8192),
         threads=_get(data, "threads", int, where),
         resources=_custom_resources(data.get("resources"), f"{where}.resources"),
+        where=_get(data, "where", str, where, "auto", PREPARE_PLACES),
     )
+    if result.where != "auto" and not where.endswith("resources.prepare"):
+        raise ConfigError(f"{where}.where: only resources.prepare has a place (tasks or encoder)")
     for name in ("cpus", "batch_rows", "max_tokens", "threads", "memory"):
         value = getattr(result, name)
         if value is not None and value <= 0 and not (name == "cpus" and value == 0):

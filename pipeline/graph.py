@@ -36,16 +36,18 @@ log = logging.getLogger(__name__)
 
 def add_encoders(dataset: Any, plans: list[EncoderPlan], chunks_fused: bool = False) -> Any:
     """``chunks_fused``: the dataset is a chunk read with the first prepare's resources, which
-    takes each chunk whole (``prepare_chunk``) so that Ray Data fuses the two."""
+    takes each chunk whole (``prepare_chunk``) so that Ray Data fuses the two. An encoder that
+    prepares its own batches (``EncoderPlan.prepare_in_encoder``) has no prepare stage."""
     transient = retried_io_errors()
     for i, p in enumerate(plans):
         kwargs = {"spec": p.spec, "retried_io_errors": transient}
-        if chunks_fused and i == 0:
-            stage = replace(p.prepare, batch_size=None)
-            prepare, kwargs = prepare_chunk, {**kwargs, "rows": p.prepare.batch_size}
-        else:
-            stage, prepare = p.prepare, prepare_batch
-        dataset = apply_stage(dataset, prepare, stage, name=f"Prepare[{p.spec.output}]", fn_kwargs=kwargs)
+        if not p.prepare_in_encoder:
+            if chunks_fused and i == 0:
+                stage = replace(p.prepare, batch_size=None)
+                prepare, kwargs = prepare_chunk, {**kwargs, "rows": p.prepare.batch_size}
+            else:
+                stage, prepare = p.prepare, prepare_batch
+            dataset = apply_stage(dataset, prepare, stage, name=f"Prepare[{p.spec.output}]", fn_kwargs=kwargs)
         dataset = apply_stage(
             dataset,
             EncodeActor,
@@ -57,6 +59,7 @@ def add_encoders(dataset: Any, plans: list[EncoderPlan], chunks_fused: bool = Fa
                 "max_tokens": p.encode.max_tokens,
                 "node_threads": p.encode.node_threads,
                 "require_native": p.pinned,
+                "prepare_io": transient if p.prepare_in_encoder else None,
             },
         )
     return dataset
@@ -154,7 +157,10 @@ def write_parts(config: Config, plans: list[EncoderPlan], sources: ReadPlan, sch
     read_kwargs["retried_io_errors"] = transient
     read_kwargs["partners"] = sources.partners
     small = (pc.max(sources.chunks.column("rows")).as_py() or 0) <= FUSED_CHUNK_ROWS
-    remote, fused = read_remote_args(config.stage("read"), plans[0].prepare, small)
+    # A read fuses with a prepare task, never with an actor: an encoder that prepares its own
+    # batches gets the read's blocks cut to its batch size, so both actors start at once and
+    # finish together.
+    remote, fused = read_remote_args(config.stage("read"), plans[0].prepare, small and not plans[0].prepare_in_encoder)
     block_rows = None if fused else min(p.encode.batch_size for p in plans)
     on_cpus = not any(p.encode.num_gpus for p in plans)
     dataset = chunk_dataset(sources.chunks, read_kwargs, remote, block_rows, CPU_BLOCK_BYTES if on_cpus else None)

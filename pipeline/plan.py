@@ -93,6 +93,7 @@ class EncoderPlan:
     prepare: ResolvedStage
     encode: ResolvedStage
     pinned: bool = False  # precision resolved from auto by a probe (pipeline/precision.py)
+    prepare_in_encoder: bool = False  # the actor prepares its own batches (``prepare_place``)
 
 
 def as_config(config: Config | Mapping[str, Any] | str | Path) -> Config:
@@ -119,8 +120,22 @@ def plan(config: Config, shape: ClusterShape) -> list[EncoderPlan]:
             family.cpu_actor_threads,
         )
         prepare = resolve_task_stage(config.stage("prepare"), encode.batch_size)
-        plans.append(EncoderPlan(spec, prepare, encode))
+        in_encoder = prepare_place(config.stage("prepare").where, encode) == "encoder"
+        plans.append(EncoderPlan(spec, prepare, encode, prepare_in_encoder=in_encoder))
     return plans
+
+
+def prepare_place(where: str, encode: ResolvedStage) -> str:
+    """Where an encoder's inputs are prepared (decoded, resampled, tokenized): ``tasks`` or
+    ``encoder``. ``auto`` prepares in the encoder actor when it runs on CPUs alone. There a
+    prepare task takes the same cores as the actors, so it only adds the handover: the
+    prepared values go through the object store (a clip's wave is 0.5 MB, an image's crop
+    150 KB) and a third process shares two cores. A GPU actor keeps its prepare in CPU tasks,
+    which decode the next batches while the GPU runs; so does an actor placed by custom
+    resources, whose nodes may be anything."""
+    if where != "auto":
+        return where
+    return "encoder" if encode.num_gpus == 0 and not encode.resources else "tasks"
 
 
 def encoders_metadata(plans: list[EncoderPlan], config: Config) -> dict[str, Any]:

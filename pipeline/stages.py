@@ -1,5 +1,5 @@
-"""The per-encoder stages: prepare (a CPU task) and encode (an actor). No Ray imports: the
-adapter applies them with ``map_batches``."""
+"""The per-encoder stages: prepare (a CPU task, or inside the actor) and encode (an actor).
+No Ray imports: the adapter applies them with ``map_batches``."""
 
 from __future__ import annotations
 
@@ -76,7 +76,10 @@ class EncodeActor:
         max_tokens: int,
         node_threads: Callable[[], int] | None = None,
         require_native: bool = False,
+        prepare_io: list[str] | None = None,
     ) -> None:
+        """``prepare_io``: given (the transient I/O errors to retry), the actor prepares each
+        batch itself (``prepare_batch``) before encoding it: the input columns arrive raw."""
         import os
         import sys
 
@@ -100,6 +103,7 @@ class EncodeActor:
         torch.set_num_threads(node_threads() if node_threads is not None else threads)
         spec = replace(spec, weights=_weights_here(spec.weights))
         self.spec = spec
+        self.prepare_io = prepare_io
         self.max_tokens = max_tokens
         self.guard = RowGuard()
         # ``dimensions``: the model gives its own D; the output keeps the first N, renormalized.
@@ -117,6 +121,8 @@ class EncodeActor:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.prepare_io is not None:
+            batch = prepare_batch(batch, self.spec, self.prepare_io)
         for modality in self.spec.columns:
             name = prepared_column(self.spec, modality)
             values = batch.column(name).combine_chunks()
