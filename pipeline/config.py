@@ -146,7 +146,7 @@ def config_from_dict(data: Any) -> Config:
     if not isinstance(resources_data, Mapping):
         raise ConfigError("resources must be a mapping of stage name to resources")
     _no_unknown(resources_data, STAGES, "resources")
-    resources = {name: _resources(spec, f"resources.{name}") for name, spec in resources_data.items()}
+    resources = {name: _resources(spec, f"resources.{name}", name) for name, spec in resources_data.items()}
     if "output" not in data:
         raise ConfigError("config: output is required (output: {path: ...})")
     return Config(sources, encoders, _output(data["output"]), resources)
@@ -265,14 +265,14 @@ def _encoder(data: Any, where: str) -> EncoderConfig:
             raise ConfigError(f"{where}.columns maps text/image/audio to column names, got {dict(raw)!r}")
         columns = dict(raw)
     options = {k: v for k, v in data.items() if k not in _ENCODER_FIELDS}
-    resources = _resources(data["resources"], f"{where}.resources") if data.get("resources") else None
+    resources = _resources(data["resources"], f"{where}.resources", "encode") if data.get("resources") else None
     dimensions = _get(data, "dimensions", int, where)
     if dimensions is not None and dimensions < 1:
         raise ConfigError(f"{where}.dimensions: must be a positive number of values, got {dimensions!r}")
     return EncoderConfig(output, model, columns, _get(data, "family", str, where), options, resources, dimensions)
 
 
-def _resources(data: Any, where: str) -> StageResources:
+def _resources(data: Any, where: str, stage: str) -> StageResources:
     data = _mapping(data, where)
     _no_unknown(data, tuple(StageResources.__dataclass_fields__), where)
     gpus = data.get("gpus", "auto")
@@ -301,7 +301,7 @@ def _resources(data: Any, where: str) -> StageResources:
         resources=_custom_resources(data.get("resources"), f"{where}.resources"),
         where=_get(data, "where", str, where, "auto", PREPARE_PLACES),
     )
-    if result.where != "auto" and not where.endswith("resources.prepare"):
+    if result.where != "auto" and stage != "prepare":
         raise ConfigError(f"{where}.where: only resources.prepare has a place (tasks or encoder)")
     for name in ("cpus", "batch_rows", "max_tokens", "threads", "memory"):
         value = getattr(result, name)
