@@ -106,9 +106,23 @@ def test_animated_gif_gives_its_first_frame(photo):
     assert np.array_equal(as_hwc(decode_rgb(buffer.getvalue())), np.asarray(frames[0].convert("RGB")))
 
 
-def test_resize_crop_follows_declared_preprocessing(photo):
-    out = resize_crop(torch.from_numpy(photo).permute(2, 0, 1), PREP)
-    assert out.shape == (3, 56, 56) and out.dtype == torch.uint8
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("keep_aspect", [True, False])
+def test_resize_crop_gives_torchvisions_bytes_from_either_memory_layout(photo, interpolation, keep_aspect):
+    """Decoders give (h, w, 3) memory, which resize_crop reads as it is: the bytes out equal
+    torchvision's own resize and center crop of a contiguous (3, h, w) copy."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    prep = ImagePreprocess(64, 56, (0.5,) * 3, (0.25,) * 3, interpolation, keep_aspect)
+    hwc = torch.from_numpy(photo).permute(2, 0, 1)  # (3, h, w) over (h, w, 3) memory
+    size = [64] if keep_aspect else [64, 64]
+    resized = F.resize(hwc.contiguous(), size, interpolation=InterpolationMode(interpolation), antialias=True)
+    expected = F.center_crop(resized, [56, 56])
+    for image in (hwc, hwc.contiguous()):
+        out = resize_crop(image, prep)
+        assert out.shape == (3, 56, 56) and out.dtype == torch.uint8 and out.is_contiguous()
+        assert torch.equal(out, expected), (interpolation, keep_aspect, image.stride())
 
 
 def test_bad_files_become_error_values_and_no_row_is_lost(tmp_path):
