@@ -251,3 +251,20 @@ def test_the_bounded_path_matches_the_exact_one_where_both_run(photo, monkeypatc
     assert bounded.shape == exact.shape == (3, 48, 48)
     # The same picture, up to resampling at the box's edge (uint8 levels, mean over pixels).
     assert (bounded - exact).abs().mean() < 6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_input_is_torchvisions_normalize_in_either_layout(photo, channels_last):
+    """The actor's uint8 -> float step equals torchvision's to_dtype(scale) + normalize on the
+    same crops, laid out as the encoder asked."""
+    import torchvision.transforms.v2.functional as F
+
+    from encoders.image.tensors import to_model_input
+
+    crops = torch.stack([resize_crop(torch.from_numpy(photo).permute(2, 0, 1), PREP)] * 2)
+    crops[1] = 255 - crops[1]
+    expected = F.normalize(F.to_dtype(crops, torch.float32, scale=True), list(PREP.mean), list(PREP.std))
+    got = to_model_input(crops, PREP, torch.device("cpu"), channels_last)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
