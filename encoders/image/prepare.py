@@ -242,7 +242,8 @@ def _decode_pillow(image: Any) -> torch.Tensor:
             array = _pillow_to_array(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError("decode_failed", str(exc).splitlines()[0][:200] or type(exc).__name__) from None
-    return _to_rgb(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
+    # Pillow's buffers are read-only: a copy only then, in (h, w, c) memory as the decoders give.
+    return _to_rgb(torch.from_numpy(np.require(array, requirements=("C", "W"))).permute(2, 0, 1))
 
 
 def _pillow_to_array(image: Any) -> np.ndarray:
